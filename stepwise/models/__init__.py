@@ -1,0 +1,1 @@
+"""Deformable DETR: backbone, position encoding, deformable transformer, detector, matcher, criterion."""
