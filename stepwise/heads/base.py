@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -17,14 +18,15 @@ class ClassifierHead(nn.Module):
     num_classes: int
     num_outputs: int
 
+    @abstractmethod
     def forward(self, query_features: torch.Tensor) -> torch.Tensor:
         """(..., D) query features -> (..., K) logits."""
-        raise NotImplementedError
 
+    @abstractmethod
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., K) logits -> (..., C) class scores in [0, 1], used by matching and post-processing."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(
         self,
         logits: torch.Tensor,
@@ -36,7 +38,6 @@ class ClassifierHead(nn.Module):
 
         ``matches[b] = (query_idx, target_idx)`` from the matcher; ``targets[b]["labels"]`` are contiguous.
         """
-        raise NotImplementedError
 
     @property
     def state(self) -> dict[str, Any]:
