@@ -1,18 +1,42 @@
-"""The classifier-head interface the detector, matcher, criterion and post-processing talk to."""
+"""The classifier-head interface the detector, matcher, criterion and post-processing talk to.
+
+Contract (every head — sigmoid, BAGS, hybrid BAGS, BACL — honours it; nothing outside a head assumes
+sigmoid logits):
+
+* ``logits = head(query_features)``: (..., D) -> (..., K). K (``num_outputs``) is the head's own logit
+  width: C for sigmoid, C + N + 2 for BAGS, C + 1 for BACL. Only the head interprets these logits.
+* ``scores = head.scores(logits)``: (..., K) -> (..., C) class probabilities in [0, 1], one column per
+  contiguous class index in class order, with no background/"others" column. Both the Hungarian matcher
+  (focal-form class cost) and post-processing (top-k over queries x classes) use exactly these scores, so
+  matching and inference agree for every head.
+* ``head.loss(logits, matches, targets, num_boxes)``: named, **unweighted** classification losses for one
+  layer's (B, Q, K) logits. ``matches[b] = (query_idx, target_idx)``, long tensors (on the CPU, from the
+  matcher); ``targets[b]["labels"]`` (T_b,) contiguous class indices. Losses are normalised by
+  ``num_boxes`` (the mean number of GT boxes per process, already all-reduced, >= 1) and must stay
+  connected to ``logits`` even when nothing is matched. The main classification loss is ``"loss_ce"``
+  (weighted by the config's ``loss.ce``); any other key the head returns must appear in
+  ``head.loss_weights``. The criterion adds the per-layer suffix (``_0``, ``_enc``) itself.
+* ``head.state`` / ``head.load_state``: statistics outside the parameters (BACL's indicators, FHM
+  prototypes) that a checkpoint must carry.
+
+The two-stage encoder proposals are class-agnostic: the criterion calls ``scores``/``loss`` on the
+encoder logits with every label set to 0, so a head must accept any label < K there.
+"""
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import torch
 from torch import nn
 
 
-class ClassifierHead(nn.Module):
+class ClassifierHead(nn.Module, metaclass=ABCMeta):
     """Maps decoder query features to logits, logits to class scores, and (logits, matches) to losses.
 
-    Subclasses implement ``forward``, ``scores`` and ``loss``; ``num_outputs`` is K, the logit width.
+    Subclasses implement ``forward``, ``scores`` and ``loss`` (instantiating one that does not raises
+    ``TypeError``); ``num_classes`` is C and ``num_outputs`` is K, the logit width.
     """
 
     num_classes: int
@@ -37,7 +61,13 @@ class ClassifierHead(nn.Module):
         """Named, unweighted classification losses for one layer's (B, Q, K) logits.
 
         ``matches[b] = (query_idx, target_idx)`` from the matcher; ``targets[b]["labels"]`` are contiguous.
+        Returns at least ``"loss_ce"`` (a scalar tensor); see the module docstring for the full contract.
         """
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Weights of the losses this head returns besides ``"loss_ce"`` (e.g. an auxiliary term); none."""
+        return {}
 
     @property
     def state(self) -> dict[str, Any]:
@@ -48,3 +78,31 @@ class ClassifierHead(nn.Module):
         """Restore what ``state`` returned."""
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state but got keys {sorted(state)}")
+
+
+def matched_labels(
+    matches: list[tuple[torch.Tensor, torch.Tensor]],
+    targets: list[dict[str, torch.Tensor]],
+    num_queries: int,
+    fill: int,
+    num_labels: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B, Q) long tensor: the matched target's label for each query, ``fill`` for unmatched queries.
+
+    Helper for heads' losses. Raises ValueError naming the image when a label is outside [0, num_labels).
+    """
+    out = torch.full((len(targets), num_queries), fill, dtype=torch.long, device=device)
+    for b, ((query_idx, target_idx), target) in enumerate(zip(matches, targets)):
+        labels = target["labels"][target_idx.to(target["labels"].device)]
+        bad = labels[(labels < 0) | (labels >= num_labels)]
+        if bad.numel():
+            image = target.get("image_id", b)
+            raise ValueError(f"image {_as_int(image)}: label {bad[0].item()} outside the head's "
+                             f"{num_labels} classes")
+        out[b, query_idx.to(device)] = labels.to(device)
+    return out
+
+
+def _as_int(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value

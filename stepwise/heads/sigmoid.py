@@ -6,8 +6,9 @@ import math
 
 import torch
 from torch import nn
+from torchvision.ops import sigmoid_focal_loss
 
-from stepwise.heads.base import ClassifierHead
+from stepwise.heads.base import ClassifierHead, matched_labels
 
 
 class SigmoidFocalHead(ClassifierHead):
@@ -33,3 +34,18 @@ class SigmoidFocalHead(ClassifierHead):
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., C) logits -> (..., C) probabilities."""
         return logits.sigmoid()
+
+    def loss(self, logits, matches, targets, num_boxes) -> dict[str, torch.Tensor]:
+        """Sigmoid focal loss of (B, Q, K) logits against one-hot targets of the matched queries.
+
+        Deformable DETR's ``sigmoid_focal_loss(...) * Q``: summed over queries and classes, divided by
+        ``num_boxes``. Unmatched queries have all-zero targets. K is the logit width (C, or 1 for the
+        class-agnostic encoder proposals).
+        """
+        batch, queries, width = logits.shape
+        labels = matched_labels(matches, targets, queries, fill=width, num_labels=width, device=logits.device)
+        onehot = torch.zeros(batch, queries, width + 1, dtype=torch.float32, device=logits.device)
+        onehot.scatter_(2, labels.unsqueeze(-1), 1.0)
+        loss = sigmoid_focal_loss(logits.float(), onehot[..., :width], alpha=self.alpha, gamma=self.gamma,
+                                  reduction="sum")
+        return {"loss_ce": loss / num_boxes}
