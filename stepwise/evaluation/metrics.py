@@ -1,0 +1,68 @@
+"""Metrics from the LVIS precision array: the LVIS API's summary, per-class AP, and AP by training-instance bin."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+
+from stepwise.evaluation.backends import AREA_LABELS, lvis_params
+from stepwise.evaluation.inputs import FREQUENCIES
+
+# Training-instance bins of the BAGS paper (Li et al. 2020, eq. 3 and Sec. 4.1): category j is in bin n
+# when s_n^l <= N(j) < s_n^h with s^l = 0, 10, 100, 1000 and s_4^h = +inf, i.e. [0,10) [10,100)
+# [100,1000) [1000,inf). A category with exactly 10 training instances is in bin 2, 100 in bin 3, 1000 in bin 4.
+INSTANCE_BIN_EDGES = (10, 100, 1000)
+LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+def instance_bin(count: int, edges: Sequence[int] = INSTANCE_BIN_EDGES) -> int:
+    """1-based bin of a category with ``count`` training instances (1 .. len(edges) + 1)."""
+    return bisect.bisect_right(list(edges), count) + 1
+
+
+def _mean_valid(s: np.ndarray) -> float | None:
+    valid = s[s > -1]
+    return float(np.mean(valid)) if valid.size else None
+
+
+def summarize(precision: np.ndarray, gt: dict) -> dict[str, float | None]:
+    """AP, AP50, AP75, APs, APm, APl, APr, APc, APf exactly as ``LVISEval.summarize``.
+
+    ``precision``: (T, R, K, A) with categories sorted by id. Each value is the mean over all cells > -1;
+    ``None`` where the LVIS API reports -1 (no category with ground truth in that slice).
+    """
+    params = lvis_params(gt)
+    freq_by_id = {cat["id"]: cat["frequency"] for cat in gt["categories"]}
+    groups = {f: [k for k, cid in enumerate(params.cat_ids) if freq_by_id[cid] == f] for f in FREQUENCIES}
+    area = {label: AREA_LABELS.index(label) for label in AREA_LABELS}
+    at_iou = lambda thr: precision[np.where(thr == params.iou_thrs)[0]]  # noqa: E731  (LVIS's exact lookup)
+    return {
+        "AP": _mean_valid(precision[..., area["all"]]),
+        "AP50": _mean_valid(at_iou(0.50)[..., area["all"]]),
+        "AP75": _mean_valid(at_iou(0.75)[..., area["all"]]),
+        "APs": _mean_valid(precision[..., area["small"]]),
+        "APm": _mean_valid(precision[..., area["medium"]]),
+        "APl": _mean_valid(precision[..., area["large"]]),
+        "APr": _mean_valid(precision[:, :, groups["r"], area["all"]]),
+        "APc": _mean_valid(precision[:, :, groups["c"], area["all"]]),
+        "APf": _mean_valid(precision[:, :, groups["f"], area["all"]]),
+    }
+
+
+def per_class_ap(precision: np.ndarray) -> list[float | None]:
+    """AP (IoU 0.50:0.95, all areas) of each category, in category-id order; ``None`` = no valid AP (-1)."""
+    return [_mean_valid(precision[:, :, k, 0]) for k in range(precision.shape[2])]
+
+
+def bin_means(aps: Sequence[float | None], counts: Sequence[int], edges: Sequence[int] = INSTANCE_BIN_EDGES) -> dict[str, float | None]:
+    """AP1..AP{len(edges)+1}: mean per-class AP of the categories in each training-instance bin.
+
+    Categories without a valid AP are left out; a bin with none left is ``None``.
+    """
+    out: dict[str, list[float]] = {f"AP{n}": [] for n in range(1, len(edges) + 2)}
+    for ap, count in zip(aps, counts):
+        if ap is not None:
+            out[f"AP{instance_bin(count, edges)}"].append(ap)
+    return {key: (float(np.mean(v)) if v else None) for key, v in out.items()}
