@@ -1,0 +1,66 @@
+"""Build the compiled multi-scale deformable attention kernels (the `stepwise_ops_C` library).
+
+    pip install --no-build-isolation ./ops                  # installs only the compiled library
+    python ops/setup.py build_ext --inplace                 # or: next to the Python package, in ops/stepwise_ops/
+
+The CPU kernel is always built. The CUDA kernel is built when `torch.cuda.is_available()` or
+FORCE_CUDA=1, and nvcc is found (CUDA_HOME); architectures come from TORCH_CUDA_ARCH_LIST (e.g. "9.0"
+or "8.0;8.6;9.0"). FORCE_CUDA=0 forces a CPU-only build. MAX_JOBS limits parallel compile jobs (ninja).
+
+The Python package `stepwise_ops` itself is part of the main `stepwise` distribution; this setup
+installs only the extension, as the top-level module `stepwise_ops_C`, so it never shadows an
+editable install of the package.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - build-time message
+    sys.exit("stepwise_ops: building the kernels needs torch installed; use pip install --no-build-isolation ./ops")
+
+HERE = Path(__file__).resolve().parent
+os.chdir(HERE)  # relative source paths and the in-place target must not depend on the caller's cwd
+
+
+def want_cuda() -> bool:
+    """FORCE_CUDA=1/0 decides; otherwise build CUDA when a GPU is visible. Either way nvcc must exist."""
+    force = os.environ.get("FORCE_CUDA")
+    wanted = force == "1" if force in ("0", "1") else torch.cuda.is_available()
+    if wanted and (CUDA_HOME is None or torch.version.cuda is None):
+        print("stepwise_ops: CUDA kernel requested but nvcc (CUDA_HOME) or a CUDA build of torch is missing; "
+              "building the CPU kernel only", file=sys.stderr)
+        return False
+    return wanted
+
+
+def extension():
+    sources = ["csrc/ms_deform_attn.cpp", "csrc/ms_deform_attn_cpu.cpp"]
+    cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    if not want_cuda():
+        return CppExtension("stepwise_ops_C", sources, extra_compile_args={"cxx": cxx})
+    nvcc = ["-O3", "-DSTEPWISE_WITH_CUDA"]
+    return CUDAExtension(
+        "stepwise_ops_C",
+        sources + ["csrc/ms_deform_attn_cuda.cu"],
+        extra_compile_args={"cxx": cxx + ["-DSTEPWISE_WITH_CUDA"], "nvcc": nvcc},
+    )
+
+
+setup(
+    name="stepwise-ops-kernels",
+    version="0.1.0",
+    description="Compiled multi-scale deformable attention kernels for stepwise_ops (CPU and CUDA)",
+    # No Python packages: the extension is a top-level module. Its in-place build lands in
+    # stepwise_ops/, where the editable `stepwise` install maps the package.
+    packages=[],
+    package_dir={"": "stepwise_ops"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    zip_safe=False,
+)
