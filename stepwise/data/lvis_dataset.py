@@ -1,0 +1,193 @@
+"""LVIS v1, LVIS v0.5 and COCO-format detection datasets.
+
+Image paths: ``file_name`` under ``image_root`` when present (LVIS v0.5's COCO-2014 names such as
+``COCO_val2014_000000397133.jpg`` are mapped to the 2017 name ``000000397133.jpg``, as detectron2 does),
+else the last two parts of ``coco_url`` under ``image_root`` (LVIS v1: ``train2017/000000391895.jpg``;
+v1 val images live in train2017 as well, which this rule handles).
+
+Validation happens once at load and names the item: a missing/unreadable/invalid file, an annotation
+whose ``image_id`` or ``category_id`` does not exist, a malformed box (errors); boxes with width or height
+<= 0 are dropped with one counted warning; COCO crowd boxes (``iscrowd=1``) are skipped for training and
+counted in ``num_crowd_skipped``. A missing or undecodable image raises at ``__getitem__`` naming the
+image id and path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from stepwise.data.categories import CategoryMap
+from stepwise.data.transforms import finishing_transforms
+from stepwise.utils.io import read_json
+
+logger = logging.getLogger(__name__)
+
+_COCO2014_NAME = re.compile(r"^COCO_(?:train|val|test)2014_(\d{12}\.\w+)$")
+
+
+class DataWarning(UserWarning):
+    """Input data problems that were handled (e.g. degenerate boxes dropped) but must not go unnoticed."""
+
+
+def image_path(image: dict, image_root: str | Path) -> Path:
+    """Path of one LVIS/COCO ``images`` entry under ``image_root`` (see the module docstring)."""
+    root = Path(image_root)
+    if image.get("file_name"):
+        name = image["file_name"]
+        match = _COCO2014_NAME.match(Path(name).name)
+        return root / (match.group(1) if match else name)
+    if image.get("coco_url"):
+        parts = [p for p in urlparse(image["coco_url"]).path.split("/") if p]
+        if len(parts) < 2:
+            raise ValueError(f"image {image.get('id')}: coco_url {image['coco_url']!r} has no folder/file part")
+        return root / parts[-2] / parts[-1]
+    raise ValueError(f"image {image.get('id')}: has neither 'file_name' nor 'coco_url'")
+
+
+class LVISDetection(Dataset):
+    """Detection dataset over an LVIS v1 / v0.5 / COCO-format annotation file.
+
+    ``dataset[i] -> (image float (3, H, W) normalised, target)`` with target keys ``boxes`` (N, 4)
+    normalised cxcywh, ``labels`` long (N,) contiguous, ``image_id`` int, ``ann_ids`` long (N,),
+    ``orig_size`` long (2,) = file (h, w), ``size`` long (2,) = transformed (h, w).
+
+    Args:
+        ann_file: the JSON annotation file.
+        image_root: folder the image paths are relative to.
+        transforms: a pipeline from :func:`~stepwise.data.transforms.build_transforms`; ``None`` applies
+            only the finishing steps (no resize/augmentation, normalisation and cxcywh boxes).
+        categories: an existing :class:`CategoryMap` (e.g. the training set's, for a val set); by default
+            it is built from this file.
+    """
+
+    def __init__(self, ann_file: str | Path, image_root: str | Path,
+                 transforms: Callable | None = None, categories: CategoryMap | None = None) -> None:
+        self.ann_file = Path(ann_file)
+        self.image_root = Path(image_root)
+        self.transforms = transforms if transforms is not None else v2.Compose(finishing_transforms())
+        data = read_json(self.ann_file, "annotation file")
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data, dict) or not isinstance(data.get(key), list):
+                raise ValueError(f"annotation file {self.ann_file}: missing or non-list key {key!r}")
+        file_categories = CategoryMap.from_annotations(data, source=f"annotation file {self.ann_file}")
+        if categories is None:
+            categories = file_categories
+        else:
+            missing = [cid for cid in file_categories.ids if cid not in categories]
+            if missing:
+                raise ValueError(f"annotation file {self.ann_file}: {len(missing)} categories are not in the "
+                                 f"given category map (e.g. ids {missing[:10]})")
+        self.categories = categories
+        self._load_images(data["images"])
+        self._load_annotations(data["annotations"], set(file_categories.ids))
+
+    def _load_images(self, images: list[dict]) -> None:
+        self.image_ids: list[int] = []
+        self._paths: list[Path] = []
+        self._sizes: list[tuple[int, int] | None] = []
+        for k, img in enumerate(images):
+            if not isinstance(img, dict) or "id" not in img:
+                raise ValueError(f"annotation file {self.ann_file}: image entry #{k} has no 'id'")
+            self.image_ids.append(int(img["id"]))
+            self._paths.append(image_path(img, self.image_root))
+            has_size = "height" in img and "width" in img
+            self._sizes.append((int(img["height"]), int(img["width"])) if has_size else None)
+        self._index_of = {iid: k for k, iid in enumerate(self.image_ids)}
+        if len(self._index_of) != len(self.image_ids):
+            dup = next(iid for iid in self.image_ids if self.image_ids.count(iid) > 1)
+            raise ValueError(f"annotation file {self.ann_file}: image id {dup} appears more than once")
+
+    def _load_annotations(self, annotations: list[dict], file_category_ids: set[int]) -> None:
+        per_image: dict[int, list[tuple[int, int, list[float]]]] = defaultdict(list)
+        degenerate: list[int] = []
+        self.num_crowd_skipped = 0
+        for k, ann in enumerate(annotations):
+            ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
+            where = f"annotation file {self.ann_file}: annotation {ann_id}"
+            if not isinstance(ann, dict) or any(key not in ann for key in ("id", "image_id", "category_id", "bbox")):
+                raise ValueError(f"{where} lacks one of 'id', 'image_id', 'category_id', 'bbox'")
+            if ann["image_id"] not in self._index_of:
+                raise ValueError(f"{where} refers to image_id {ann['image_id']}, which does not exist")
+            if ann["category_id"] not in file_category_ids:
+                raise ValueError(f"{where} refers to category_id {ann['category_id']}, which does not exist")
+            bbox = ann["bbox"]
+            if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+                raise ValueError(f"{where} has an invalid bbox {bbox!r} (expected 4 finite numbers x, y, w, h)")
+            if ann.get("iscrowd", 0):
+                self.num_crowd_skipped += 1
+                continue
+            if bbox[2] <= 0 or bbox[3] <= 0:
+                degenerate.append(ann["id"])
+                continue
+            per_image[ann["image_id"]].append((int(ann["id"]), self.categories.index(ann["category_id"]),
+                                               [float(v) for v in bbox]))
+        self.num_degenerate_dropped = len(degenerate)
+        if degenerate:
+            warnings.warn(f"annotation file {self.ann_file}: dropped {len(degenerate)} boxes with width or "
+                          f"height <= 0 (annotation ids {degenerate[:5]}{' ...' if len(degenerate) > 5 else ''})",
+                          DataWarning, stacklevel=3)
+        if self.num_crowd_skipped:
+            logger.info("annotation file %s: skipped %d crowd boxes (iscrowd=1)", self.ann_file,
+                        self.num_crowd_skipped)
+        self._anns = [per_image.get(iid, []) for iid in self.image_ids]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_classes(self, index: int) -> set[int]:
+        """Contiguous labels present in image ``index`` (from the JSON; no image is decoded)."""
+        return {label for _, label, _ in self._anns[index]}
+
+    def path(self, index: int) -> Path:
+        """Image file of ``index``."""
+        return self._paths[index]
+
+    def load_image(self, index: int) -> tv_tensors.Image:
+        """The image as uint8 (3, H, W) RGB; errors name the image id and path."""
+        image_id, path = self.image_ids[index], self._paths[index]
+        if not path.is_file():
+            raise FileNotFoundError(f"image {image_id}: file {path} not found")
+        try:  # PIL: torchvision.io's decoders are deprecated from torchvision 0.29
+            with Image.open(path) as pil:
+                image = F.pil_to_tensor(pil.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise ValueError(f"image {image_id}: cannot decode {path}: {err}") from err
+        expected = self._sizes[index]
+        if expected is not None and tuple(image.shape[-2:]) != expected:
+            raise ValueError(f"image {image_id}: {path} is {image.shape[-2]}x{image.shape[-1]} (h x w) but the "
+                             f"annotation file says {expected[0]}x{expected[1]}")
+        return tv_tensors.Image(image)
+
+    def raw_target(self, index: int, canvas_size: tuple[int, int]) -> dict[str, Any]:
+        """Target before transforms: ``boxes`` BoundingBoxes XYXY absolute (N, 4), labels, ann_ids, ids."""
+        anns = self._anns[index]
+        xywh = torch.tensor([b for _, _, b in anns], dtype=torch.float32).reshape(-1, 4)
+        xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        return {
+            "boxes": tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=canvas_size),
+            "labels": torch.tensor([label for _, label, _ in anns], dtype=torch.long),
+            "ann_ids": torch.tensor([a for a, _, _ in anns], dtype=torch.long),
+            "image_id": self.image_ids[index],
+            "orig_size": torch.tensor(canvas_size, dtype=torch.long),
+        }
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        image = self.load_image(index)
+        target = self.raw_target(index, tuple(image.shape[-2:]))
+        return self.transforms(image, target)
+
