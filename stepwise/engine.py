@@ -1,0 +1,457 @@
+"""One training loop on Hugging Face Accelerate: optimise, log, evaluate, checkpoint, resume.
+
+The loop is generic: it takes a model, a criterion returning named **unweighted** losses plus a
+``weight_dict``, data loaders and two evaluation callables, so stages (pretrain, finetune, distill) and the
+tests' toy models share it. What it guarantees:
+
+* AdamW over the given parameter groups, gradient clipping, a ``MultiStepLR`` stepped exactly once per
+  epoch whatever the number of processes (the scheduler is *not* passed through ``accelerator.prepare``);
+* mixed precision and gradient accumulation through Accelerate; a progress bar on rank 0 only;
+  ``metrics.jsonl`` (one JSON line per log step and per evaluation) and Accelerate's trackers (TensorBoard);
+* checkpoints every N optimizer steps and at each epoch end, written atomically by rank 0, last K kept;
+* ``resume``: continue mid-epoch from the latest checkpoint (consumed batches skipped, sampler epoch and
+  every process's RNG restored) so the result equals an uninterrupted run (exactly, when data loading does
+  not draw from the global RNG: see ``stepwise.stages.common.SeededDataset``);
+* a NaN/inf loss stops the run before the optimizer step, naming epoch, step and loss; the last good
+  checkpoint is left as it is;
+* evaluation: every process predicts its shard, predictions are gathered without the sampler's padded
+  duplicates (``gather_for_metrics``), rank 0 scores them and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from torch import nn
+from torch.optim.lr_scheduler import MultiStepLR
+from tqdm.auto import tqdm
+
+from stepwise.checkpoint import (FINAL_NAME, TRAINING_KEYS, checkpoint_path, find_latest, head_state,
+                                 load_checkpoint, preserved_rng, prune_checkpoints, restore_head_state,
+                                 rng_state, save_checkpoint, set_rng_state)
+
+ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
+PredictFn = Callable[[nn.Module, Any], list[dict[str, Any]]]
+EvaluateFn = Callable[[list[dict[str, Any]], Path], dict[str, float]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass
+class TrainSettings:
+    """The training options a stage config (``configs/stage/*.yaml``) carries, plus ``seed``/``resume``."""
+
+    epochs: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    lr_drop: Sequence[int] = ()
+    lr_gamma: float = 0.1
+    clip_max_norm: float = 0.1
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    eval_every_epochs: int = 1
+    checkpoint_every_steps: int = 0
+    keep_last: int = 3
+    log_every: int = 20
+    max_steps: int | None = None
+    trackers: Sequence[str] = ()
+    seed: int = 42
+    resume: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TrainSettings":
+        """Read ``cfg.stage.<field>`` (fields the stage config lacks keep their defaults), ``cfg.seed``, ``cfg.resume``."""
+        stage = cfg.stage
+        names = {f.name for f in fields(cls)} - {"seed", "resume"}
+        values = {name: stage[name] for name in names if name in stage}
+        for name in ("lr_drop", "trackers"):
+            if name in values:
+                values[name] = tuple(values[name] or ())
+        settings = cls(**values, seed=int(cfg.seed), resume=bool(cfg.resume))
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad option."""
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"stage.mixed_precision must be no, bf16 or fp16, not {self.mixed_precision!r}")
+        for name in ("epochs", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stage.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"stage.max_steps must be null or >= 1, got {self.max_steps}")
+
+
+def make_accelerator(settings: TrainSettings, run_dir: str | Path) -> Accelerator:
+    """The Accelerator for one stage (precision, accumulation, trackers under ``run_dir``), seeded."""
+    accelerator = Accelerator(
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.grad_accum,
+        log_with=list(settings.trackers) or None,
+        project_dir=str(run_dir),
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(settings.seed)
+    return accelerator
+
+
+def detection_forward(model: nn.Module, batch: Any) -> tuple[Any, Any]:
+    """Default forward: an ``ImageBatch`` (images (B,3,H,W), masks (B,H,W)) -> (DetectorOutput, targets)."""
+    return model(batch.images, batch.masks), batch.targets
+
+
+def weighted_total(losses: dict[str, torch.Tensor], weight_dict: dict[str, float]) -> torch.Tensor:
+    """Sum of ``weight_dict[k] * losses[k]`` over the losses that have a weight (DETR's convention)."""
+    terms = [losses[k] * weight_dict[k] for k in losses if k in weight_dict]
+    if not terms:
+        raise KeyError(f"no loss has a weight: losses {sorted(losses)}, weight_dict {sorted(weight_dict)}")
+    return torch.stack([t.float() for t in terms]).sum()
+
+
+@dataclass
+class Progress:
+    """Where training stands: the next epoch to run, batches of it already done, optimizer steps so far."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains ``model`` with ``criterion`` on ``train_loader``; see the module docstring.
+
+    Args:
+        accelerator: from :func:`make_accelerator` (created before the model so seeding covers its init).
+        model: any module; ``forward_fn(model, batch) -> (outputs, targets)`` calls it.
+        criterion: ``criterion(outputs, targets) -> dict[str, Tensor]`` of scalar unweighted losses, with a
+            ``weight_dict`` attribute.
+        train_loader: a plain DataLoader (prepared here). For exact resume its sampler must be
+            deterministic per epoch (``set_epoch``), e.g. ``stepwise.stages.common.train_loader``.
+        settings: the training options.
+        run_dir: where checkpoints, ``metrics.jsonl``, TensorBoard logs and evaluation reports go.
+        param_groups: AdamW parameter groups (dicts with ``params`` and optionally ``lr``); default: one
+            group of every parameter with ``requires_grad``.
+        val_loader, predict_fn, evaluate_fn: evaluation. ``predict_fn(model, batch)`` returns one dict per
+            image with an ``image_id`` key; ``evaluate_fn(records, out_dir)`` runs on rank 0 on the gathered
+            records and returns a metrics dict (and writes its report into ``out_dir``).
+        categories, config: stored in every checkpoint (the category map as a plain dict, the resolved config).
+    """
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, criterion: Callable[..., dict[str, torch.Tensor]],
+                 train_loader: torch.utils.data.DataLoader, settings: TrainSettings, run_dir: str | Path, *,
+                 param_groups: list[dict[str, Any]] | None = None, val_loader: torch.utils.data.DataLoader | None = None,
+                 predict_fn: PredictFn | None = None, evaluate_fn: EvaluateFn | None = None,
+                 forward_fn: ForwardFn = detection_forward, categories: Any = None, config: Any = None) -> None:
+        if val_loader is not None and (predict_fn is None or evaluate_fn is None):
+            raise ValueError("a val_loader needs both predict_fn and evaluate_fn")
+        self.accelerator = accelerator
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.criterion = criterion.to(accelerator.device) if isinstance(criterion, nn.Module) else criterion
+        self.weight_dict = dict(criterion.weight_dict)
+        self.forward_fn = forward_fn
+        self.predict_fn = predict_fn
+        self.evaluate_fn = evaluate_fn
+        self.categories = categories
+        self.config = config
+        # Objects whose set_epoch decides the epoch's data (sampler order, per-sample seeds), captured
+        # before prepare() wraps them; accelerate's own set_epoch skips the dataset when the sampler has one.
+        self._epoch_aware = _epoch_aware(train_loader)
+        self._loader_generator = train_loader.generator
+
+        if param_groups is None:
+            param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        optimizer = torch.optim.AdamW(param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
+        # Not prepared: accelerate would step it once per process and per optimizer step.
+        self.scheduler = MultiStepLR(optimizer, milestones=list(settings.lr_drop), gamma=settings.lr_gamma)
+        if val_loader is not None:
+            self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
+                model, optimizer, train_loader, val_loader)
+        else:
+            self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
+            self.val_loader = None
+        self.progress = Progress()
+        self.last_metrics: dict[str, float] | None = None
+        if settings.trackers:
+            accelerator.init_trackers("tensorboard")
+
+    # ----------------------------------------------------------------------------------------- main loop
+    def fit(self) -> dict[str, float] | None:
+        """Train ``settings.epochs`` epochs (or up to ``max_steps``), evaluate, write ``checkpoint_final.pt``.
+
+        Returns the last evaluation's metrics (None without a val_loader).
+        """
+        try:
+            if self.settings.resume:
+                self.resume()
+            self._write_jsonl({"type": "start", **self._position()})
+            stopped = False
+            while self.progress.epoch < self.settings.epochs and not stopped:
+                epoch = self.progress.epoch
+                stopped = self.train_one_epoch(epoch, self.progress.step_in_epoch)
+                if stopped:
+                    break
+                self.scheduler.step()
+                self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
+                self.save_checkpoint()
+                every = self.settings.eval_every_epochs
+                if self.val_loader is not None and every and (epoch + 1) % every == 0 \
+                        and epoch + 1 < self.settings.epochs:
+                    self.evaluate(self.run_dir / "eval" / f"epoch_{epoch + 1:03d}", tag=f"epoch_{epoch + 1}")
+            self.save_final()
+            if self.val_loader is not None:
+                self.evaluate(self.run_dir / "eval", tag="final")
+            return self.last_metrics
+        finally:
+            self.accelerator.end_training()
+
+    def train_one_epoch(self, epoch: int, skip: int = 0) -> bool:
+        """Run one epoch from batch ``skip``; returns True when ``max_steps`` stopped it early."""
+        acc, settings, progress = self.accelerator, self.settings, self.progress
+        self._set_epoch(epoch)
+        if skip and skip >= len(self.train_loader):
+            raise ValueError(f"cannot resume epoch {epoch} at batch {skip}: this loader has only "
+                             f"{len(self.train_loader)} batches per epoch (batch size or processes changed?)")
+        loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+        self.model.train()
+        bar = tqdm(total=len(self.train_loader), initial=skip, desc=f"epoch {epoch}", dynamic_ncols=True,
+                   disable=not acc.is_main_process)
+        sums: dict[str, float] = {}
+        count = 0
+        done = skip
+        try:
+            for batch in loader:
+                with acc.accumulate(self.model):
+                    outputs, targets = self.forward_fn(self.model, batch)
+                    losses = self.criterion(outputs, targets)
+                    total = weighted_total(losses, self.weight_dict)
+                    self._check_finite(losses, total, epoch, done)
+                    acc.backward(total)
+                    if acc.sync_gradients and settings.clip_max_norm > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), settings.clip_max_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                done += 1
+                bar.update(1)
+                for key, value in {"loss": total, **losses}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+                count += 1
+                if not acc.sync_gradients:
+                    continue
+                progress.global_step += 1
+                progress.step_in_epoch = done
+                if settings.log_every and progress.global_step % settings.log_every == 0:
+                    self._log_train(epoch, sums, count, bar)
+                    sums, count = {}, 0
+                if settings.checkpoint_every_steps and progress.global_step % settings.checkpoint_every_steps == 0 \
+                        and done < len(self.train_loader):
+                    self.save_checkpoint()
+                if settings.max_steps is not None and progress.global_step >= settings.max_steps:
+                    acc.print(f"stepwise: stopping at max_steps={settings.max_steps} (epoch {epoch}, batch {done})")
+                    return True
+        finally:
+            bar.close()
+        if count:
+            self._log_train(epoch, sums, count, bar)
+        return False
+
+    # -------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, out_dir: str | Path | None = None, tag: str = "eval") -> dict[str, float] | None:
+        """Predict on every process's shard, gather without padded duplicates, score on rank 0.
+
+        Returns the metrics on every process (broadcast from rank 0). Does not disturb any RNG stream.
+        """
+        if self.val_loader is None:
+            raise ValueError("evaluate() needs a val_loader")
+        acc = self.accelerator
+        out_dir = Path(out_dir) if out_dir is not None else self.run_dir / "eval"
+        records = self.predict(self.val_loader)
+        metrics = None
+        if acc.is_main_process:
+            metrics = self.evaluate_fn(records, out_dir)
+        metrics = broadcast_object_list([metrics])[0]
+        self.last_metrics = metrics
+        self._write_jsonl({"type": "eval", "tag": tag, **self._position(), "num_images": len(records),
+                           "metrics": metrics})
+        scalars = {f"eval/{k}": v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        if self.settings.trackers and scalars:
+            acc.log(scalars, step=self.progress.global_step)
+        return metrics
+
+    @torch.no_grad()
+    def predict(self, loader: Any) -> list[dict[str, Any]]:
+        """Per-image prediction records of a prepared loader, gathered from all processes (every rank gets
+        them), each image once, ordered by image id."""
+        acc = self.accelerator
+        was_training = self.model.training
+        self.model.eval()
+        gathered: list[dict[str, Any]] = []
+        with preserved_rng():
+            for batch in tqdm(loader, desc="eval", dynamic_ncols=True, disable=not acc.is_main_process):
+                records = self.predict_fn(self.model, batch)
+                gathered.extend(acc.gather_for_metrics(records, use_gather_object=True))
+        self.model.train(was_training)
+        unique = {}
+        for record in gathered:
+            unique.setdefault(record["image_id"], record)
+        return [unique[k] for k in sorted(unique)]
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write a training checkpoint at the current position (rank 0 writes; all ranks must call)."""
+        acc = self.accelerator
+        rngs = gather_object([rng_state()])
+        path = checkpoint_path(self.run_dir, self.progress.global_step)
+        if acc.is_main_process:
+            state = self._state(full=True)
+            state["rng"] = rngs
+            save_checkpoint(state, path)
+            prune_checkpoints(self.run_dir, self.settings.keep_last)
+        acc.wait_for_everyone()
+        return path
+
+    def save_final(self) -> Path:
+        """``<run_dir>/checkpoint_final.pt``: weights, head state, categories, config (what later stages read)."""
+        path = self.run_dir / FINAL_NAME
+        if self.accelerator.is_main_process:
+            save_checkpoint(self._state(full=False), path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def resume(self) -> bool:
+        """Restore everything from the latest checkpoint of ``run_dir``; False (and a message) if there is none."""
+        acc = self.accelerator
+        path = find_latest(self.run_dir)
+        if path is None:
+            acc.print(f"stepwise: resume=true but {self.run_dir} has no checkpoint; starting from scratch")
+            return False
+        state = load_checkpoint(path, required=TRAINING_KEYS)
+        acc.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if acc.scaler is not None and state.get("scaler") is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        if state.get("head_state"):
+            restore_head_state(acc.unwrap_model(self.model), state["head_state"])
+        rngs = state["rng"]
+        if len(rngs) == acc.num_processes:
+            set_rng_state(rngs[acc.process_index])
+        else:
+            acc.print(f"stepwise: {path} was written by {len(rngs)} processes, this run has "
+                      f"{acc.num_processes}: RNG streams reseeded, so the run will not repeat exactly")
+            set_seed(self.settings.seed + state["global_step"], device_specific=True)
+        self.progress = Progress(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]))
+        acc.print(f"stepwise: resumed from {path} at epoch {self.progress.epoch}, "
+                  f"batch {self.progress.step_in_epoch}, global step {self.progress.global_step}")
+        return True
+
+    # --------------------------------------------------------------------------------------- internals
+    def _state(self, full: bool) -> dict[str, Any]:
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        state: dict[str, Any] = {
+            "model": model.state_dict(),
+            "head_state": head_state(model),
+            "categories": _plain(self.categories),
+            "config": _plain(self.config),
+            "num_processes": acc.num_processes,
+            **self._position(),
+        }
+        if full:
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                         scaler=acc.scaler.state_dict() if acc.scaler is not None else None)
+        return state
+
+    def _position(self) -> dict[str, int]:
+        p = self.progress
+        return {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step}
+
+    def _set_epoch(self, epoch: int) -> None:
+        if self._loader_generator is not None:
+            self._loader_generator.manual_seed(self.settings.seed * 100003 + epoch)
+        self.train_loader.set_epoch(epoch)
+        for obj in self._epoch_aware:
+            obj.set_epoch(epoch)
+
+    def _check_finite(self, losses: dict[str, torch.Tensor], total: torch.Tensor, epoch: int, done: int) -> None:
+        """Stop every process together when any process sees a NaN/inf loss (before the optimizer step)."""
+        acc = self.accelerator
+        bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
+        if not bad and not bool(torch.isfinite(total.detach())):
+            bad = ["weighted total"]
+        flag = torch.tensor([float(bool(bad))], device=acc.device)
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, reduction="sum")
+        if flag.item() == 0:
+            return
+        per_rank = gather_object([(acc.process_index, bad)])
+        names = "; ".join(f"process {r}: {', '.join(b)}" for r, b in per_rank if b)
+        last = find_latest(self.run_dir)
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch}, batch {done + 1} of the epoch (optimizer step "
+            f"{self.progress.global_step + 1}): {names}. Training stopped before the update; last good "
+            f"checkpoint: {last if last is not None else 'none written yet'}")
+
+    def _log_train(self, epoch: int, sums: dict[str, float], count: int, bar: Any) -> None:
+        acc = self.accelerator
+        means = torch.tensor([sums[k] / count for k in sums], device=acc.device)
+        if acc.num_processes > 1:
+            means = acc.reduce(means, reduction="mean")
+        values = {k: float(v) for k, v in zip(sums, means.tolist())}
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self._write_jsonl({"type": "train", **self._position(), "lr": lrs[0], "lrs": lrs, **values})
+        if self.settings.trackers:
+            acc.log({f"train/{k}": v for k, v in values.items()} | {"train/lr": lrs[0]},
+                    step=self.progress.global_step)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lrs[0]:.2e}")
+
+    def _write_jsonl(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def _epoch_aware(loader: torch.utils.data.DataLoader) -> list[Any]:
+    """The loader's sampler, batch sampler's sampler and dataset that define ``set_epoch`` (each once)."""
+    candidates = [loader.sampler, getattr(loader.batch_sampler, "sampler", None), loader.dataset]
+    found: dict[int, Any] = {}
+    for obj in candidates:
+        if obj is not None and callable(getattr(obj, "set_epoch", None)):
+            found.setdefault(id(obj), obj)
+    return list(found.values())
+
+
+def _plain(obj: Any) -> Any:
+    """A checkpoint-safe form: ``to_dict()`` when defined, OmegaConf containers resolved, else as is."""
+    if obj is None:
+        return None
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return obj
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)

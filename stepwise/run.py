@@ -1,0 +1,44 @@
+"""Entry point: ``accelerate launch -m stepwise.run stage=pretrain data=synthetic model=tiny [key=value ...]``
+(or ``python -m stepwise.run ...`` for one process).
+
+Composes the config (unknown keys are errors), lets rank 0 create ``runs/<exp>/<stage>/`` and save the
+resolved config while the other ranks wait, then runs ``stepwise.stages.<stage.name>.run(cfg)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Sequence
+
+from accelerate import PartialState
+
+from stepwise.config import cli_config, prepare_run_dir
+
+
+def stage_module(name: str) -> Any:
+    """``stepwise.stages.<name>``, or SystemExit(2) naming the stages that exist."""
+    try:
+        return importlib.import_module(f"stepwise.stages.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"stepwise.stages.{name}":
+            raise
+        from importlib.resources import files
+        known = sorted(p.name[:-3] for p in files("stepwise.stages").iterdir()
+                       if p.name.endswith(".py") and p.name not in ("__init__.py", "common.py"))
+        print(f"stepwise: unknown stage {name!r}; available: {', '.join(known)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Compose the config from ``argv`` (default ``sys.argv[1:]``) and run its stage; returns its result."""
+    cfg = cli_config(argv)
+    module = stage_module(cfg.stage.name)
+    state = PartialState()
+    prepare_run_dir(cfg, state.is_main_process)
+    state.wait_for_everyone()
+    return module.run(cfg)
+
+
+if __name__ == "__main__":
+    main()

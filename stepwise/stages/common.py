@@ -1,0 +1,204 @@
+"""What every training stage builds the same way: data (synthetic generated once), deterministic loaders,
+the detector and its criterion, and the prediction/evaluation callables the engine runs.
+
+Loaders here are built for exact resume: :class:`SeededDataset` gives sample ``i`` of epoch ``e`` its own
+RNG seed (so augmentations do not depend on worker assignment, skipped batches or prefetching), the
+sampler is ``RepeatFactorSampler`` (deterministic per ``(seed, epoch)``; all factors 1 without RFS), and
+workers are not persistent so ``set_epoch`` reaches them.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from stepwise.utils.io import atomic_write_json, read_json
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so item ``i`` is produced under RNG seeds derived from ``(seed, epoch, i)``.
+
+    The global torch/numpy/python RNG states are restored afterwards, so data loading in the main process
+    (``num_workers=0``) never shifts the training RNG (dropout) either. Other attributes (``categories``,
+    ``image_ids``, ``image_classes``) are forwarded to the wrapped dataset.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset" or name.startswith("__"):  # unpickling in workers looks these up first
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def collate_fn(cfg_data: Any) -> Any:
+    """The data group's ``collate`` with its ``size_divisibility``."""
+    from stepwise.data import collate
+    return partial(collate, size_divisibility=int(cfg_data.get("size_divisibility", 1) or 1))
+
+
+def train_loader(dataset: Dataset, batch_size: int, seed: int, collate: Any = None, num_workers: int = 0,
+                 repeat_factors: torch.Tensor | None = None) -> DataLoader:
+    """A shuffled training loader that an interrupted-and-resumed run replays exactly.
+
+    Args:
+        dataset: any map-style dataset (wrapped in :class:`SeededDataset`).
+        batch_size: per process.
+        seed: the run's seed (sampler order and per-sample seeds).
+        repeat_factors: (len(dataset),) RFS factors; None = each item once per epoch.
+    """
+    from stepwise.data.samplers import RepeatFactorSampler
+
+    factors = torch.ones(len(dataset), dtype=torch.float64) if repeat_factors is None else repeat_factors
+    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size,
+                      sampler=RepeatFactorSampler(factors, seed=seed, shuffle=True), collate_fn=collate,
+                      num_workers=num_workers, persistent_workers=False, drop_last=False,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loader(dataset: Dataset, batch_size: int, collate: Any = None, num_workers: int = 0) -> DataLoader:
+    """Sequential loader; under Accelerate the padded duplicates are dropped by the engine's gather."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
+                      drop_last=False, generator=torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------------------------- data
+def ensure_data(cfg: Any, accelerator: Accelerator) -> None:
+    """Generate the built-in synthetic data on first use (main process; the others wait)."""
+    if cfg.data.name == "synthetic":
+        if accelerator.is_main_process:
+            from stepwise.data.synthetic import ensure_synthetic
+            ensure_synthetic(cfg.data.root, cfg.data.preset, int(cfg.data.synthetic_seed))
+        accelerator.wait_for_everyone()
+
+
+def build_datasets(cfg: Any, train_ann: str | None = None) -> tuple[Any, Any]:
+    """(train, val) ``LVISDetection``; val shares train's category map. ``train_ann`` overrides the file."""
+    from stepwise.data import build_dataset
+
+    train = build_dataset(cfg.data, "train", ann_file=train_ann)
+    val = build_dataset(cfg.data, "val", categories=train.categories)
+    return train, val
+
+
+def build_loaders(cfg: Any, train_ds: Any, val_ds: Any) -> tuple[DataLoader, DataLoader]:
+    """Training loader (RFS when ``data.rfs_threshold`` is set) and evaluation loader
+    (``stage.eval_batch_size``; first ``stage.max_eval_images`` images when set)."""
+    from stepwise.data import repeat_factors_from_dataset
+
+    threshold = cfg.data.get("rfs_threshold")
+    factors = None if threshold is None else repeat_factors_from_dataset(train_ds, float(threshold))
+    workers = int(cfg.data.get("num_workers", 0) or 0)
+    collate = collate_fn(cfg.data)
+    train = train_loader(train_ds, int(cfg.data.batch_size), int(cfg.seed), collate, workers, factors)
+    limit = cfg.stage.get("max_eval_images")
+    if limit is not None:
+        val_ds = torch.utils.data.Subset(val_ds, range(min(int(limit), len(val_ds))))
+    eval_bs = cfg.stage.get("eval_batch_size") or cfg.data.batch_size
+    return train, eval_loader(val_ds, int(eval_bs), collate, workers)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_model(cfg: Any, categories: Any, accelerator: Accelerator) -> nn.Module:
+    """The detector; ``init_from`` weights loaded (report printed); ``stage.trainable`` prefixes applied."""
+    from stepwise.checkpoint import load_model_weights
+    from stepwise.models import build_detector, trainable_only
+
+    model = build_detector(cfg.model, cfg.head, categories)
+    if cfg.get("init_from"):
+        accelerator.print(f"stepwise: init_from {load_model_weights(model, cfg.init_from)}")
+    prefixes = cfg.stage.get("trainable")
+    if prefixes:
+        names = trainable_only(model, list(prefixes))
+        accelerator.print(f"stepwise: training {len(names)} parameter tensors under {list(prefixes)}")
+    return model
+
+
+def model_head(model: nn.Module) -> nn.Module:
+    """The classifier head of the final decoder layer (``class_embed[num_decoder_layers - 1]``)."""
+    model = getattr(model, "module", model)
+    return model.class_embed[model.transformer.decoder.num_layers - 1]
+
+
+def build_criterion(cfg: Any, model: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """``SetCriterion`` for the detector, with ``num_boxes`` averaged over processes by Accelerate."""
+    from stepwise.models.criterion import build_criterion as build
+
+    return build(cfg.loss, model_head(model), num_layers=int(cfg.model.dec_layers),
+                 two_stage=bool(cfg.model.two_stage),
+                 reduce_fn=lambda t: accelerator.reduce(t, reduction="mean"))
+
+
+def optimizer_groups(cfg: Any, model: nn.Module) -> list[dict]:
+    """Deformable DETR's AdamW groups from ``cfg.stage`` (lr, lr_backbone, lr_linear_proj_mult, weight_decay)."""
+    from stepwise.models import param_groups
+    return param_groups(model, cfg.stage)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def detection_predictor(model: nn.Module, categories: Any, num_top: int = 300) -> Any:
+    """``predict_fn(model, batch) -> [{"image_id", "results"}]`` with LVIS-format results per image."""
+    from stepwise.models.postprocess import PostProcess, to_lvis_results
+
+    post = PostProcess(num_top=num_top, head=model_head(model))
+
+    def predict(model: nn.Module, batch: Any) -> list[dict[str, Any]]:
+        outputs = model(batch.images, batch.masks)
+        orig = torch.stack([t["orig_size"] for t in batch.targets]).to(batch.images.device)
+        detections = post(outputs, orig)
+        ids = [int(t["image_id"]) for t in batch.targets]
+        return [{"image_id": i, "results": to_lvis_results([d], [i], categories.ids)}
+                for d, i in zip(detections, ids)]
+
+    return predict
+
+
+def lvis_evaluator(val_ann: str | Path, train_ann: str | Path | None = None, max_dets: int = 300) -> Any:
+    """``evaluate_fn(records, out_dir) -> metrics``: writes ``predictions.json``, ``metrics.json`` and
+    ``per_class.csv`` into ``out_dir``. When only some val images were predicted (``max_eval_images``),
+    the ground truth is restricted to them."""
+    from stepwise.evaluation import evaluate_lvis
+
+    def evaluate(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+        predictions = [r for record in records for r in record["results"]]
+        out_dir = Path(out_dir)
+        atomic_write_json(out_dir / "predictions.json", predictions)
+        gt = read_json(val_ann, "val annotation file")
+        seen = {record["image_id"] for record in records}
+        if len(seen) < len(gt["images"]):
+            gt["images"] = [im for im in gt["images"] if im["id"] in seen]
+            gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in seen]
+        report = evaluate_lvis(gt, predictions, train_gt=train_ann, max_dets=max_dets)
+        report.save(out_dir)
+        print(report.table(), end="")
+        return dict(report.metrics)
+
+    return evaluate

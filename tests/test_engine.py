@@ -1,0 +1,191 @@
+"""The training engine on a toy regression problem (CPU, seconds): resume equals an uninterrupted run,
+the lr schedule steps once per epoch, checkpoints are kept/pruned, a NaN loss stops the run, evaluation
+sees every image once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from stepwise.checkpoint import list_checkpoints, load_checkpoint
+from stepwise.engine import NonFiniteLossError, Trainer, TrainSettings, make_accelerator
+from stepwise.stages.common import eval_loader, train_loader
+
+
+class ToyData(torch.utils.data.Dataset):
+    """n items: features (4,) with random augmentation noise drawn at load time, target (2,), image id."""
+
+    def __init__(self, n: int = 10) -> None:
+        g = torch.Generator().manual_seed(123)
+        self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, 2, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i] + 0.1 * torch.randn(4), self.y[i], torch.tensor(100 + i)
+
+
+class ToyCriterion:
+    """Two named unweighted losses; optionally NaN on call ``nan_at`` or a simulated kill on ``kill_at``."""
+
+    weight_dict = {"loss_mse": 1.0, "loss_l1": 0.5}
+
+    def __init__(self, kill_at: int | None = None, nan_at: int | None = None) -> None:
+        self.calls, self.kill_at, self.nan_at = 0, kill_at, nan_at
+
+    def __call__(self, outputs, targets):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            raise KeyboardInterrupt("simulated kill")
+        l1 = (outputs - targets).abs().mean()
+        if self.calls == self.nan_at:
+            l1 = l1 * float("nan")
+        return {"loss_mse": ((outputs - targets) ** 2).mean(), "loss_l1": l1}
+
+
+def toy_forward(model, batch):
+    return model(batch[0]), batch[1]
+
+
+def toy_predict(model, batch):
+    out = model(batch[0])
+    return [{"image_id": int(i), "pred": o.tolist()} for i, o in zip(batch[2], out)]
+
+
+def toy_evaluate(records, out_dir):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ids.json").write_text(json.dumps([r["image_id"] for r in records]))
+    return {"num": len(records), "mean_pred": sum(sum(r["pred"]) for r in records) / len(records)}
+
+
+def make_trainer(run_dir: Path, criterion=None, val: bool = False, **overrides) -> Trainer:
+    values = dict(epochs=3, lr=1e-2, lr_drop=(1, 2), lr_gamma=0.5, clip_max_norm=1.0, checkpoint_every_steps=3,
+                  keep_last=10, log_every=1, seed=7, eval_every_epochs=1)
+    values.update(overrides)
+    settings = TrainSettings(**values)
+    accelerator = make_accelerator(settings, run_dir)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+    data = ToyData(10)
+    kwargs = {}
+    if val:
+        kwargs = dict(val_loader=eval_loader(ToyData(7), 2), predict_fn=toy_predict, evaluate_fn=toy_evaluate)
+    return Trainer(accelerator, model, criterion or ToyCriterion(), train_loader(data, 2, seed=settings.seed),
+                   settings, run_dir, forward_fn=toy_forward, categories={"ids": [1, 2]}, config={"toy": 1},
+                   **kwargs)
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+@pytest.mark.parametrize("grad_accum,kill_at", [(1, 8), (1, 11), (2, 9)])
+def test_resume_equals_uninterrupted_run(tmp_path, grad_accum, kill_at):
+    # 10 items, batch 2: 5 batches/epoch, 3 epochs, checkpoint every 3 optimizer steps, random augmentation
+    # and dropout. kill_at=8 dies mid-epoch 1 (last checkpoint mid-epoch), 11 right after an epoch end.
+    full = make_trainer(tmp_path / "full", grad_accum=grad_accum)
+    full.fit()
+    expected = weights(full)
+
+    killed = make_trainer(tmp_path / "killed", ToyCriterion(kill_at=kill_at), grad_accum=grad_accum)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    assert list_checkpoints(tmp_path / "killed"), "the killed run wrote no checkpoint"
+    assert max_diff(weights(killed), expected) > 1e-4  # it really stopped early
+
+    resumed = make_trainer(tmp_path / "killed", resume=True, grad_accum=grad_accum)
+    resumed.fit()
+    assert resumed.progress.global_step == full.progress.global_step
+    assert max_diff(weights(resumed), expected) <= 1e-6
+    assert not list(tmp_path.rglob("*.tmp")), "a temporary checkpoint file was left behind"
+
+
+def test_scheduler_steps_once_per_epoch(tmp_path):
+    trainer = make_trainer(tmp_path, grad_accum=2, checkpoint_every_steps=0)
+    trainer.fit()
+    lr_by_epoch = {r["epoch"]: r["lr"] for r in records(tmp_path, "train")}
+    assert lr_by_epoch == pytest.approx({0: 1e-2, 1: 5e-3, 2: 2.5e-3})
+    assert trainer.scheduler.last_epoch == 3
+    # 5 batches with accumulation 2 -> 3 optimizer steps per epoch (the last one at the epoch's end)
+    assert trainer.progress.global_step == 9
+
+
+def test_checkpoints_keep_last_and_contents(tmp_path):
+    trainer = make_trainer(tmp_path, checkpoint_every_steps=1, keep_last=2)
+    trainer.fit()
+    steps = [s for s, _ in list_checkpoints(tmp_path)]
+    assert steps == [14, 15]
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1][1], required=("model", "optimizer", "scheduler", "rng"))
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (3, 0, 15)
+    assert state["categories"] == {"ids": [1, 2]} and state["config"] == {"toy": 1}
+    assert len(state["rng"]) == 1 and state["scheduler"]["last_epoch"] == 3
+    final = load_checkpoint(tmp_path / "checkpoint_final.pt")
+    assert "optimizer" not in final and final["global_step"] == 15
+    assert max_diff(final["model"], weights(trainer)) == 0
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, ToyCriterion(nan_at=8), checkpoint_every_steps=2)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 3 .*optimizer step 8.*loss_l1") as err:
+        trainer.fit()
+    assert "step_00000006.pt" in str(err.value)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4, 5, 6]
+    # the bad step was never applied: the weights equal the last good checkpoint's only if nothing ran after
+    # it but step 7; they are finite in every case, and no final checkpoint claims success
+    assert all(torch.isfinite(v).all() for v in weights(trainer).values())
+    assert not (tmp_path / "checkpoint_final.pt").exists()
+    last = load_checkpoint(list_checkpoints(tmp_path)[-1][1])
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_evaluation_sees_each_image_once_and_logs(tmp_path):
+    trainer = make_trainer(tmp_path, val=True, epochs=2, checkpoint_every_steps=0, trackers=("tensorboard",))
+    metrics = trainer.fit()
+    assert metrics["num"] == 7
+    assert json.loads((tmp_path / "eval" / "ids.json").read_text()) == list(range(100, 107))
+    evals = records(tmp_path, "eval")
+    assert [e["tag"] for e in evals] == ["epoch_1", "final"]
+    assert (tmp_path / "eval" / "epoch_001" / "ids.json").is_file()
+    assert any((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    train = records(tmp_path, "train")
+    assert len(train) == 10 and {"loss", "loss_mse", "loss_l1", "lr"} <= train[0].keys()
+
+
+def test_evaluation_does_not_change_training(tmp_path):
+    with_eval = make_trainer(tmp_path / "a", val=True)
+    with_eval.fit()
+    without = make_trainer(tmp_path / "b")
+    without.fit()
+    assert max_diff(weights(with_eval), weights(without)) == 0
+
+
+def test_max_steps_stops_early_and_writes_final(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4, checkpoint_every_steps=0)
+    trainer.fit()
+    assert trainer.progress.global_step == 4
+    assert load_checkpoint(tmp_path / "checkpoint_final.pt")["global_step"] == 4
+
+
+def test_settings_from_config_and_validation():
+    from stepwise.config import load_config
+
+    cfg = load_config(["stage.lr_drop=[3,5]", "stage.mixed_precision=bf16", "resume=true"])
+    settings = TrainSettings.from_config(cfg)
+    assert settings.lr_drop == (3, 5) and settings.mixed_precision == "bf16" and settings.resume
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainSettings(mixed_precision="fp8").validate()
