@@ -231,6 +231,14 @@ def test_degenerate_box_is_a_counted_warning_and_a_false_positive(caplog):
     assert {r.id: r.ap for r in report.per_class}[2] == pytest.approx(0.25)
 
 
+def test_degenerate_gt_box_is_a_counted_warning():
+    gt = hand_gt()
+    gt["annotations"][4]["bbox"] = [0.0, 0.0, 40.0, 0.0]  # cat 2's only GT box: no detection can match it
+    report = evaluate_lvis(gt, copy.deepcopy(HAND_DETS))
+    assert any("1 GT box(es)" in w and "annotation 5" in w for w in report.warnings)
+    assert {r.id: r.ap for r in report.per_class}[2] == 0.0
+
+
 def test_missing_and_invalid_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         evaluate_lvis(tmp_path / "nope.json", [])

@@ -9,6 +9,7 @@ Each run works on fresh copies of the annotation dicts, since both libraries wri
 from __future__ import annotations
 
 import numpy as np
+from faster_coco_eval import COCO, COCOeval_faster
 
 from stepwise.evaluation.lvis_compat import LVISEval, LVISResults, Params, lvis_from_dict
 
@@ -67,8 +68,6 @@ def run_faster(gt: dict, detections: list[dict], max_dets: int = 300) -> np.ndar
     """
     if not detections:
         return empty_precision(gt)
-    from faster_coco_eval import COCO, COCOeval_faster
-
     quiet = lambda *args, **kwargs: None  # noqa: E731
     coco_gt = COCO(_fresh(gt), print_function=quiet)
     coco_dt = coco_gt.loadRes([dict(d) for d in detections])

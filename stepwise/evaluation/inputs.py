@@ -33,12 +33,14 @@ def _examples(items: list[str]) -> str:
     return "; ".join(items[:_MAX_NAMED]) + more
 
 
-def load_gt(gt: PathOrDict) -> tuple[dict, str]:
+def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
     """Load and check an LVIS-format annotation file or dict.
 
-    Returns ``(dataset, source)`` where ``source`` names it in messages. Checks the keys the LVIS API needs
-    (``frequency`` per category, ``neg_category_ids`` / ``not_exhaustive_category_ids`` per image,
-    ``bbox`` and ``area`` per annotation) and that every annotation's image and category exist.
+    Returns ``(dataset, source, warnings)`` where ``source`` names it in messages. Checks the keys the LVIS
+    API needs (``frequency`` per category, ``neg_category_ids`` / ``not_exhaustive_category_ids`` per image,
+    ``bbox`` and ``area`` per annotation) and that every annotation's image and category exist. GT boxes
+    with width or height <= 0 are evaluated as the LVIS API does (no detection can match them) and
+    reported in a counted warning.
     """
     src = _source(gt, "ground-truth dict")
     data = read_json(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
@@ -78,7 +80,16 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str]:
             bad.append(f"annotation {aid}: needs 'id', 'bbox' [x, y, w, h] and 'area'")
     if bad:
         raise ValueError(f"{src}: {len(bad)} invalid annotation(s): {_examples(bad)}")
-    return data, src
+    degenerate = [
+        f"annotation {ann['id']} (image {ann['image_id']}, bbox {ann['bbox']})"
+        for ann in data["annotations"]
+        if not (ann["bbox"][2] > 0 and ann["bbox"][3] > 0)
+    ]
+    warnings = []
+    if degenerate:
+        warnings.append(f"{src}: {len(degenerate)} GT box(es) with width or height <= 0: {_examples(degenerate)}")
+        logger.warning(warnings[-1])
+    return data, src, warnings
 
 
 @dataclass

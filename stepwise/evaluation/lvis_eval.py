@@ -54,7 +54,7 @@ def evaluate_lvis(
     """
     if not isinstance(max_dets, int) or max_dets < 1:
         raise ValueError(f"max_dets must be a positive integer, got {max_dets!r}")
-    gt_dict, gt_src = load_gt(gt)
+    gt_dict, gt_src, gt_warnings = load_gt(gt)
     preds = load_predictions(predictions, gt_dict, max_dets=max_dets, gt_source=gt_src)
     counts, counts_src = training_instance_counts(gt_dict, train_gt, gt_source=gt_src)
     name = choose_evaluator(gt_dict, evaluator)
@@ -80,4 +80,4 @@ def evaluate_lvis(
         "num_evaluated": len(preds.detections),
         "num_degenerate_boxes": preds.num_degenerate,
     }
-    return EvalReport(metrics=metrics, per_class=rows, meta=meta, warnings=list(preds.warnings))
+    return EvalReport(metrics=metrics, per_class=rows, meta=meta, warnings=gt_warnings + preds.warnings)
