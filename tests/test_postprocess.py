@@ -38,7 +38,8 @@ def test_topk_over_queries_and_classes_with_box_scaling():
 
 def test_num_top_capped_and_per_image_sizes():
     scores, boxes = SCORES.expand(2, -1, -1), BOXES.expand(2, -1, -1)
-    dets = PostProcess(num_top=300, head=IdentityHead(1, 2))(outputs_of(scores, boxes), torch.tensor([[100, 200], [10, 20]]))
+    post = PostProcess(num_top=300, head=IdentityHead(1, 2))
+    dets = post(outputs_of(scores, boxes), torch.tensor([[100, 200], [10, 20]]))
     assert [len(d["scores"]) for d in dets] == [6, 6]
     assert dets[1]["boxes"][0].tolist() == pytest.approx([8, 3, 12, 7])
 

@@ -22,7 +22,6 @@ from stepwise.models.matcher import HungarianMatcher, Match, build_matcher
 from stepwise.models.outputs import DetectorOutput
 
 LOSSES = ("labels", "boxes")
-METRICS = ("class_error", "cardinality_error")
 
 
 def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
