@@ -145,6 +145,9 @@ class LVISDetection(Dataset):
             logger.info("annotation file %s: skipped %d crowd boxes (iscrowd=1)", self.ann_file,
                         self.num_crowd_skipped)
         self._anns = [per_image.get(iid, []) for iid in self.image_ids]
+        empty = sum(1 for anns in self._anns if not anns)
+        if empty:  # kept: DETR learns "no object" from them; RFS gives them factor 1
+            logger.info("annotation file %s: %d of %d images have no boxes", self.ann_file, empty, len(self))
 
     def __len__(self) -> int:
         return len(self.image_ids)

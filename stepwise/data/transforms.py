@@ -13,7 +13,7 @@ annotation ids. Eval: resize the short side to ``eval_scale`` with the long side
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torchvision import tv_tensors
