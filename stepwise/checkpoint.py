@@ -151,17 +151,18 @@ def load_model_weights(model: nn.Module, source: str | Path | dict[str, Any]) ->
         state = load_checkpoint(name)
     weights = state.get("model", state)
     own = model.state_dict()
-    usable, mismatched = {}, []
+    usable, mismatched = {}, {}
     for key, value in weights.items():
         if key in own and isinstance(value, torch.Tensor) and value.shape != own[key].shape:
-            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+            mismatched[key] = f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}"
         else:
             usable[key] = value
     result = model.load_state_dict(usable, strict=False)
-    if "head_state" in state:
+    if state.get("head_state"):
         restore_head_state(model, state["head_state"])
-    return WeightsReport(name, len(usable) - len(result.unexpected_keys), list(result.missing_keys),
-                         list(result.unexpected_keys), mismatched)
+    missing = [k for k in result.missing_keys if k not in mismatched]
+    return WeightsReport(name, len(usable) - len(result.unexpected_keys), missing,
+                         list(result.unexpected_keys), list(mismatched.values()))
 
 
 def head_state(model: nn.Module) -> dict[str, Any]:

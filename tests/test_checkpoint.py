@@ -1,0 +1,84 @@
+"""Checkpoint files: atomic writes, clear load errors, latest/prune, weights-only init, RNG round trip."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from stepwise.checkpoint import (FINAL_NAME, CheckpointError, checkpoint_path, find_latest, load_checkpoint,
+                                 load_model_weights, preserved_rng, prune_checkpoints, resolve_checkpoint,
+                                 rng_state, save_checkpoint, set_rng_state)
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    path = checkpoint_path(tmp_path, 5)
+    save_checkpoint({"model": {"w": torch.ones(2)}}, path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))  # old file intact
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+def test_load_errors_name_file_and_missing_keys(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"model": {}}, path)
+    with pytest.raises(CheckpointError, match=r"c\.pt lacks the keys \['optimizer', 'rng'\]"):
+        load_checkpoint(path, required=("model", "optimizer", "rng"))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"bad\.pt cannot be read"):
+        load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="not found: .*nothing.pt"):
+        load_checkpoint(tmp_path / "nothing.pt")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(CheckpointError, match="empty_run holds no checkpoint_final.pt"):
+        load_checkpoint(tmp_path / "empty_run")
+
+
+def test_latest_prune_and_run_dir_resolution(tmp_path):
+    for step in (3, 12, 7, 100):
+        save_checkpoint({"model": {}, "global_step": step}, checkpoint_path(tmp_path, step))
+    assert find_latest(tmp_path).name == "step_00000100.pt"
+    assert resolve_checkpoint(tmp_path) == find_latest(tmp_path)
+    removed = prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in removed) == ["step_00000003.pt", "step_00000007.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000012.pt", "step_00000100.pt"]
+    save_checkpoint({"model": {}}, tmp_path / FINAL_NAME)
+    assert resolve_checkpoint(tmp_path) == tmp_path / FINAL_NAME
+    assert find_latest(tmp_path / "empty") is None
+
+
+def test_init_from_loads_weights_only_and_reports(tmp_path):
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    save_checkpoint({"model": source.state_dict(), "optimizer": {"state": {}, "param_groups": []},
+                     "global_step": 50}, tmp_path / FINAL_NAME)
+    target = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5), nn.Linear(5, 1))  # layer 1 resized, layer 2 new
+    report = load_model_weights(target, tmp_path)
+    assert torch.equal(target[0].weight, source[0].weight)
+    assert report.missing == ["2.weight", "2.bias"] and report.unexpected == []
+    assert [m.split()[0] for m in report.mismatched] == ["1.weight", "1.bias"]
+    assert report.loaded == 2 and "shape mismatch" in str(report) and "missing" in str(report)
+
+
+def test_rng_state_round_trip_and_preserved_rng():
+    state = rng_state()
+    a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(state)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
+    before = rng_state()
+    with preserved_rng():
+        torch.rand(10), np.random.rand(3), random.random()
+    assert torch.equal(torch.get_rng_state(), before["torch"])
+    assert np.array_equal(np.random.get_state()[1], before["numpy"]["keys"].numpy().astype(np.uint32))
