@@ -1,0 +1,225 @@
+"""The built-in long-tailed data set: determinism, LVIS v1 format, federated lists, bins, CLI, atomicity."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stepwise.data import synthetic as syn
+from stepwise.make_synthetic import main as cli_main
+
+IMAGE_KEYS = {"id", "width", "height", "coco_url", "neg_category_ids", "not_exhaustive_category_ids"}
+ANN_KEYS = {"id", "image_id", "category_id", "bbox", "area", "segmentation"}
+CAT_KEYS = {"id", "name", "synset", "synonyms", "def", "frequency", "image_count", "instance_count"}
+
+
+def lvis_frequency(image_count: int) -> str:
+    """LVIS v1 thresholds, written out independently of the module."""
+    return "r" if image_count <= 10 else ("c" if image_count <= 100 else "f")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return syn.generate(tmp_path_factory.mktemp("a") / "tiny", "tiny", seed=0, workers=1, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny) -> dict[str, dict]:
+    return {split: json.loads((tiny / "annotations" / f"{split}.json").read_text()) for split in ("train", "val")}
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tiny, tmp_path):
+    again = syn.generate(tmp_path / "again", "tiny", seed=0, workers=2, verbose=False)
+    first, second = all_files(tiny), all_files(again)
+    assert first.keys() == second.keys()
+    assert sum(k.endswith(".png") for k in first) > 100
+    assert [k for k in first if first[k] != second[k]] == []
+
+    other = all_files(syn.generate(tmp_path / "other", "tiny", seed=1, workers=1, verbose=False))
+    assert other["annotations/train.json"] != first["annotations/train.json"]
+    shared_pngs = [k for k in first if k.endswith(".png") and k in other]
+    assert shared_pngs and all(first[k] != other[k] for k in shared_pngs)
+
+
+def test_lvis_v1_fields_and_lvis_api_loads(tiny, tiny_data):
+    from lvis import LVIS
+
+    for split, data in tiny_data.items():
+        assert {"info", "licenses", "images", "annotations", "categories"} <= data.keys()
+        for img in data["images"]:
+            assert IMAGE_KEYS <= img.keys() and "file_name" not in img
+            folder = "train2017" if split == "train" else "val2017"
+            assert img["coco_url"] == f"http://synthetic.stepwise/{folder}/{img['id']:012d}.png"
+        assert all(ANN_KEYS <= a.keys() for a in data["annotations"])
+        assert all(CAT_KEYS <= c.keys() for c in data["categories"])
+        assert [c["id"] for c in data["categories"]] == list(range(1, len(data["categories"]) + 1))
+        api = LVIS(str(tiny / "annotations" / f"{split}.json"))
+        assert len(api.get_img_ids()) == len(data["images"])
+        assert len(api.get_ann_ids()) == len(data["annotations"])
+    # As in LVIS, val.json carries the same categories block with train counts.
+    assert tiny_data["val"]["categories"] == tiny_data["train"]["categories"]
+    train_ids = {i["id"] for i in tiny_data["train"]["images"]}
+    assert train_ids.isdisjoint(i["id"] for i in tiny_data["val"]["images"])
+
+
+def test_frequency_and_counts_follow_train_annotations(tiny_data):
+    images, instances = defaultdict(set), Counter()
+    for a in tiny_data["train"]["annotations"]:
+        images[a["category_id"]].add(a["image_id"])
+        instances[a["category_id"]] += 1
+    for c in tiny_data["train"]["categories"]:
+        assert c["image_count"] == len(images[c["id"]]) >= 1
+        assert c["instance_count"] == instances[c["id"]]
+        assert c["frequency"] == lvis_frequency(c["image_count"])
+    # tiny guarantees r, c and f, and a long tail: the head has >= 50x the rarest class.
+    assert {c["frequency"] for c in tiny_data["train"]["categories"]} == {"r", "c", "f"}
+    assert max(instances.values()) >= 50 * min(instances.values())
+    # Val holds every class, enough of each to measure AP_r.
+    val_counts = Counter(a["category_id"] for a in tiny_data["val"]["annotations"])
+    assert set(val_counts) == set(instances) and min(val_counts.values()) >= 5
+
+
+def test_images_exist_with_declared_size_and_boxes_inside(tiny, tiny_data):
+    for data in tiny_data.values():
+        sizes = {}
+        for img in data["images"]:
+            path = tiny / "images" / Path(*img["coco_url"].split("/")[-2:])
+            with Image.open(path) as im:
+                assert im.format == "PNG" and im.mode == "RGB"
+                assert im.size == (img["width"], img["height"]), path
+            sizes[img["id"]] = (img["width"], img["height"])
+        for a in data["annotations"]:
+            x, y, w, h = a["bbox"]
+            width, height = sizes[a["image_id"]]
+            assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= width and y + h <= height, a
+            assert a["area"] == pytest.approx(w * h)
+            assert a["segmentation"] == [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        per_image = Counter(a["image_id"] for a in data["annotations"])
+        assert set(per_image) == set(sizes) and max(per_image.values()) <= 6
+
+
+def test_federated_lists_are_truthful():
+    plan = syn.plan_dataset("tiny", seed=0)
+    n_not_exhaustive = 0
+    for img in plan.splits["train"] + plan.splits["val"]:
+        drawn = {o.category_id for o in img.objects}
+        annotated = Counter(o.category_id for o in img.objects if o.annotated)
+        assert drawn.isdisjoint(img.neg_category_ids)  # negatives verified absent, even undrawn-annotated ones
+        assert img.neg_category_ids == sorted(set(img.neg_category_ids))
+        unannotated = [o.category_id for o in img.objects if not o.annotated]
+        assert img.not_exhaustive_category_ids == unannotated  # exactly the class left unannotated
+        for cid in unannotated:
+            assert annotated[cid] >= 1  # still present (annotated) in the image
+        n_not_exhaustive += bool(unannotated)
+    assert n_not_exhaustive >= 1
+    assert np.mean([len(i.neg_category_ids) > 0 for i in plan.splits["val"]]) > 0.9
+
+
+def test_solid_object_centre_has_its_class_colour(tiny, tiny_data):
+    cats = {c.category_id: c for c in syn.plan_dataset("tiny", 0).classes}
+    checked = 0
+    by_image = defaultdict(list)
+    for a in tiny_data["train"]["annotations"]:
+        by_image[a["image_id"]].append(a)
+    for img in tiny_data["train"]["images"][:40]:
+        pixels = np.asarray(Image.open(tiny / "images" / "train2017" / f"{img['id']:012d}.png"), dtype=float)
+        for a in by_image[img["id"]]:
+            spec = cats[a["category_id"]]
+            x, y, w, h = (int(v) for v in a["bbox"])
+            overlapped = any(b is not a and not (b["bbox"][0] >= x + w or b["bbox"][0] + b["bbox"][2] <= x or
+                                                 b["bbox"][1] >= y + h or b["bbox"][1] + b["bbox"][3] <= y)
+                             for b in by_image[img["id"]])
+            if spec.texture == "solid" and spec.shape in ("circle", "square", "diamond") and not overlapped:
+                centre = pixels[y + h // 2 - 1:y + h // 2 + 2, x + w // 2 - 1:x + w // 2 + 2].reshape(-1, 3).mean(0)
+                assert np.abs(centre - np.asarray(spec.rgb)).max() < 20, (img["id"], spec.name)
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("shape", syn.SHAPES)
+def test_shapes_fill_their_box_tightly(shape):
+    mask = syn.shape_mask(shape, 23, 17)
+    assert mask.shape == (17, 23)
+    assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()
+    assert 0.25 < mask.mean() < 1.0 or shape == "square"
+
+
+def test_small_plan_has_every_bin_without_rendering():
+    plan = syn.plan_dataset("small", seed=0)
+    s = plan.summary()
+    assert 30 <= s["classes"] <= 50 and s["twins"] >= 2
+    assert all(s["frequency_bins"][f] > 0 for f in "rcf"), s
+    assert all(v > 0 for v in s["instance_bins"].values()), s
+    assert 2000 <= s["train"]["images"] <= 3000 and 200 <= s["val"]["images"] <= 600
+    assert s["val"]["classes_present"] == s["classes"] and s["val"]["min_instances_per_class"] >= 5
+    p = syn.PRESETS["small"]
+    for img in plan.splits["train"]:
+        assert p.image_size[0] <= img.width <= p.image_size[1] and p.image_size[0] <= img.height <= p.image_size[1]
+        assert p.objects_per_image[0] <= len(img.objects) <= p.objects_per_image[1]
+    # Twins imitate a head class: same shape and colour family, tail rank.
+    by_name = {c.name: c for c in plan.classes}
+    for c in plan.classes:
+        if c.twin_of:
+            head = by_name[c.twin_of]
+            assert c.shape == head.shape and c.colour.removeprefix("near_") == head.colour and c.rank > head.rank
+            assert c.texture != head.texture or c.colour != head.colour
+    assert len({(c.shape, c.colour, c.texture) for c in plan.classes}) == len(plan.classes)
+
+
+def test_large_counts_plan():
+    counts = syn.plan_instance_counts("large")
+    assert len(counts) == syn.PRESETS["large"].num_classes >= 200
+    assert np.all(np.diff(counts) <= 0)
+    assert {syn.instance_bin(int(n)) for n in counts} == {0, 1, 2, 3}
+    assert 10_000 <= counts.sum() / np.mean(syn.PRESETS["large"].objects_per_image) <= 100_000  # train images
+
+
+def test_ensure_synthetic_reuses_and_refuses(tmp_path):
+    root = tmp_path / "data"
+    assert syn.ensure_synthetic(root, "tiny", 3, workers=1, verbose=False) == root
+    stamp = (root / "annotations" / "train.json").stat().st_mtime_ns
+    assert syn.ensure_synthetic(root, "tiny", 3, workers=1, verbose=False) == root
+    assert (root / "annotations" / "train.json").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="seed=3"):
+        syn.ensure_synthetic(root, "tiny", 4, workers=1, verbose=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="mine"):
+        syn.ensure_synthetic(tmp_path / "mine", "tiny", 0, workers=1, verbose=False)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
+    def fail(root, plan, workers):
+        (root / "images").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(syn, "_write_dataset", fail)
+    with pytest.raises(KeyboardInterrupt):
+        syn.generate(tmp_path / "out", "tiny", 0, verbose=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="'huge'"):
+        syn.plan_dataset("huge")
+
+
+def test_cli_rejects_unknown_key_and_generates(tmp_path, capsys):
+    assert cli_main([f"out={tmp_path / 'x'}", "colour=red"]) == 2
+    assert "'colour'" in capsys.readouterr().err
+    assert cli_main(["preset=tiny"]) == 2  # out is required
+    assert cli_main([f"out={tmp_path / 'x'}", "seed=abc"]) == 2
+    assert not (tmp_path / "x").exists()
+    assert cli_main([f"out={tmp_path / 'x'}", "preset=tiny", "seed=0", "workers=1"]) == 0
+    out = capsys.readouterr().out
+    assert "r=" in out and "train:" in out and (tmp_path / "x" / "annotations" / "val.json").is_file()
