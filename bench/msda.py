@@ -1,0 +1,160 @@
+"""Multi-scale deformable attention: each implementation against the pure-PyTorch reference.
+
+    python bench/msda.py --device cpu --repeats 3 --shapes encoder,decoder
+    python bench/msda.py --device cuda --repeats 20
+
+Shapes (Deformable DETR): batch 2, levels (100,167),(50,84),(25,42),(13,21), 8 heads x 32 channels,
+4 levels x 4 points; encoder queries = all 22,223 pixels, decoder = 300 queries.
+Times are medians over --repeats after one warm-up. Peak memory: on CUDA torch.cuda.max_memory_allocated
+above the inputs; on the CPU the rise of the process's RSS high-water mark (resource.getrusage
+ru_maxrss) above the inputs, each implementation in a fresh process so high-water marks do not mix.
+Ratios: speed = reference time / time (higher is faster), memory = peak / reference peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import time
+
+import torch
+
+LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
+HEADS, CHANNELS, POINTS, BATCH = 8, 32, 4, 2
+SHAPES = {"encoder": sum(h * w for h, w in LEVELS), "decoder": 300}
+
+
+def implementations(device: str) -> list[tuple[str, str, torch.dtype]]:
+    """(label, backend, dtype) for every implementation available on the device; the reference first."""
+    import stepwise_ops
+
+    impls = [("reference fp32", "reference", torch.float32)]
+    if stepwise_ops.compiled_unavailable_reason(device) is None:
+        kernel = "CUDA" if device.startswith("cuda") else "CPU kernel"
+        impls.append((f"{kernel} fp32", "compiled", torch.float32))
+        if device.startswith("cuda"):
+            impls += [(f"{kernel} fp16", "compiled", torch.float16), (f"{kernel} bf16", "compiled", torch.bfloat16)]
+    else:
+        print(f"compiled op unavailable on {device}: {stepwise_ops.compiled_unavailable_reason(device)}")
+    return impls
+
+
+def make_inputs(queries: int, dtype: torch.dtype, device: str):
+    g = torch.Generator(device=device).manual_seed(0)
+    spatial = torch.tensor(LEVELS, dtype=torch.long, device=device)
+    areas = spatial.prod(1)
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    s, n_levels = int(areas.sum()), len(LEVELS)
+    value = torch.randn(BATCH, s, HEADS, CHANNELS, generator=g, device=device, dtype=dtype)
+    loc = torch.rand(BATCH, queries, HEADS, n_levels, POINTS, 2, generator=g, device=device, dtype=dtype)
+    attn = torch.rand(BATCH, queries, HEADS, n_levels * POINTS, generator=g, device=device).softmax(-1)
+    attn = attn.view(BATCH, queries, HEADS, n_levels, POINTS).to(dtype)
+    grad = torch.randn(BATCH, queries, HEADS * CHANNELS, generator=g, device=device, dtype=dtype)
+    return value, spatial, starts, loc, attn, grad
+
+
+class PeakMemory:
+    """Peak bytes above the level at construction: CUDA allocator stats, or the RSS high-water mark."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            self.base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    def peak(self) -> int:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() - self.base
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+
+
+def measure(shape: str, backend: str, dtype: torch.dtype, device: str, repeats: int) -> dict:
+    """Median forward and forward+backward seconds and their peak memory (bytes) for one implementation."""
+    import stepwise_ops
+
+    fn = stepwise_ops.ms_deform_attn_reference if backend == "reference" else stepwise_ops.ms_deform_attn_compiled
+    value, spatial, starts, loc, attn, grad = make_inputs(SHAPES[shape], dtype, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(step) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first run is the warm-up
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    def forward():
+        with torch.no_grad():
+            fn(value, spatial, starts, loc, attn)
+
+    leaves = [t.detach().requires_grad_() for t in (value, loc, attn)]
+
+    def forward_backward():
+        fn(leaves[0], spatial, starts, leaves[1], leaves[2]).backward(grad)
+        for t in leaves:
+            t.grad = None
+
+    memory = PeakMemory(device)
+    result = {"fwd_s": timed(forward), "fwd_mem": memory.peak()}
+    result["fwdbwd_s"] = timed(forward_backward)
+    result["fwdbwd_mem"] = memory.peak()
+    return result
+
+
+def _measure_in_child(args) -> dict:
+    return measure(*args)
+
+
+def run(shapes: list[str], device: str, repeats: int) -> None:
+    torch.set_grad_enabled(True)
+    impls = implementations(device)
+    print(f"device {device}, repeats {repeats}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    header = f"{'shape':8} {'implementation':16} {'fwd ms':>9} {'speed':>6} {'f+b ms':>9} {'speed':>6} " \
+             f"{'fwd MiB':>8} {'ratio':>6} {'f+b MiB':>8} {'ratio':>6}"
+    print(header)
+    ctx = multiprocessing.get_context("spawn")
+    for shape in shapes:
+        ref = None
+        for label, backend, dtype in impls:
+            args = (shape, backend, dtype, device, repeats)
+            if device.startswith("cuda"):
+                r = measure(*args)
+            else:  # a fresh process: the RSS high-water mark is per process
+                with ctx.Pool(1) as pool:
+                    r = pool.apply(_measure_in_child, (args,))
+            ref = ref or r
+            mib = 2.0**20
+            print(
+                f"{shape:8} {label:16} {r['fwd_s'] * 1e3:9.1f} {ref['fwd_s'] / r['fwd_s']:5.1f}x "
+                f"{r['fwdbwd_s'] * 1e3:9.1f} {ref['fwdbwd_s'] / r['fwdbwd_s']:5.1f}x "
+                f"{r['fwd_mem'] / mib:8.1f} {r['fwd_mem'] / max(ref['fwd_mem'], 1):6.2f} "
+                f"{r['fwdbwd_mem'] / mib:8.1f} {r['fwdbwd_mem'] / max(ref['fwdbwd_mem'], 1):6.2f}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", default="encoder,decoder", help="comma-separated: encoder, decoder")
+    args = parser.parse_args()
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    run(shapes, args.device, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
