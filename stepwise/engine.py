@@ -94,6 +94,9 @@ class TrainSettings:
 def make_accelerator(settings: TrainSettings, run_dir: str | Path) -> Accelerator:
     """The Accelerator for one stage (precision, accumulation, trackers under ``run_dir``), seeded."""
     accelerator = Accelerator(
+        # Without CUDA, say cpu=True: under torchrun (``accelerate launch --multi_gpu``) Accelerate otherwise
+        # treats every CPU process as a lone single process instead of a gloo MULTI_CPU group.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.grad_accum,
         log_with=list(settings.trackers) or None,
@@ -302,6 +305,7 @@ class Trainer:
                 records = self.predict_fn(self.model, batch)
                 gathered.extend(acc.gather_for_metrics(records, use_gather_object=True))
         self.model.train(was_training)
+        self.num_gathered = len(gathered)  # before de-duplication (tests check the sampler padding is gone)
         unique = {}
         for record in gathered:
             unique.setdefault(record["image_id"], record)

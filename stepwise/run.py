@@ -1,5 +1,7 @@
 """Entry point: ``accelerate launch -m stepwise.run stage=pretrain data=synthetic model=tiny [key=value ...]``
-(or ``python -m stepwise.run ...`` for one process).
+(or ``python -m stepwise.run ...`` for one process). Several CPU processes on one machine:
+``accelerate launch --config_file launch/accelerate_cpu2.yaml -m stepwise.run ...`` (accelerate's
+``--cpu --num_processes 2`` starts a single process unless mpirun is configured).
 
 Composes the config (unknown keys are errors), lets rank 0 create ``runs/<exp>/<stage>/`` and save the
 resolved config while the other ranks wait, then runs ``stepwise.stages.<stage.name>.run(cfg)``.
@@ -11,6 +13,7 @@ import importlib
 import sys
 from typing import Any, Sequence
 
+import torch
 from accelerate import PartialState
 
 from stepwise.config import cli_config, prepare_run_dir
@@ -34,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     """Compose the config from ``argv`` (default ``sys.argv[1:]``) and run its stage; returns its result."""
     cfg = cli_config(argv)
     module = stage_module(cfg.stage.name)
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # as make_accelerator: gloo group on CPUs
     prepare_run_dir(cfg, state.is_main_process)
     state.wait_for_everyone()
     return module.run(cfg)

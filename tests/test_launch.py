@@ -17,7 +17,7 @@ EXPECTED = {  # file: (distributed type, processes, machines, cpu)
     "accelerate_1gpu.yaml": (DistributedType.NO, 1, 1, False),
     "accelerate_8gpu.yaml": (DistributedType.MULTI_GPU, 8, 1, False),
     "accelerate_2x8gpu.yaml": (DistributedType.MULTI_GPU, 16, 2, False),
-    "accelerate_cpu2.yaml": (DistributedType.MULTI_CPU, 2, 1, True),
+    "accelerate_cpu2.yaml": (DistributedType.MULTI_GPU, 2, 1, False),  # torchrun launcher; cpu=True when no CUDA
 }
 
 
