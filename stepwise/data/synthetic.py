@@ -66,6 +66,8 @@ COMMON_MAX_IMAGES = 100
 INSTANCE_BIN_EDGES = (10, 100, 1000)
 INSTANCE_BIN_NAMES = ("<10", "10-100", "100-1000", ">=1000")
 
+Box = tuple[int, int, int, int]  # x, y, w, h in integer pixels
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -144,7 +146,7 @@ class ObjectPlan:
     """One drawn object; ``box`` is (x, y, w, h) in integer pixels. Unannotated objects are drawn only."""
 
     category_id: int
-    box: tuple[int, int, int, int]
+    box: Box
     annotated: bool = True
 
 
@@ -191,6 +193,8 @@ class DatasetPlan:
         out = []
         for c in self.classes:
             n_img = image_count.get(c.category_id, 0)
+            if n_img == 0:
+                raise ValueError(f"synthetic category {c.category_id} ({c.name}) has no annotated train image")
             out.append({
                 "id": c.category_id,
                 "name": c.name,
@@ -336,7 +340,7 @@ def design_classes(preset: str | Preset, rng: np.random.Generator) -> list[Class
     return classes
 
 
-def _overlap_ok(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int, int]], limit: float) -> bool:
+def _overlap_ok(box: Box, boxes: list[Box], limit: float) -> bool:
     """True when ``box`` covers at most ``limit`` of the smaller box of every pair (low overlap)."""
     x, y, w, h = box
     for bx, by, bw, bh in boxes:
@@ -347,7 +351,7 @@ def _overlap_ok(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int,
     return True
 
 
-def _place_objects(rng: np.random.Generator, k: int, width: int, height: int, p: Preset) -> list[tuple[int, int, int, int]]:
+def _place_objects(rng: np.random.Generator, k: int, width: int, height: int, p: Preset) -> list[Box]:
     """k boxes (x, y, w, h) inside a width x height image with low mutual overlap.
 
     The longer side is log-uniform in ``object_size``, capped so k objects fill at most ~45% of the
@@ -355,7 +359,7 @@ def _place_objects(rng: np.random.Generator, k: int, width: int, height: int, p:
     """
     cap = max(8, min(p.object_size[1], int(math.sqrt(0.45 * width * height / k)), min(width, height) - 2))
     lo = min(p.object_size[0], cap)
-    boxes: list[tuple[int, int, int, int]] = []
+    boxes: list[Box] = []
     for _ in range(k):
         side = math.exp(rng.uniform(math.log(lo), math.log(cap))) if cap > lo else float(lo)
         aspect = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))  # w / h
@@ -431,7 +435,8 @@ def plan_dataset(preset: str | Preset = "small", seed: int = 0) -> DatasetPlan:
 
     s = plan.summary()
     missing = [f for f in p.required_frequencies if s["frequency_bins"][f] == 0]
-    missing += [INSTANCE_BIN_NAMES[i] for i in p.required_instance_bins if s["instance_bins"][INSTANCE_BIN_NAMES[i]] == 0]
+    missing += [name for name in (INSTANCE_BIN_NAMES[i] for i in p.required_instance_bins)
+                if s["instance_bins"][name] == 0]
     if missing:
         raise ValueError(f"synthetic preset {p.name!r} seed {seed}: empty bins {missing}; adjust the preset")
     return plan
@@ -583,7 +588,9 @@ def format_summary(summary: dict) -> str:
 
 
 def _default_workers() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """Rendering processes: the CPUs this process may use, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus))
 
 
 def _write_dataset(root: Path, plan: DatasetPlan, workers: int) -> None:
@@ -654,7 +661,8 @@ def ensure_synthetic(root: str | os.PathLike, preset: str | Preset = "small", se
     root = Path(root)
 
     def check(meta: dict) -> Path:
-        if meta.get("preset") != p.name or meta.get("seed") != int(seed) or meta.get("format_version") != FORMAT_VERSION:
+        found = (meta.get("preset"), meta.get("seed"), meta.get("format_version"))
+        if found != (p.name, int(seed), FORMAT_VERSION):
             raise FileExistsError(
                 f"{root} holds synthetic data preset={meta.get('preset')} seed={meta.get('seed')} "
                 f"format={meta.get('format_version')}, not preset={p.name} seed={seed} format={FORMAT_VERSION}; "
