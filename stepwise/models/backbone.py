@@ -114,7 +114,10 @@ class Backbone(nn.Module):
             state = _read_state_dict(path)
             state = {k: v for k, v in state.items()
                      if not k.startswith(_CLASSIFIER_PREFIXES) and not k.endswith("num_batches_tracked")}
-            result = model.load_state_dict(state, strict=False)
+            try:
+                result = model.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # shape mismatches
+                raise ValueError(f"backbone weights {path} do not fit {name!r}: {err}") from err
             if result.missing_keys:
                 raise ValueError(f"backbone weights {path} lack {len(result.missing_keys)} key(s) of "
                                  f"{name!r}, e.g. {result.missing_keys[:5]}")
