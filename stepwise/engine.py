@@ -391,7 +391,8 @@ class Trainer:
     def _check_finite(self, losses: dict[str, torch.Tensor], total: torch.Tensor, epoch: int, done: int) -> None:
         """Stop every process together when any process sees a NaN/inf loss (before the optimizer step)."""
         acc = self.accelerator
-        bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
+        bad = [k for k, v in losses.items()
+               if k in self.weight_dict and not bool(torch.isfinite(v.detach()).all())]
         if not bad and not bool(torch.isfinite(total.detach())):
             bad = ["weighted total"]
         flag = torch.tensor([float(bool(bad))], device=acc.device)
@@ -414,11 +415,11 @@ class Trainer:
             means = acc.reduce(means, reduction="mean")
         values = {k: float(v) for k, v in zip(sums, means.tolist())}
         lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self._write_jsonl({"type": "train", **self._position(), "lr": lrs[0], "lrs": lrs, **values})
+        self._write_jsonl({"type": "train", **self._position(), "lr": max(lrs), "lrs": lrs, **values})
         if self.settings.trackers:
-            acc.log({f"train/{k}": v for k, v in values.items()} | {"train/lr": lrs[0]},
+            acc.log({f"train/{k}": v for k, v in values.items()} | {"train/lr": max(lrs)},
                     step=self.progress.global_step)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lrs[0]:.2e}")
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{max(lrs):.2e}")
 
     def _write_jsonl(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:

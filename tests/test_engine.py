@@ -189,3 +189,24 @@ def test_settings_from_config_and_validation():
     assert settings.lr_drop == (3, 5) and settings.mixed_precision == "bf16" and settings.resume
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainSettings(mixed_precision="fp8").validate()
+
+
+@pytest.mark.slow
+def test_pretrain_stage_smoke(tmp_path):
+    """``stepwise.run stage=pretrain`` on the synthetic tiny preset with the tiny model: a few steps, then
+    evaluation, the final checkpoint and the run-directory files the next stage reads (~30 s on 2 cores)."""
+    from stepwise.checkpoint import load_checkpoint
+    from stepwise.run import main
+
+    metrics = main(["stage=pretrain", "model=tiny", "data=synthetic", "data.preset=tiny",
+                    f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'runs'}", "exp=smoke",
+                    "stage.max_steps=2", "stage.max_eval_images=2", "stage.trackers=[]", "stage.log_every=1"])
+    run_dir = tmp_path / "runs" / "smoke" / "pretrain"
+    assert {"AP", "APr", "APc", "APf", "AP1"} <= metrics.keys()
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint_final.pt", "eval/metrics.json",
+                 "eval/per_class.csv", "eval/predictions.json"):
+        assert (run_dir / name).is_file(), name
+    final = load_checkpoint(run_dir / "checkpoint_final.pt", required=("model", "categories", "config"))
+    assert final["global_step"] == 2 and final["config"]["stage"]["name"] == "pretrain"
+    assert len(final["categories"]["ids"]) == 10
+    assert len(records(run_dir, "train")) == 2
