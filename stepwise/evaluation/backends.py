@@ -2,7 +2,7 @@
 
 Both take the same checked inputs (ground-truth dict, detections already cut to the top ``max_dets`` per
 image) and return the same thing: the LVIS precision array (T=10 IoU thresholds x R=101 recall points x
-K categories sorted by id x A=4 area ranges), from which ``summary`` derives every metric.
+K categories sorted by id x A=4 area ranges), from which ``stepwise.evaluation.metrics`` derives every metric.
 Each run works on fresh copies of the annotation dicts, since both libraries write flags into them.
 """
 
