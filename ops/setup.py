@@ -28,15 +28,28 @@ HERE = Path(__file__).resolve().parent
 os.chdir(HERE)  # relative source paths and the in-place target must not depend on the caller's cwd
 
 
+def cuda_problem() -> str | None:
+    """Why the CUDA kernel cannot be built here, or None."""
+    if torch.version.cuda is None:
+        return "this torch is not a CUDA build"
+    if CUDA_HOME is None:
+        return "nvcc not found (set CUDA_HOME to the CUDA toolkit root)"
+    if not any((Path(CUDA_HOME) / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
+        # e.g. CUDA_HOME guessed as /usr/local from a wrapper script /usr/local/bin/nvcc
+        return f"no libcudart.so under CUDA_HOME={CUDA_HOME}; set CUDA_HOME to the toolkit root (e.g. /usr/local/cuda-13.0)"
+    return None
+
+
 def want_cuda() -> bool:
-    """FORCE_CUDA=1/0 decides; otherwise build CUDA when a GPU is visible. Either way nvcc must exist."""
+    """FORCE_CUDA=1 builds CUDA (an error if it cannot), FORCE_CUDA=0 never; otherwise when a GPU is visible."""
     force = os.environ.get("FORCE_CUDA")
     wanted = force == "1" if force in ("0", "1") else torch.cuda.is_available()
-    if wanted and (CUDA_HOME is None or torch.version.cuda is None):
-        print("stepwise_ops: CUDA kernel requested but nvcc (CUDA_HOME) or a CUDA build of torch is missing; "
-              "building the CPU kernel only", file=sys.stderr)
-        return False
-    return wanted
+    problem = cuda_problem() if wanted else None
+    if problem and force == "1":
+        sys.exit(f"stepwise_ops: FORCE_CUDA=1 but the CUDA kernel cannot be built: {problem}")
+    if problem:
+        print(f"stepwise_ops: building the CPU kernel only: {problem}", file=sys.stderr)
+    return wanted and problem is None
 
 
 def extension():
