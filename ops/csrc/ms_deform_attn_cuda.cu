@@ -5,8 +5,9 @@
 // with atomicAdd into a buffer of the accumulation type (float32 for half/bfloat16), then cast.
 // All offsets are 64-bit; no batch-size restriction; runs on the inputs' device and current stream.
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -138,7 +139,7 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
   const Sizes z = sizes_of(v, loc);
   auto out = at::empty({z.n, z.lq, z.m * z.d}, v.options());
   if (out.numel() == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t, acc_t><<<num_blocks(z.n * z.lq * z.m), kWarp * kWarpsPerBlock, 0, stream>>>(
@@ -171,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   auto grad_loc = at::zeros_like(loc);
   auto grad_attn = at::zeros_like(attn);
   if (go.numel() > 0) {
-    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       backward_kernel<scalar_t, acc_t><<<num_blocks(z.n * z.lq * z.m), kWarp * kWarpsPerBlock, 0, stream>>>(
