@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from omegaconf import OmegaConf
 
@@ -131,3 +132,15 @@ def test_original_checkpoint_unknown_key_is_named():
     ckpt["model"]["mystery.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="mystery.weight"):
         load_original_deformable_detr(model, ckpt)
+
+
+def test_hf_resnet_names_map_onto_timm_resnet():
+    """HF's own ResNet backbone (use_timm_backbone=False) renames onto timm's resnet18, key for key."""
+    from stepwise.models.interop import _hf_resnet_to_timm
+
+    cfg = transformers.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                                    layer_type="basic")
+    hf_keys = set(transformers.ResNetModel(cfg).state_dict())
+    timm_keys = set(timm.create_model("resnet18", features_only=True).state_dict())
+    mapped = {_hf_resnet_to_timm(k) for k in hf_keys if not k.endswith("num_batches_tracked")}
+    assert mapped == {k for k in timm_keys if not k.endswith("num_batches_tracked")}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import timm
 import torch
@@ -170,7 +168,8 @@ def test_backbone_weights_from_a_local_file(tmp_path):
 
 def test_presets_compose():
     r50 = load_config(["model=deformable_detr_r50"]).model
-    assert (r50.backbone_name, r50.d_model, r50.enc_layers, r50.dec_layers, r50.num_queries) == ("resnet50", 256, 6, 6, 300)
+    got = (r50.backbone_name, r50.d_model, r50.enc_layers, r50.dec_layers, r50.num_queries)
+    assert got == ("resnet50", 256, 6, 6, 300)
     assert r50.with_box_refine and r50.two_stage and r50.dim_feedforward == 1024 and r50.num_feature_levels == 4
     tiny = load_config(["model=tiny"]).model
     assert tiny.d_model == 128 and tiny.enc_layers == tiny.dec_layers == 2 and tiny.backbone_weights is None

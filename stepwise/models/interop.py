@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 # HF's own ResNet (use_timm_backbone=False) -> timm/torchvision ResNet names.
+_BLOCK = r"^encoder\.stages\.(\d+)\.layers\.(\d+)\."
 _HF_RESNET_RULES = [
     (re.compile(r"^embedder\.embedder\.convolution\.(.*)$"), r"conv1.\1"),
     (re.compile(r"^embedder\.embedder\.normalization\.(.*)$"), r"bn1.\1"),
-    (re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.(.*)$"), "layer{s}.{b}.downsample.0.{r}"),
-    (re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.(.*)$"), "layer{s}.{b}.downsample.1.{r}"),
-    (re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.(.*)$"), "layer{s}.{b}.conv{k}.{r}"),
-    (re.compile(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.(.*)$"), "layer{s}.{b}.bn{k}.{r}"),
+    (re.compile(_BLOCK + r"shortcut\.convolution\.(.*)$"), "layer{s}.{b}.downsample.0.{r}"),
+    (re.compile(_BLOCK + r"shortcut\.normalization\.(.*)$"), "layer{s}.{b}.downsample.1.{r}"),
+    (re.compile(_BLOCK + r"layer\.(\d+)\.convolution\.(.*)$"), "layer{s}.{b}.conv{k}.{r}"),
+    (re.compile(_BLOCK + r"layer\.(\d+)\.normalization\.(.*)$"), "layer{s}.{b}.bn{k}.{r}"),
 ]
 
 _ENCODER_LAYER = {"self_attn_layer_norm": "norm1", "fc1": "linear1", "mlp.fc1": "linear1", "fc2": "linear2",
@@ -55,9 +56,10 @@ def _rename_layer(rest: str, table: Mapping[str, str]) -> str:
 
 def _head_linear_prefix(model: nn.Module) -> str:
     """The name of the single Linear in ``model.class_embed[0]`` (the only head layout a checkpoint fits)."""
-    keys = list(model.class_embed[0].state_dict())
+    head = model.class_embed[0]
+    keys = list(head.state_dict())
     prefixes = {k.rsplit(".", 1)[0] for k in keys}
-    if len(keys) != 2 or len(prefixes) != 1 or not isinstance(model.class_embed[0].get_submodule(next(iter(prefixes))), nn.Linear):
+    if len(keys) != 2 or len(prefixes) != 1 or not isinstance(head.get_submodule(next(iter(prefixes))), nn.Linear):
         raise ValueError("only a head made of one Linear layer (head=sigmoid) can take Deformable DETR class_embed "
                          f"weights; this head has keys {keys}")
     return next(iter(prefixes))
@@ -74,7 +76,7 @@ def _to_state_dict(obj: Any, what: str) -> dict[str, torch.Tensor]:
 
 
 def _convert(state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None],
-             source: str) -> tuple[dict[str, torch.Tensor], list[str], dict[str, torch.Tensor]]:
+             ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, torch.Tensor]]:
     """Apply ``rename`` (None = drop) to every key; collect HF's split q/k/v for nn.MultiheadAttention."""
     out, unmapped, qkv = {}, [], {}
     for key, value in state.items():
@@ -160,7 +162,7 @@ def load_hf_deformable_detr(model: nn.Module, hf_state_dict_or_model: Any) -> No
             return "bbox_embed." + m.group(1)
         raise KeyError(key)
 
-    mapped, unmapped, qkv = _convert(state, rename, "HF")
+    mapped, unmapped, qkv = _convert(state, rename)
     layers = sorted({k.split(".")[1] for k in qkv}, key=int)
     for layer in layers:
         for kind in ("weight", "bias"):
@@ -192,5 +194,5 @@ def load_original_deformable_detr(model: nn.Module, checkpoint_state_dict: Any) 
             return key
         raise KeyError(key)
 
-    mapped, unmapped, _ = _convert(state, rename, "original")
+    mapped, unmapped, _ = _convert(state, rename)
     _load_checked(model, mapped, unmapped, "original Deformable DETR")
