@@ -4,10 +4,11 @@
     python bench/msda.py --device cuda --repeats 20
 
 Shapes (Deformable DETR): batch 2, levels (100,167),(50,84),(25,42),(13,21), 8 heads x 32 channels,
-4 levels x 4 points; encoder queries = all 22,223 pixels, decoder = 300 queries.
-Times are medians over --repeats after one warm-up. Peak memory: on CUDA torch.cuda.max_memory_allocated
-above the inputs; on the CPU the rise of the process's RSS high-water mark (resource.getrusage
-ru_maxrss) above the inputs, each implementation in a fresh process so high-water marks do not mix.
+4 levels x 4 points; encoder queries = all 22,223 pixels, decoder = 300 queries; sampling points
+N(0, 2 px) around each query's reference point (pixel centres for the encoder, random for the decoder).
+Times are medians over --repeats after one warm-up. Peak memory above the inputs: on CUDA
+torch.cuda.max_memory_allocated; on the CPU the resident-set high-water mark (VmHWM, reset through
+/proc/self/clear_refs; ru_maxrss where that is not allowed), each implementation in a fresh process.
 Ratios: speed = reference time / time (higher is faster), memory = peak / reference peak.
 """
 
@@ -41,35 +42,71 @@ def implementations(device: str) -> list[tuple[str, str, torch.dtype]]:
     return impls
 
 
+def reference_points(queries: int, generator: torch.Generator, device: str) -> torch.Tensor:
+    """(Lq, 2) normalised (x, y): the encoder's queries are the pixel centres of every level, in order;
+    the decoder's are random points, as after training."""
+    if queries != SHAPES["encoder"]:
+        return torch.rand(queries, 2, generator=generator, device=device)
+    centres = []
+    for h, w in LEVELS:
+        ys, xs = torch.meshgrid(
+            (torch.arange(h, device=device) + 0.5) / h, (torch.arange(w, device=device) + 0.5) / w, indexing="ij"
+        )
+        centres.append(torch.stack([xs, ys], -1).reshape(-1, 2))
+    return torch.cat(centres)
+
+
 def make_inputs(queries: int, dtype: torch.dtype, device: str):
+    """Deformable DETR-like inputs: sampling points a few pixels (N(0, 2 px)) around each query's reference point."""
     g = torch.Generator(device=device).manual_seed(0)
     spatial = torch.tensor(LEVELS, dtype=torch.long, device=device)
     areas = spatial.prod(1)
     starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
     s, n_levels = int(areas.sum()), len(LEVELS)
     value = torch.randn(BATCH, s, HEADS, CHANNELS, generator=g, device=device, dtype=dtype)
-    loc = torch.rand(BATCH, queries, HEADS, n_levels, POINTS, 2, generator=g, device=device, dtype=dtype)
+    ref = reference_points(queries, g, device).view(1, queries, 1, 1, 1, 2)
+    offsets = 2.0 * torch.randn(BATCH, queries, HEADS, n_levels, POINTS, 2, generator=g, device=device)
+    loc = (ref + offsets / spatial.flip(-1).view(1, 1, 1, n_levels, 1, 2)).to(dtype)
     attn = torch.rand(BATCH, queries, HEADS, n_levels * POINTS, generator=g, device=device).softmax(-1)
     attn = attn.view(BATCH, queries, HEADS, n_levels, POINTS).to(dtype)
     grad = torch.randn(BATCH, queries, HEADS * CHANNELS, generator=g, device=device, dtype=dtype)
     return value, spatial, starts, loc, attn, grad
 
 
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} missing from /proc/self/status")
+
+
 class PeakMemory:
-    """Peak bytes above the level at construction: CUDA allocator stats, or the RSS high-water mark."""
+    """Peak bytes above the level at construction: CUDA allocator stats; on the CPU the process's resident
+    set high-water mark (VmHWM, reset through /proc/self/clear_refs) above the current RSS, or, where
+    that reset is not allowed, the rise of getrusage's ru_maxrss."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
+        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "VmHWM"
         if self.cuda:
             torch.cuda.synchronize(device)
             self.base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-        else:
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.base = _proc_status_kib("VmRSS") * 1024
+        except OSError:
+            self.method = "ru_maxrss"
             self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     def peak(self) -> int:
         if self.cuda:
             return torch.cuda.max_memory_allocated() - self.base
+        if self.method == "VmHWM":
+            return _proc_status_kib("VmHWM") * 1024 - self.base
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
 
 
@@ -104,6 +141,7 @@ def measure(shape: str, backend: str, dtype: torch.dtype, device: str, repeats: 
 
     memory = PeakMemory(device)
     result = {"fwd_s": timed(forward), "fwd_mem": memory.peak()}
+    memory = PeakMemory(device)
     result["fwdbwd_s"] = timed(forward_backward)
     result["fwdbwd_mem"] = memory.peak()
     return result
@@ -116,7 +154,8 @@ def _measure_in_child(args) -> dict:
 def run(shapes: list[str], device: str, repeats: int) -> None:
     torch.set_grad_enabled(True)
     impls = implementations(device)
-    print(f"device {device}, repeats {repeats}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device {device}, repeats {repeats}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"peak memory from {PeakMemory(device).method}")
     header = f"{'shape':8} {'implementation':16} {'fwd ms':>9} {'speed':>6} {'f+b ms':>9} {'speed':>6} " \
              f"{'fwd MiB':>8} {'ratio':>6} {'f+b MiB':>8} {'ratio':>6}"
     print(header)

@@ -4,18 +4,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <algorithm>
 
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_sampling.h"
 
 namespace stepwise_ops {
 namespace {
-
-struct PlainAdd {
-  template <typename T>
-  void operator()(T* ptr, T v) const { *ptr += v; }
-};
 
 struct Sizes {
   int64_t n, s, m, d, lq, levels, points;
@@ -30,11 +25,11 @@ void forward_kernel(const Sizes& z, const scalar_t* value, const int64_t* shapes
                     const scalar_t* loc, const scalar_t* attn, scalar_t* out) {
   const int64_t md = z.m * z.d;
   at::parallel_for(0, z.n * z.lq * z.m, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> acc(z.d);
     BilinearCorners<scalar_t> c;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t m = i % z.m, nq = i / z.m, n = nq / z.lq;  // i = (n * Lq + q) * M + m
-      std::fill(acc.begin(), acc.end(), scalar_t(0));
+      const int64_t m = i % z.m, n = i / z.m / z.lq;  // i = (n * Lq + q) * M + m
+      scalar_t* out_i = out + i * z.d;
+      std::fill(out_i, out_i + z.d, scalar_t(0));
       const scalar_t* loc_i = loc + i * z.levels * z.points * 2;
       const scalar_t* attn_i = attn + i * z.levels * z.points;
       for (int64_t l = 0; l < z.levels; ++l) {
@@ -45,11 +40,9 @@ void forward_kernel(const Sizes& z, const scalar_t* value, const int64_t* shapes
           const scalar_t x = loc_i[2 * lp] * scalar_t(w) - scalar_t(0.5);
           const scalar_t y = loc_i[2 * lp + 1] * scalar_t(h) - scalar_t(0.5);
           if (!bilinear_corners<scalar_t>(h, w, y, x, c)) continue;
-          const scalar_t a = attn_i[lp];
-          for (int64_t d = 0; d < z.d; ++d) acc[d] += a * bilinear_sample<scalar_t, scalar_t>(v + d, md, c);
+          bilinear_sample_channels<scalar_t, scalar_t>(v, md, c, attn_i[lp], out_i, z.d);
         }
       }
-      std::copy(acc.begin(), acc.end(), out + i * z.d);
     }
   });
 }
@@ -59,6 +52,7 @@ void backward_kernel(const Sizes& z, const scalar_t* grad_out, const scalar_t* v
                      const int64_t* starts, const scalar_t* loc, const scalar_t* attn, scalar_t* grad_value,
                      scalar_t* grad_loc, scalar_t* grad_attn) {
   const int64_t md = z.m * z.d;
+  // Each (batch, head) pair owns grad_value[n, :, m, :], so the scatter needs no atomics.
   at::parallel_for(0, z.n * z.m, 1, [&](int64_t begin, int64_t end) {
     BilinearCorners<scalar_t> c;
     for (int64_t nm = begin; nm < end; ++nm) {
@@ -74,17 +68,9 @@ void backward_kernel(const Sizes& z, const scalar_t* grad_out, const scalar_t* v
             const scalar_t x = loc[2 * lp] * scalar_t(w) - scalar_t(0.5);
             const scalar_t y = loc[2 * lp + 1] * scalar_t(h) - scalar_t(0.5);
             if (!bilinear_corners<scalar_t>(h, w, y, x, c)) continue;  // gradients stay zero
-            const scalar_t a = attn[lp];
-            scalar_t g_attn = 0, g_y = 0, g_x = 0;
-            for (int64_t d = 0; d < z.d; ++d) {
-              scalar_t gy, gx;
-              const scalar_t sampled = bilinear_backward<scalar_t, scalar_t, scalar_t>(
-                  value + offset + d, grad_value + offset + d, md, c, go[d] * a, PlainAdd{}, gy, gx);
-              g_attn += go[d] * sampled;
-              g_y += gy;
-              g_x += gx;
-            }
-            grad_attn[lp] = g_attn;
+            scalar_t g_y, g_x;
+            grad_attn[lp] = bilinear_backward_channels<scalar_t, scalar_t>(
+                value + offset, grad_value + offset, md, c, attn[lp], go, z.d, g_y, g_x);
             grad_loc[2 * lp] = g_x * scalar_t(w);
             grad_loc[2 * lp + 1] = g_y * scalar_t(h);
           }

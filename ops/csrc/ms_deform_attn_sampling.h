@@ -87,4 +87,48 @@ STEPWISE_UNROLL
   return c.weight[0] * v[0] + c.weight[1] * v[1] + c.weight[2] * v[2] + c.weight[3] * v[3];
 }
 
+// Channel-vectorised forms for a contiguous run of `channels` channels (used by the CPU kernel; the CUDA
+// kernel spreads channels over lanes and uses the per-channel forms above). Same math.
+
+// Forward: out[d] += scale * sample(d) for d < channels.
+template <typename scalar_t, typename acc_t>
+STEPWISE_HOST_DEVICE void bilinear_sample_channels(const scalar_t* __restrict__ value, int64_t stride,
+                                                   const BilinearCorners<acc_t>& c, acc_t scale,
+                                                   acc_t* __restrict__ out, int64_t channels) {
+  for (int k = 0; k < 4; ++k) {
+    if (c.index[k] < 0) continue;
+    const scalar_t* __restrict__ v = value + c.index[k] * stride;
+    const acc_t wk = scale * c.weight[k];
+    for (int64_t d = 0; d < channels; ++d) out[d] += wk * static_cast<acc_t>(v[d]);
+  }
+}
+
+// Backward for all channels of one sample with attention weight `attn` and output gradient `grad_out`:
+// grad_value[corner][d] += attn * w_corner * grad_out[d] (plain adds: the caller owns grad_value);
+// returns dL/d(attn) and sets dL/dh, dL/dw in pixel units. Uses dot_k = sum_d grad_out[d] * v_k[d].
+template <typename scalar_t, typename acc_t>
+STEPWISE_HOST_DEVICE acc_t bilinear_backward_channels(const scalar_t* __restrict__ value,
+                                                      acc_t* __restrict__ grad_value, int64_t stride,
+                                                      const BilinearCorners<acc_t>& c, acc_t attn,
+                                                      const scalar_t* __restrict__ grad_out, int64_t channels,
+                                                      acc_t& grad_h, acc_t& grad_w) {
+  acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  for (int k = 0; k < 4; ++k) {
+    if (c.index[k] < 0) continue;
+    const scalar_t* __restrict__ v = value + c.index[k] * stride;
+    acc_t* __restrict__ gv = grad_value + c.index[k] * stride;
+    const acc_t wk = attn * c.weight[k];
+    acc_t sum = acc_t(0);
+    for (int64_t d = 0; d < channels; ++d) {
+      const acc_t g = static_cast<acc_t>(grad_out[d]);
+      sum += g * static_cast<acc_t>(v[d]);
+      gv[d] += wk * g;
+    }
+    dot[k] = sum;
+  }
+  grad_h = attn * (c.hw * (dot[2] - dot[0]) + c.lw * (dot[3] - dot[1]));
+  grad_w = attn * (c.hh * (dot[1] - dot[0]) + c.lh * (dot[3] - dot[2]));
+  return c.weight[0] * dot[0] + c.weight[1] * dot[1] + c.weight[2] * dot[2] + c.weight[3] * dot[3];
+}
+
 }  // namespace stepwise_ops
