@@ -36,7 +36,10 @@ def cuda_problem() -> str | None:
         return "nvcc not found (set CUDA_HOME to the CUDA toolkit root)"
     if not any((Path(CUDA_HOME) / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
         # e.g. CUDA_HOME guessed as /usr/local from a wrapper script /usr/local/bin/nvcc
-        return f"no libcudart.so under CUDA_HOME={CUDA_HOME}; set CUDA_HOME to the toolkit root (e.g. /usr/local/cuda-13.0)"
+        return (
+            f"no libcudart.so under CUDA_HOME={CUDA_HOME}; "
+            "set CUDA_HOME to the toolkit root (e.g. /usr/local/cuda-13.0)"
+        )
     return None
 
 

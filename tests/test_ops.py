@@ -112,7 +112,9 @@ def test_opcheck(dtype):
 
 @needs_compiled
 def test_torch_compile_fullgraph():
-    value, spatial, starts, loc, attn = make_inputs(SHAPE_SETS["original"], n=1, lq=4, m=2, d=4, p=2, dtype=torch.float32)
+    value, spatial, starts, loc, attn = make_inputs(
+        SHAPE_SETS["original"], n=1, lq=4, m=2, d=4, p=2, dtype=torch.float32
+    )
 
     def fn(v, lo, a):
         return (ms_deform_attn(v, spatial, starts, lo, a) * 2).sum()

@@ -26,7 +26,9 @@ def compare(got, expected, rtol, atol_scale):
     for name, g, e in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, expected):
         assert g.shape == e.shape, name
         atol = atol_scale * max(e.abs().max().item(), 1.0)
-        torch.testing.assert_close(g.double().cpu(), e.double().cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            g.double().cpu(), e.double().cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("shape_set", sorted(SHAPE_SETS))

@@ -28,7 +28,9 @@ def set_backend(name: str | None) -> None:
     if name is None:
         name = os.environ.get(ENV_VAR, "auto") or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"stepwise_ops: unknown backend {name!r} (from set_backend or {ENV_VAR}); use one of {BACKENDS}")
+        raise ValueError(
+            f"stepwise_ops: unknown backend {name!r} (from set_backend or {ENV_VAR}); use one of {BACKENDS}"
+        )
     _backend = name
 
 
@@ -40,7 +42,10 @@ def compiled_unavailable_reason(device: torch.device | str) -> str | None:
     """None when the compiled op has a kernel for `device`, else a message saying why and how to fix it."""
     device = torch.device(device)
     if not _library.load():
-        return f"the compiled deformable attention library is not available ({_library.load_error()}); {_library.BUILD_HINT}"
+        return (
+            f"the compiled deformable attention library is not available ({_library.load_error()}); "
+            f"{_library.BUILD_HINT}"
+        )
     if device.type == "cpu":
         return None
     if device.type == "cuda":
@@ -48,7 +53,8 @@ def compiled_unavailable_reason(device: torch.device | str) -> str | None:
             return None
         return (
             "the compiled deformable attention library was built without its CUDA kernel; rebuild it with "
-            '`FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="<your arch, e.g. 9.0>" MAX_JOBS=2 pip install --no-build-isolation ./ops`'
+            '`FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="<your arch, e.g. 9.0>" MAX_JOBS=2 '
+            "pip install --no-build-isolation ./ops` (see ops/README.md)"
         )
     return f"the compiled deformable attention op has no kernel for device type {device.type!r}"
 
@@ -58,7 +64,8 @@ def _check(value, spatial_shapes, level_start_index, sampling_locations, attenti
         raise ValueError(f"ms_deform_attn: value must be (N, S, M, D), got shape {tuple(value.shape)}")
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
         raise ValueError(
-            f"ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got shape {tuple(sampling_locations.shape)}"
+            "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got shape "
+            f"{tuple(sampling_locations.shape)}"
         )
     n, _, m, _ = value.shape
     if sampling_locations.shape[0] != n or sampling_locations.shape[2] != m:
