@@ -1,0 +1,357 @@
+"""Training throughput and peak memory: stepwise's DeformableDETR vs Hugging Face's
+DeformableDetrForObjectDetection on the same architecture, weights, batch and targets.
+
+    python bench/train_throughput.py --model tiny --batch 4 --size 160 160 --iters 10 --device cpu
+    python bench/train_throughput.py --model deformable_detr_r50 --batch 2 --size 800 1066 --device cuda \
+        --dtype fp32,bf16 --iters 20
+
+One training step = forward, loss (ours: SetCriterion with aux losses; HF: its own loss from ``labels``
+with ``auxiliary_loss``), backward, gradient clipping, AdamW step. The HF model is built from the
+preset (configs/model/<name>.yaml: timm backbone with random weights, d_model, layers, heads, points,
+queries, levels, dropout, box refine, two-stage) and ours gets its weights through
+``load_hf_deformable_detr``; the script first checks that both give the same outputs in eval mode, and
+that they train the same parameters (HF's stem and layer1 are frozen as in Deformable DETR, which
+transformers 5 no longer does for timm backbones). Differences that remain: HF's loss has no two-stage
+encoder-proposal term, and its deformable attention is its pure-PyTorch one (no hub kernels offline).
+
+Every implementation runs in a fresh process (``--rounds`` times, alternating the order, so a busy
+machine slows both alike); images/s = batch / median step time over all measured steps. Peak memory
+is what a step adds above the model weights (gradients, AdamW state, activations): on CUDA
+torch.cuda.max_memory_allocated, on the CPU the process's resident-set high-water mark (VmHWM, as
+bench/msda.py). Ratios are ours / HF: speed > 1 is faster, memory < 1 is smaller. Where the compiled
+deformable attention op exists, ours runs with it and with the pure-PyTorch reference op (issue 4's
+"training step with the compiled op vs the reference").
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from msda import PeakMemory  # bench/ is on sys.path when this file runs as a script
+
+PRESETS = ("tiny", "deformable_detr_r50")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLS = ("ours", "ours-reference", "hf")
+LABELS = {"ours": "ours (compiled op)", "ours-reference": "ours (reference op)", "hf": "HF transformers"}
+CHECK_SIZE = (128, 128)  # image size of the equal-outputs check (eval mode, one image)
+
+
+# ------------------------------------------------------------------------------------------ configs
+def load_bench_config(model: str, box_refine: bool | None, two_stage: bool | None) -> dict:
+    """The project config (model preset, head, loss, stage) with a random backbone, as a plain dict."""
+    from stepwise.config import load_config
+
+    overrides = [f"model={model}", "model.backbone_weights=null", "head=sigmoid"]
+    if box_refine is not None:
+        overrides.append(f"model.with_box_refine={str(box_refine).lower()}")
+    if two_stage is not None:
+        overrides.append(f"model.two_stage={str(two_stage).lower()}")
+    cfg = load_config(overrides)
+    if cfg.model.two_stage and not cfg.model.with_box_refine:
+        raise ValueError("HF's DeformableDetr supports two_stage only with box refinement: "
+                         "add --box-refine or --no-two-stage")
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def hf_config(cfg: dict, num_classes: int):
+    """A transformers DeformableDetrConfig with the architecture, dropout and matching costs of ``cfg``."""
+    import transformers
+
+    m, loss = cfg["model"], cfg["loss"]
+    # HF types these as int; they change the matching, not the work, so a fractional one keeps HF's default.
+    weights = {hf_key: int(loss[key]) for hf_key, key in (
+        ("class_cost", "cost_class"), ("bbox_cost", "cost_bbox"), ("giou_cost", "cost_giou"),
+        ("bbox_loss_coefficient", "bbox"), ("giou_loss_coefficient", "giou")) if float(loss[key]).is_integer()}
+    return transformers.DeformableDetrConfig(
+        backbone=m["backbone_name"], use_timm_backbone=True, use_pretrained_backbone=False,
+        d_model=m["d_model"], encoder_layers=m["enc_layers"], decoder_layers=m["dec_layers"],
+        encoder_ffn_dim=m["dim_feedforward"], decoder_ffn_dim=m["dim_feedforward"],
+        encoder_attention_heads=m["nheads"], decoder_attention_heads=m["nheads"],
+        encoder_n_points=m["enc_n_points"], decoder_n_points=m["dec_n_points"],
+        num_feature_levels=m["num_feature_levels"], num_queries=m["num_queries"],
+        two_stage_num_proposals=m["num_queries"], with_box_refine=m["with_box_refine"], two_stage=m["two_stage"],
+        # ours (like the original) drops out after the FFN activation and in the decoder self-attention
+        dropout=m["dropout"], attention_dropout=m["dropout"], activation_dropout=m["dropout"],
+        activation_function=m["activation"], num_labels=num_classes, auxiliary_loss=loss["aux_loss"],
+        focal_alpha=loss["cost_alpha"], **weights)
+
+
+def build_hf(cfg: dict, num_classes: int, state: dict | None = None) -> torch.nn.Module:
+    """HF DeformableDetrForObjectDetection (random init, or ``state``) with only layer2-4 of the backbone
+    trainable, as Deformable DETR and ours (transformers 5 leaves a timm backbone's stem trainable)."""
+    import transformers
+
+    model = transformers.DeformableDetrForObjectDetection(hf_config(cfg, num_classes))
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    for name, p in model.model.backbone.named_parameters():
+        if not any(f"layer{i}." in name for i in (2, 3, 4)):
+            p.requires_grad_(False)
+    return model
+
+
+def build_ours(cfg: dict, num_classes: int, hf_state: dict) -> torch.nn.Module:
+    """stepwise's DeformableDETR for ``cfg`` with the HF model's weights."""
+    from stepwise.models import build_detector, load_hf_deformable_detr
+
+    model = build_detector(OmegaConf.create(cfg["model"]), OmegaConf.create(cfg["head"]), num_classes)
+    load_hf_deformable_detr(model, hf_state)
+    return model
+
+
+def trainable_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_same_model(cfg: dict, num_classes: int, hf: torch.nn.Module, ours: torch.nn.Module) -> float:
+    """Max |difference| of final logits and boxes in eval mode on one random image; raises when the two
+    models differ (then the benchmark would not compare equal work)."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(1, 3, *CHECK_SIZE, generator=g)
+    hf.eval(), ours.eval()
+    with torch.no_grad():
+        ref = hf(pixel_values=images, pixel_mask=torch.ones(1, *CHECK_SIZE, dtype=torch.long))
+        out = ours(images)
+    diff = max(float((out.logits[-1] - ref.logits).abs().max()), float((out.boxes[-1] - ref.pred_boxes).abs().max()))
+    if diff > 1e-3:
+        raise RuntimeError(f"ours and HF disagree on equal weights (max |difference| {diff:.2e}): the benchmark "
+                           "would not compare the same model")
+    n_ours, n_hf = trainable_count(ours), trainable_count(hf)
+    if n_ours != n_hf:
+        raise RuntimeError(f"ours trains {n_ours} parameters, HF {n_hf}: the benchmark would not compare equal work")
+    return diff
+
+
+# ------------------------------------------------------------------------------------------ one step
+def make_batch(batch: int, size: tuple[int, int], boxes: int, num_classes: int, device: str):
+    """Random images (B, 3, H, W) and B targets of ``boxes`` boxes each (labels (T,), boxes (T, 4) cxcywh)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *size, generator=g)
+    targets = []
+    for _ in range(batch):
+        centres = 0.2 + 0.6 * torch.rand(boxes, 2, generator=g)
+        wh = 0.05 + 0.35 * torch.rand(boxes, 2, generator=g)
+        targets.append({"labels": torch.randint(num_classes, (boxes,), generator=g),
+                        "boxes": torch.cat([centres, wh], 1)})
+    images = images.to(device)
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def hf_param_groups(model: torch.nn.Module, stage: dict) -> list[dict]:
+    """The same AdamW groups as stepwise.models.param_groups, by HF's parameter names."""
+    groups: dict[str, list] = {"backbone": [], "linear_proj": [], "other": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = "backbone" if ".backbone." in name else (
+                "linear_proj" if "sampling_offsets" in name or "reference_points" in name else "other")
+            groups[key].append(p)
+    lrs = {"backbone": stage["lr_backbone"], "linear_proj": stage["lr"] * stage["lr_linear_proj_mult"],
+           "other": stage["lr"]}
+    return [{"params": v, "lr": lrs[k], "weight_decay": stage["weight_decay"]} for k, v in groups.items() if v]
+
+
+def measure(spec: dict) -> dict:
+    """Build one implementation from the saved HF weights, run ``warmup + iters`` training steps.
+
+    Returns ``times`` (seconds per measured step), ``peak`` (bytes above the weights), ``method`` and
+    ``trainable`` (parameter count).
+    """
+    import stepwise_ops
+
+    impl, cfg, device, classes = spec["impl"], spec["cfg"], spec["device"], spec["classes"]
+    dtype = DTYPES[spec["dtype"]]
+    torch.manual_seed(0)
+    state = torch.load(spec["state_path"], map_location="cpu", weights_only=True)
+    if impl == "hf":
+        model = build_hf(cfg, classes, state)
+    else:
+        stepwise_ops.set_backend("reference" if impl == "ours-reference" else "compiled")
+        model = build_ours(cfg, classes, state)
+    del state
+    gc.collect()
+    model.to(device).train()
+    images, targets = make_batch(spec["batch"], spec["size"], spec["boxes"], classes, device)
+
+    if impl == "hf":
+        optimizer = torch.optim.AdamW(hf_param_groups(model, cfg["stage"]))
+        labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        pixel_mask = torch.ones(images.shape[0], *images.shape[-2:], dtype=torch.long, device=device)
+
+        def loss_fn():
+            return model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss
+    else:
+        from stepwise.models import param_groups
+        from stepwise.models.criterion import build_criterion
+
+        optimizer = torch.optim.AdamW(param_groups(model, cfg["stage"]))
+        criterion = build_criterion(OmegaConf.create(cfg["loss"]), model.class_embed[-1],
+                                    num_layers=cfg["model"]["dec_layers"], two_stage=cfg["model"]["two_stage"])
+
+        def loss_fn():
+            return criterion.total(criterion(model(images), targets))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+
+    def step() -> float:
+        with autocast:
+            loss = loss_fn()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg["stage"]["clip_max_norm"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    memory = PeakMemory(device)  # from here: gradients, AdamW state and activations
+    times = []
+    for i in range(spec["warmup"] + spec["iters"]):
+        sync()
+        start = time.perf_counter()
+        loss = step()
+        sync()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - start)
+        if loss != loss or abs(loss) == float("inf"):
+            raise RuntimeError(f"{LABELS[impl]}: non-finite loss {loss} at step {i}")
+    return {"times": times, "peak": memory.peak(), "method": memory.method, "trainable": trainable_count(model)}
+
+
+# ------------------------------------------------------------------------------------------ driver
+def implementations(device: str, wanted: list[str]) -> list[str]:
+    """The implementations to run: ours with the compiled op and with the reference where the compiled
+    op has a kernel for ``device`` (else ours = reference op), and HF."""
+    import stepwise_ops
+
+    reason = stepwise_ops.compiled_unavailable_reason(device)
+    impls = [i for i in IMPLS if i in wanted]
+    if reason is not None and "ours" in impls:
+        print(f"compiled deformable attention unavailable on {device} ({reason}); ours uses the reference op")
+        impls = [i for i in impls if i != "ours"]
+        if "ours-reference" not in impls:
+            impls.insert(0, "ours-reference")
+    return impls
+
+
+def run_rounds(specs: list[dict], rounds: int) -> list[dict]:
+    """Each spec in a fresh process, ``rounds`` times, reversing the order every other round; the
+    measured step times are pooled and the peaks' maximum kept."""
+    ctx = multiprocessing.get_context("spawn")
+    results = [{"times": [], "peak": 0, "method": "", "trainable": 0} for _ in specs]
+    for r in range(rounds):
+        order = list(range(len(specs))) if r % 2 == 0 else list(reversed(range(len(specs))))
+        for i in order:
+            with ctx.Pool(1) as pool:
+                res = pool.apply(measure, (specs[i],))
+            results[i]["times"] += res["times"]
+            results[i]["peak"] = max(results[i]["peak"], res["peak"])
+            results[i]["method"], results[i]["trainable"] = res["method"], res["trainable"]
+    return results
+
+
+def print_table(impls: list[str], results: list[dict], batch: int, dtype: str) -> None:
+    mib = 2.0**20
+    ips = {i: batch / statistics.median(r["times"]) for i, r in zip(impls, results)}
+    peak = {i: r["peak"] for i, r in zip(impls, results)}
+    print(f"{'dtype':5} {'implementation':20} {'img/s':>8} {'vs HF':>6} {'step ms':>9} {'peak MiB':>9} "
+          f"{'vs HF':>6} {'trainable':>10}")
+    for impl, r in zip(impls, results):
+        speed = f"{ips[impl] / ips['hf']:5.2f}x" if "hf" in ips else f"{'-':>6}"
+        mem = f"{peak[impl] / max(peak['hf'], 1):6.2f}" if "hf" in peak else f"{'-':>6}"
+        print(f"{dtype:5} {LABELS[impl]:20} {ips[impl]:8.2f} {speed} {statistics.median(r['times']) * 1e3:9.1f} "
+              f"{peak[impl] / mib:9.1f} {mem} {r['trainable']:10d}", flush=True)
+    if "ours" in ips and "ours-reference" in ips:
+        print(f"{dtype:5} training step, compiled op vs reference op: {ips['ours'] / ips['ours-reference']:.2f}x "
+              f"speed, {peak['ours'] / max(peak['ours-reference'], 1):.2f} memory")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=PRESETS, default="tiny", help="configs/model preset")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"))
+    parser.add_argument("--iters", type=int, default=10, help="measured steps per process and round")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh processes per implementation, order alternating")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated autocast dtypes from fp32, bf16, fp16 (default fp32; fp32,bf16 on CUDA)")
+    parser.add_argument("--classes", type=int, default=1203, help="number of classes (LVIS: 1203)")
+    parser.add_argument("--boxes", type=int, default=8, help="ground-truth boxes per image")
+    parser.add_argument("--box-refine", action=argparse.BooleanOptionalAction, default=None,
+                        help="override the preset's with_box_refine")
+    parser.add_argument("--two-stage", action=argparse.BooleanOptionalAction, default=None,
+                        help="override the preset's two_stage (HF needs --box-refine with it)")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    args = parser.parse_args(argv)
+    args.dtypes = [d for d in (args.dtype or ("fp32,bf16" if args.device.startswith("cuda") else "fp32")).split(",")
+                   if d]
+    args.impl_list = [i for i in args.impls.split(",") if i]
+    if bad := [d for d in args.dtypes if d not in DTYPES]:
+        parser.error(f"unknown --dtype {bad}; choose from {sorted(DTYPES)}")
+    if bad := [i for i in args.impl_list if i not in IMPLS]:
+        parser.error(f"unknown --impls {bad}; choose from {IMPLS}")
+    for name in ("batch", "iters", "rounds", "classes", "boxes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.warmup < 0 or min(args.size) < 32:
+        parser.error("--warmup must be >= 0 and both --size values >= 32 (the backbone's stride)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.two_stage and args.box_refine is False:
+        parser.error("HF's DeformableDetr supports --two-stage only with --box-refine")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import transformers
+
+    args = parse_args(argv)
+    cfg = load_bench_config(args.model, args.box_refine, args.two_stage)
+    m = cfg["model"]
+    print(f"model {args.model}: {m['backbone_name']} (random weights), d_model {m['d_model']}, "
+          f"{m['enc_layers']}+{m['dec_layers']} layers, {m['nheads']} heads, {m['enc_n_points']} points, "
+          f"{m['num_queries']} queries, {m['num_feature_levels']} levels, box refine {m['with_box_refine']}, "
+          f"two-stage {m['two_stage']}; {args.classes} classes, {args.boxes} boxes/image")
+    torch.manual_seed(0)
+    hf = build_hf(cfg, args.classes)
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    diff = check_same_model(cfg, args.classes, hf, build_ours(cfg, args.classes, state))
+    print(f"equal weights: outputs agree (max |difference| {diff:.1e}), {trainable_count(hf)} trainable parameters")
+    del hf
+    impls = implementations(args.device, args.impl_list)
+    print(f"device {args.device}, batch {args.batch}, size {args.size[0]}x{args.size[1]}, {args.warmup} warm-up + "
+          f"{args.iters} measured steps x {args.rounds} rounds (fresh process each, order alternating), "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory(prefix="stepwise_bench_") as tmp:
+        state_path = str(Path(tmp) / "hf_state.pt")
+        torch.save(state, state_path)
+        del state
+        for dtype in args.dtypes:
+            specs = [dict(impl=i, cfg=cfg, device=args.device, dtype=dtype, classes=args.classes, batch=args.batch,
+                          size=tuple(args.size), boxes=args.boxes, warmup=args.warmup, iters=args.iters,
+                          state_path=state_path) for i in impls]
+            results = run_rounds(specs, args.rounds)
+            if dtype == args.dtypes[0]:
+                print(f"peak memory: above the weights, from {results[0]['method']}; ratios ours / HF")
+            print_table(impls, results, args.batch, dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
