@@ -110,6 +110,18 @@ def build_ours(cfg: dict, num_classes: int, hf_state: dict) -> torch.nn.Module:
     return model
 
 
+def encoder_tokens(size: tuple[int, int], levels: int) -> int:
+    """Positions the encoder sees for an (H, W) image: levels at strides 8, 16, 32, 64, ... (C5 alone: 32)."""
+    h, w = size
+    first = 3 if levels > 1 else 5  # log2 of the first level's stride
+    total = 0
+    for i in range(1, first + levels):  # every stride-2 stage rounds up
+        h, w = -(-h // 2), -(-w // 2)
+        if i >= first:
+            total += h * w
+    return total
+
+
 def trainable_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -264,12 +276,15 @@ def run_rounds(specs: list[dict], rounds: int) -> list[dict]:
     return results
 
 
-def print_table(impls: list[str], results: list[dict], batch: int, dtype: str) -> None:
+def print_table(impls: list[str], results: list[dict], batch: int, dtype: str, header: bool = True) -> None:
+    """One row per implementation: images/s, speed ratio to HF, median step, peak memory and its ratio."""
     mib = 2.0**20
     ips = {i: batch / statistics.median(r["times"]) for i, r in zip(impls, results)}
     peak = {i: r["peak"] for i, r in zip(impls, results)}
-    print(f"{'dtype':5} {'implementation':20} {'img/s':>8} {'vs HF':>6} {'step ms':>9} {'peak MiB':>9} "
-          f"{'vs HF':>6} {'trainable':>10}")
+    if header:
+        print(f"peak memory: above the weights, from {results[0]['method']}; ratios ours / HF")
+        print(f"{'dtype':5} {'implementation':20} {'img/s':>8} {'vs HF':>6} {'step ms':>9} {'peak MiB':>9} "
+              f"{'vs HF':>6} {'trainable':>10}")
     for impl, r in zip(impls, results):
         speed = f"{ips[impl] / ips['hf']:5.2f}x" if "hf" in ips else f"{'-':>6}"
         mem = f"{peak[impl] / max(peak['hf'], 1):6.2f}" if "hf" in peak else f"{'-':>6}"
@@ -328,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['enc_layers']}+{m['dec_layers']} layers, {m['nheads']} heads, {m['enc_n_points']} points, "
           f"{m['num_queries']} queries, {m['num_feature_levels']} levels, box refine {m['with_box_refine']}, "
           f"two-stage {m['two_stage']}; {args.classes} classes, {args.boxes} boxes/image")
+    tokens = encoder_tokens(tuple(args.size), m["num_feature_levels"])
+    if m["two_stage"] and tokens < m["num_queries"]:
+        raise SystemExit(f"--size {args.size[0]} {args.size[1]}: two-stage keeps {m['num_queries']} proposals but "
+                         f"the encoder has only {tokens} positions; use a larger --size")
     torch.manual_seed(0)
     hf = build_hf(cfg, args.classes)
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
@@ -347,9 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                           size=tuple(args.size), boxes=args.boxes, warmup=args.warmup, iters=args.iters,
                           state_path=state_path) for i in impls]
             results = run_rounds(specs, args.rounds)
-            if dtype == args.dtypes[0]:
-                print(f"peak memory: above the weights, from {results[0]['method']}; ratios ours / HF")
-            print_table(impls, results, args.batch, dtype)
+            print_table(impls, results, args.batch, dtype, header=dtype == args.dtypes[0])
     return 0
 
 
