@@ -14,8 +14,9 @@ tests' toy models share it. What it guarantees:
   not draw from the global RNG: see ``stepwise.stages.common.SeededDataset``);
 * a NaN/inf loss stops the run before the optimizer step, naming epoch, step and loss; the last good
   checkpoint is left as it is;
-* evaluation: every process predicts its shard, predictions are gathered without the sampler's padded
-  duplicates (``gather_for_metrics``), rank 0 scores them and writes the report.
+* evaluation: fixed batches are dealt out to the processes (no padding, no duplicates, the same batches
+  whatever the number of processes, so the metrics do not depend on it); rank 0 scores the gathered
+  predictions and writes the report.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, send_to_device, set_seed
 from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
 from tqdm.auto import tqdm
@@ -177,12 +178,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
         # Not prepared: accelerate would step it once per process and per optimizer step.
         self.scheduler = MultiStepLR(optimizer, milestones=list(settings.lr_drop), gamma=settings.lr_gamma)
-        if val_loader is not None:
-            self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
-                model, optimizer, train_loader, val_loader)
-        else:
-            self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
-            self.val_loader = None
+        self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
+        self.val_loader = val_loader  # sharded by predict(), not by Accelerate: see shard_eval_loader
         self.progress = Progress()
         self.last_metrics: dict[str, float] | None = None
         if settings.trackers:
@@ -271,7 +268,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, out_dir: str | Path | None = None, tag: str = "eval") -> dict[str, float] | None:
-        """Predict on every process's shard, gather without padded duplicates, score on rank 0.
+        """Predict on every process's shard, gather every image once, score on rank 0.
 
         Returns the metrics on every process (broadcast from rank 0). Does not disturb any RNG stream.
         """
@@ -293,19 +290,21 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def predict(self, loader: Any) -> list[dict[str, Any]]:
-        """Per-image prediction records of a prepared loader, gathered from all processes (every rank gets
-        them), each image once, ordered by image id."""
+    def predict(self, loader: torch.utils.data.DataLoader) -> list[dict[str, Any]]:
+        """Per-image prediction records of a plain (unprepared) sequential loader, predicted by all processes
+        on their shard (:func:`shard_eval_loader`) and gathered on every rank, each image once, ordered by
+        image id."""
         acc = self.accelerator
         was_training = self.model.training
         self.model.eval()
-        gathered: list[dict[str, Any]] = []
+        records: list[dict[str, Any]] = []
+        shard = shard_eval_loader(loader, acc.num_processes, acc.process_index)
         with preserved_rng():
-            for batch in tqdm(loader, desc="eval", dynamic_ncols=True, disable=not acc.is_main_process):
-                records = self.predict_fn(self.model, batch)
-                gathered.extend(acc.gather_for_metrics(records, use_gather_object=True))
+            for batch in tqdm(shard, desc="eval", dynamic_ncols=True, disable=not acc.is_main_process):
+                records.extend(self.predict_fn(self.model, send_to_device(batch, acc.device)))
+        gathered = gather_object(records) if acc.num_processes > 1 else records
         self.model.train(was_training)
-        self.num_gathered = len(gathered)  # before de-duplication (tests check the sampler padding is gone)
+        self.num_gathered = len(gathered)  # before de-duplication (tests check nothing is duplicated)
         unique = {}
         for record in gathered:
             unique.setdefault(record["image_id"], record)
@@ -427,6 +426,35 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """Consecutive batches of ``range(num_items)``; batch ``k`` goes to process ``k % num_replicas``.
+
+    The batches are formed before sharding and never padded, so every image is batched (hence padded)
+    with the same companions whatever the number of processes: evaluation gives identical predictions
+    with 1 or N processes, and no image is predicted twice.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.num_items, self.batch_size, self.num_replicas, self.rank = num_items, batch_size, num_replicas, rank
+
+    def __iter__(self):
+        starts = range(self.rank * self.batch_size, self.num_items, self.num_replicas * self.batch_size)
+        for start in starts:
+            yield list(range(start, min(start + self.batch_size, self.num_items)))
+
+    def __len__(self) -> int:
+        num_batches = -(-self.num_items // self.batch_size)
+        return len(range(self.rank, num_batches, self.num_replicas))
+
+
+def shard_eval_loader(loader: torch.utils.data.DataLoader, num_processes: int,
+                      process_index: int) -> torch.utils.data.DataLoader:
+    """This process's share of a sequential evaluation loader (same dataset, collate and workers)."""
+    batches = ShardedBatches(len(loader.dataset), loader.batch_size or 1, num_processes, process_index)
+    return torch.utils.data.DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn,
+                                       num_workers=loader.num_workers, pin_memory=loader.pin_memory)
 
 
 def _epoch_aware(loader: torch.utils.data.DataLoader) -> list[Any]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-N_VAL = 7  # odd, so two processes get padded duplicates
+N_VAL = 7  # odd: batches of 2 do not split evenly over two processes
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -65,7 +65,7 @@ def main(out: str, checkpoint: str) -> None:
     model = toy_model()
     load_model_weights(model, checkpoint)
     trainer = Trainer(acc, model, ToyCriterion(), train_loader(ToyData(10, 1), 2, seed=3), settings, out / "run",
-                      val_loader=eval_loader(ToyData(N_VAL, 2), 1), predict_fn=toy_predict,
+                      val_loader=eval_loader(ToyData(N_VAL, 2), 2), predict_fn=toy_predict,
                       evaluate_fn=toy_evaluate, forward_fn=lambda m, b: (m(b[0]), b[1]))
     metrics = trainer.evaluate(out / "checkpoint_eval")
     gathered = trainer.num_gathered
@@ -101,7 +101,7 @@ def test_two_processes_match_one(tmp_path):
     one, two = launch(tmp_path, 1, checkpoint), launch(tmp_path, 2, checkpoint)
     assert two["processes"] == 2 and one["processes"] == 1
 
-    # evaluation of one checkpoint: the padded duplicate is gone before de-duplication, results identical
+    # evaluation of one checkpoint: nothing predicted twice, results identical
     assert one["gathered"] == two["gathered"] == N_VAL
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_images"] == N_VAL
     rec1 = json.loads((Path(one["out"]) / "checkpoint_eval" / "records.json").read_text())

@@ -85,7 +85,7 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int, collate: Any = No
 
 
 def eval_loader(dataset: Dataset, batch_size: int, collate: Any = None, num_workers: int = 0) -> DataLoader:
-    """Sequential loader; under Accelerate the padded duplicates are dropped by the engine's gather."""
+    """Sequential loader; the engine deals its batches out to the processes (``engine.shard_eval_loader``)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
                       drop_last=False, generator=torch.Generator().manual_seed(0))
 
