@@ -99,15 +99,23 @@ def test_deformable_attention_runs_in_float32_under_autocast():
     assert out.shape == (2, 3, 32) and torch.isfinite(out.float()).all()
 
 
-def test_frozen_batchnorm_stem_and_layer1(tiny):
-    body = tiny.backbone.body
+def test_frozen_batchnorm_stem_and_layer1():
+    # the paper's setting (pretrained backbones): frozen BN, stem and layer1 frozen
+    body = _tiny("model.backbone_frozen_prefixes=null", "model.backbone_freeze_bn=true").backbone.body
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in body.modules())
     for name, p in body.named_parameters():
         frozen = name.split(".")[0] in ("conv1", "bn1", "layer1")
         assert p.requires_grad != frozen, name
     custom = Backbone("resnet10t", frozen_prefixes=["layer1", "layer2"])
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in custom.body.modules())
     assert all(not p.requires_grad for n, p in custom.body.named_parameters() if n.startswith("layer2."))
     assert all(p.requires_grad for n, p in custom.body.named_parameters() if n.startswith("conv1"))
+
+
+def test_tiny_preset_trains_its_random_backbone_whole(tiny):
+    body = tiny.backbone.body
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in body.modules())
+    assert all(p.requires_grad for p in body.parameters())
 
 
 def test_param_groups_cover_every_trainable_parameter_once(tiny):

@@ -72,7 +72,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 class Backbone(nn.Module):
-    """A timm ``features_only`` model; frozen BN; some stages frozen; feature maps + per-level masks.
+    """A timm ``features_only`` model; frozen BN (by default); some stages frozen; feature maps + per-level masks.
 
     Args:
         name: any timm model name offering the requested strides.
@@ -81,15 +81,18 @@ class Backbone(nn.Module):
         strides: output strides (8, 16, 32 for C3-C5; (32,) for a single level).
         frozen_prefixes: parameter-name prefixes of the timm model to freeze; None = stem + layer1 for
             ResNets (names conv1/bn1/layer1), nothing otherwise.
+        freeze_bn: replace BatchNorm by frozen BatchNorm (right for pretrained weights); a backbone trained
+            from random weights needs live BatchNorm to learn.
     """
 
     def __init__(self, name: str, weights: str | None = None, strides: Sequence[int] = (8, 16, 32),
-                 frozen_prefixes: Sequence[str] | None = None):
+                 frozen_prefixes: Sequence[str] | None = None, freeze_bn: bool = True):
         super().__init__()
         out_indices, self.num_channels = _feature_indices(name, strides)
         self.strides = list(strides)
         self.body = self._create(name, weights, out_indices)
-        freeze_batch_norm(self.body)
+        if freeze_bn:
+            freeze_batch_norm(self.body)
         if frozen_prefixes is None:
             names = {n for n, _ in self.body.named_children()}
             frozen_prefixes = RESNET_FROZEN_PREFIXES if {"conv1", "layer1"} <= names else ()

@@ -145,7 +145,8 @@ def build_detector(cfg_model, cfg_head, categories_or_num_classes: Any) -> Defor
         raise ValueError("model.num_feature_levels must be 1 (C5 only) or >= 3 (C3-C5 + extra levels)")
     backbone = Backbone(cfg_model.backbone_name, weights=cfg_model.get("backbone_weights"),
                         strides=(8, 16, 32) if levels > 1 else (32,),
-                        frozen_prefixes=cfg_model.get("backbone_frozen_prefixes"))
+                        frozen_prefixes=cfg_model.get("backbone_frozen_prefixes"),
+                        freeze_bn=bool(cfg_model.get("backbone_freeze_bn", True)))
     two_stage = bool(cfg_model.two_stage)
     transformer = DeformableTransformer(
         d_model=cfg_model.d_model, nhead=cfg_model.nheads, num_encoder_layers=cfg_model.enc_layers,
