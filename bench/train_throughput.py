@@ -9,16 +9,17 @@ One training step = forward, loss (ours: SetCriterion with aux losses; HF: its o
 with ``auxiliary_loss``), backward, gradient clipping, AdamW step. The HF model is built from the
 preset (configs/model/<name>.yaml: timm backbone with random weights, d_model, layers, heads, points,
 queries, levels, dropout, box refine, two-stage) and ours gets its weights through
-``load_hf_deformable_detr``; the script first checks that both give the same outputs in eval mode, and
+``load_hf_deformable_detr``. The backbone is set up as HF's (frozen BatchNorm, stem and layer1
+frozen) whatever the preset says, since HF has no other. The script first checks that both give the same outputs in eval mode, and
 that they train the same parameters (HF's stem and layer1 are frozen as in Deformable DETR, which
 transformers 5 no longer does for timm backbones). Differences that remain: HF's loss has no two-stage
 encoder-proposal term, and its deformable attention is its pure-PyTorch one (no hub kernels offline).
 
-Every implementation runs in a fresh process (``--rounds`` times, alternating the order, so a busy
-machine slows both alike); images/s = batch / median step time over all measured steps. Peak memory
-is what a step adds above the model weights (gradients, AdamW state, activations): on CUDA
-torch.cuda.max_memory_allocated, on the CPU the process's resident-set high-water mark (VmHWM, as
-bench/msda.py). Ratios are ours / HF: speed > 1 is faster, memory < 1 is smaller. Where the compiled
+Speed: all implementations train in one process, their steps interleaved (the order rotating), so a
+busy machine slows each alike; images/s = batch / median step time. Peak memory: each implementation
+in a fresh process, what its first two steps add above the model weights (gradients, AdamW state,
+activations): on CUDA torch.cuda.max_memory_allocated, on the CPU the process's resident-set
+high-water mark (VmHWM, as bench/msda.py). Ratios are ours / HF: speed > 1 is faster, memory < 1 is smaller. Where the compiled
 deformable attention op exists, ours runs with it and with the pure-PyTorch reference op (issue 4's
 "training step with the compiled op vs the reference").
 """
@@ -27,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -45,6 +47,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("ours", "ours-reference", "hf")
 LABELS = {"ours": "ours (compiled op)", "ours-reference": "ours (reference op)", "hf": "HF transformers"}
 CHECK_SIZE = (128, 128)  # image size of the equal-outputs check (eval mode, one image)
+MEMORY_STEPS = 2  # the second step is the first with AdamW state and activations together
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -61,7 +64,12 @@ def load_bench_config(model: str, box_refine: bool | None, two_stage: bool | Non
     if cfg.model.two_stage and not cfg.model.with_box_refine:
         raise ValueError("HF's DeformableDetr supports two_stage only with box refinement: "
                          "add --box-refine or --no-two-stage")
-    return OmegaConf.to_container(cfg, resolve=True)
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    # HF's backbone always has frozen BatchNorm and (as Deformable DETR) a frozen stem and layer1.
+    cfg["model"]["backbone_frozen_prefixes"] = None
+    if "backbone_freeze_bn" in cfg["model"]:
+        cfg["model"]["backbone_freeze_bn"] = True
+    return cfg
 
 
 def hf_config(cfg: dict, num_classes: int):
@@ -174,28 +182,16 @@ def hf_param_groups(model: torch.nn.Module, stage: dict) -> list[dict]:
     return [{"params": v, "lr": lrs[k], "weight_decay": stage["weight_decay"]} for k, v in groups.items() if v]
 
 
-def measure(spec: dict) -> dict:
-    """Build one implementation from the saved HF weights, run ``warmup + iters`` training steps.
-
-    Returns ``times`` (seconds per measured step), ``peak`` (bytes above the weights), ``method`` and
-    ``trainable`` (parameter count).
-    """
+def make_trainer(impl: str, spec: dict, state: dict) -> tuple[Callable[[], float], int]:
+    """One implementation with the HF weights ``state``, on ``spec["device"]`` in train mode, with its
+    optimizer and batch. Returns ``step() -> loss`` (one full training step) and the trainable count."""
     import stepwise_ops
 
-    impl, cfg, device, classes = spec["impl"], spec["cfg"], spec["device"], spec["classes"]
+    cfg, device, classes = spec["cfg"], spec["device"], spec["classes"]
     dtype = DTYPES[spec["dtype"]]
-    torch.manual_seed(0)
-    state = torch.load(spec["state_path"], map_location="cpu", weights_only=True)
-    if impl == "hf":
-        model = build_hf(cfg, classes, state)
-    else:
-        stepwise_ops.set_backend("reference" if impl == "ours-reference" else "compiled")
-        model = build_ours(cfg, classes, state)
-    del state
-    gc.collect()
+    model = build_hf(cfg, classes, state) if impl == "hf" else build_ours(cfg, classes, state)
     model.to(device).train()
     images, targets = make_batch(spec["batch"], spec["size"], spec["boxes"], classes, device)
-
     if impl == "hf":
         optimizer = torch.optim.AdamW(hf_param_groups(model, cfg["stage"]))
         labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
@@ -210,14 +206,15 @@ def measure(spec: dict) -> dict:
         optimizer = torch.optim.AdamW(param_groups(model, cfg["stage"]))
         criterion = build_criterion(OmegaConf.create(cfg["loss"]), model.class_embed[-1],
                                     num_layers=cfg["model"]["dec_layers"], two_stage=cfg["model"]["two_stage"])
+        backend = "reference" if impl == "ours-reference" else "compiled"
 
         def loss_fn():
+            stepwise_ops.set_backend(backend)  # a process may hold both variants of ours
             return criterion.total(criterion(model(images), targets))
 
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
 
     def step() -> float:
         with autocast:
@@ -228,20 +225,55 @@ def measure(spec: dict) -> dict:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RuntimeError(f"{LABELS[impl]}: non-finite loss {value}")
+        return value
 
-    memory = PeakMemory(device)  # from here: gradients, AdamW state and activations
-    times = []
+    return step, trainable_count(model)
+
+
+def _load_state(spec: dict) -> dict:
+    return torch.load(spec["state_path"], map_location="cpu", weights_only=True)
+
+
+def time_interleaved(spec: dict, impls: list[str]) -> dict[str, list[float]]:
+    """All implementations in one process, their steps interleaved (the order rotating every
+    iteration) so that a busy machine slows each alike. Returns the measured seconds per step."""
+    torch.manual_seed(0)
+    state = _load_state(spec)
+    steps = {impl: make_trainer(impl, spec, state)[0] for impl in impls}
+    del state
+    sync = (lambda: torch.cuda.synchronize(spec["device"])) if spec["device"].startswith("cuda") else (lambda: None)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
     for i in range(spec["warmup"] + spec["iters"]):
-        sync()
-        start = time.perf_counter()
-        loss = step()
-        sync()
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
-        if loss != loss or abs(loss) == float("inf"):
-            raise RuntimeError(f"{LABELS[impl]}: non-finite loss {loss} at step {i}")
-    return {"times": times, "peak": memory.peak(), "method": memory.method, "trainable": trainable_count(model)}
+        for impl in impls[i % len(impls):] + impls[:i % len(impls)]:
+            sync()
+            start = time.perf_counter()
+            steps[impl]()
+            sync()
+            if i >= spec["warmup"]:
+                times[impl].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(spec: dict, impl: str) -> dict:
+    """Peak bytes above the weights over ``MEMORY_STEPS`` training steps (gradients, AdamW state,
+    activations) of one implementation; run it in a fresh process (VmHWM is per process)."""
+    torch.manual_seed(0)
+    state = _load_state(spec)
+    step, trainable = make_trainer(impl, spec, state)
+    del state
+    gc.collect()
+    memory = PeakMemory(spec["device"])
+    for _ in range(MEMORY_STEPS):
+        step()
+    return {"peak": memory.peak(), "method": memory.method, "trainable": trainable}
+
+
+def in_fresh_process(fn: Callable, *args: Any) -> Any:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -260,20 +292,10 @@ def implementations(device: str, wanted: list[str]) -> list[str]:
     return impls
 
 
-def run_rounds(specs: list[dict], rounds: int) -> list[dict]:
-    """Each spec in a fresh process, ``rounds`` times, reversing the order every other round; the
-    measured step times are pooled and the peaks' maximum kept."""
-    ctx = multiprocessing.get_context("spawn")
-    results = [{"times": [], "peak": 0, "method": "", "trainable": 0} for _ in specs]
-    for r in range(rounds):
-        order = list(range(len(specs))) if r % 2 == 0 else list(reversed(range(len(specs))))
-        for i in order:
-            with ctx.Pool(1) as pool:
-                res = pool.apply(measure, (specs[i],))
-            results[i]["times"] += res["times"]
-            results[i]["peak"] = max(results[i]["peak"], res["peak"])
-            results[i]["method"], results[i]["trainable"] = res["method"], res["trainable"]
-    return results
+def measure_all(spec: dict, impls: list[str]) -> list[dict]:
+    """Step times (one process, interleaved) and peak memory (a fresh process each) per implementation."""
+    times = in_fresh_process(time_interleaved, spec, impls)
+    return [{"times": times[impl], **in_fresh_process(peak_memory, spec, impl)} for impl in impls]
 
 
 def print_table(impls: list[str], results: list[dict], batch: int, dtype: str, header: bool = True) -> None:
@@ -302,7 +324,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"))
     parser.add_argument("--iters", type=int, default=10, help="measured steps per process and round")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
-    parser.add_argument("--rounds", type=int, default=2, help="fresh processes per implementation, order alternating")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None,
                         help="comma-separated autocast dtypes from fp32, bf16, fp16 (default fp32; fp32,bf16 on CUDA)")
@@ -321,7 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown --dtype {bad}; choose from {sorted(DTYPES)}")
     if bad := [i for i in args.impl_list if i not in IMPLS]:
         parser.error(f"unknown --impls {bad}; choose from {IMPLS}")
-    for name in ("batch", "iters", "rounds", "classes", "boxes"):
+    for name in ("batch", "iters", "classes", "boxes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if args.warmup < 0 or min(args.size) < 32:
@@ -339,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_bench_config(args.model, args.box_refine, args.two_stage)
     m = cfg["model"]
-    print(f"model {args.model}: {m['backbone_name']} (random weights), d_model {m['d_model']}, "
+    print(f"model {args.model}: {m['backbone_name']} (random weights, frozen BN, stem + layer1 frozen), d_model {m['d_model']}, "
           f"{m['enc_layers']}+{m['dec_layers']} layers, {m['nheads']} heads, {m['enc_n_points']} points, "
-          f"{m['num_queries']} queries, {m['num_feature_levels']} levels, box refine {m['with_box_refine']}, "
+          f"{m['num_queries']} queries, {m['num_feature_levels']} levels, dropout {m['dropout']}, box refine {m['with_box_refine']}, "
           f"two-stage {m['two_stage']}; {args.classes} classes, {args.boxes} boxes/image")
     tokens = encoder_tokens(tuple(args.size), m["num_feature_levels"])
     if m["two_stage"] and tokens < m["num_queries"]:
@@ -355,17 +376,17 @@ def main(argv: list[str] | None = None) -> int:
     del hf
     impls = implementations(args.device, args.impl_list)
     print(f"device {args.device}, batch {args.batch}, size {args.size[0]}x{args.size[1]}, {args.warmup} warm-up + "
-          f"{args.iters} measured steps x {args.rounds} rounds (fresh process each, order alternating), "
+          f"{args.iters} measured steps, interleaved in one process (memory: a fresh process each), "
           f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory(prefix="stepwise_bench_") as tmp:
         state_path = str(Path(tmp) / "hf_state.pt")
         torch.save(state, state_path)
         del state
         for dtype in args.dtypes:
-            specs = [dict(impl=i, cfg=cfg, device=args.device, dtype=dtype, classes=args.classes, batch=args.batch,
-                          size=tuple(args.size), boxes=args.boxes, warmup=args.warmup, iters=args.iters,
-                          state_path=state_path) for i in impls]
-            results = run_rounds(specs, args.rounds)
+            spec = dict(cfg=cfg, device=args.device, dtype=dtype, classes=args.classes, batch=args.batch,
+                        size=tuple(args.size), boxes=args.boxes, warmup=args.warmup, iters=args.iters,
+                        state_path=state_path)
+            results = measure_all(spec, impls)
             print_table(impls, results, args.batch, dtype, header=dtype == args.dtypes[0])
     return 0
 
