@@ -9,19 +9,19 @@ One training step = forward, loss (ours: SetCriterion with aux losses; HF: its o
 with ``auxiliary_loss``), backward, gradient clipping, AdamW step. The HF model is built from the
 preset (configs/model/<name>.yaml: timm backbone with random weights, d_model, layers, heads, points,
 queries, levels, dropout, box refine, two-stage) and ours gets its weights through
-``load_hf_deformable_detr``. The backbone is set up as HF's (frozen BatchNorm, stem and layer1
-frozen) whatever the preset says, since HF has no other. The script first checks that both give the same outputs in eval mode, and
-that they train the same parameters (HF's stem and layer1 are frozen as in Deformable DETR, which
-transformers 5 no longer does for timm backbones). Differences that remain: HF's loss has no two-stage
-encoder-proposal term, and its deformable attention is its pure-PyTorch one (no hub kernels offline).
+``load_hf_deformable_detr``. The backbone is set up as HF's whatever the preset says: frozen
+BatchNorm, stem and layer1 frozen (as Deformable DETR; the bench freezes them in HF too, which
+transformers 5 no longer does for timm backbones). The script first checks that both models give the
+same outputs in eval mode and train the same number of parameters. Differences that remain: HF's loss
+has no two-stage encoder-proposal term, and its deformable attention is its pure-PyTorch one.
 
 Speed: all implementations train in one process, their steps interleaved (the order rotating), so a
 busy machine slows each alike; images/s = batch / median step time. Peak memory: each implementation
 in a fresh process, what its first two steps add above the model weights (gradients, AdamW state,
 activations): on CUDA torch.cuda.max_memory_allocated, on the CPU the process's resident-set
-high-water mark (VmHWM, as bench/msda.py). Ratios are ours / HF: speed > 1 is faster, memory < 1 is smaller. Where the compiled
-deformable attention op exists, ours runs with it and with the pure-PyTorch reference op (issue 4's
-"training step with the compiled op vs the reference").
+high-water mark (VmHWM, as bench/msda.py). Ratios are ours / HF: speed > 1 is faster, memory < 1 is
+smaller. Where the compiled deformable attention op exists, ours runs both with it and with the
+pure-PyTorch reference op (issue 4: the training step with the compiled op vs the reference).
 """
 
 from __future__ import annotations
@@ -272,6 +272,7 @@ def peak_memory(spec: dict, impl: str) -> dict:
 
 
 def in_fresh_process(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` in a new (spawned) process: fresh memory statistics and CUDA state."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args)
 
@@ -360,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_bench_config(args.model, args.box_refine, args.two_stage)
     m = cfg["model"]
-    print(f"model {args.model}: {m['backbone_name']} (random weights, frozen BN, stem + layer1 frozen), d_model {m['d_model']}, "
-          f"{m['enc_layers']}+{m['dec_layers']} layers, {m['nheads']} heads, {m['enc_n_points']} points, "
-          f"{m['num_queries']} queries, {m['num_feature_levels']} levels, dropout {m['dropout']}, box refine {m['with_box_refine']}, "
-          f"two-stage {m['two_stage']}; {args.classes} classes, {args.boxes} boxes/image")
+    print(f"model {args.model}: {m['backbone_name']} (random weights, frozen BN, stem + layer1 frozen), "
+          f"d_model {m['d_model']}, {m['enc_layers']}+{m['dec_layers']} layers, {m['nheads']} heads, "
+          f"{m['enc_n_points']} points, {m['num_queries']} queries, {m['num_feature_levels']} levels, "
+          f"dropout {m['dropout']}, box refine {m['with_box_refine']}, two-stage {m['two_stage']}; "
+          f"{args.classes} classes, {args.boxes} boxes/image")
     tokens = encoder_tokens(tuple(args.size), m["num_feature_levels"])
     if m["two_stage"] and tokens < m["num_queries"]:
         raise SystemExit(f"--size {args.size[0]} {args.size[1]}: two-stage keeps {m['num_queries']} proposals but "
