@@ -39,9 +39,10 @@ def _hf_model(with_box_refine: bool, two_stage: bool):
     return model.eval()
 
 
-def _our_model(with_box_refine: bool, two_stage: bool):
+def _our_model(with_box_refine: bool, two_stage: bool, freeze_bn: bool = True):
     cfg_model = OmegaConf.create(dict(
         backbone_name="resnet18", backbone_weights=None, backbone_frozen_prefixes=None, d_model=D, nheads=4,
+        backbone_freeze_bn=freeze_bn,
         enc_layers=LAYERS, dec_layers=LAYERS, dim_feedforward=96, dropout=0.1, activation="relu",
         num_feature_levels=4, enc_n_points=4, dec_n_points=4, num_queries=QUERIES,
         with_box_refine=with_box_refine, two_stage=two_stage))
@@ -88,6 +89,19 @@ def test_hf_weights_give_the_same_outputs(name):
         torch.testing.assert_close(out.enc_boxes, ref.enc_outputs_coord_logits.sigmoid(), atol=1e-4, rtol=0)
     else:
         assert out.enc_logits is None and out.enc_boxes is None
+
+
+def test_hf_weights_load_into_live_batchnorm():
+    """A model with trainable BatchNorm (the tiny preset's) takes frozen-BN weights and, in eval mode,
+    gives the same outputs."""
+    hf = _hf_model(with_box_refine=False, two_stage=False)
+    frozen, live = _our_model(False, False), _our_model(False, False, freeze_bn=False)
+    load_hf_deformable_detr(frozen, hf)
+    load_hf_deformable_detr(live, hf)
+    images, masks = _inputs()
+    with torch.no_grad():
+        a, b = frozen.eval()(images, masks), live.eval()(images, masks)
+    torch.testing.assert_close(a.logits[-1], b.logits[-1], atol=1e-5, rtol=0)
 
 
 def test_hf_architecture_mismatch_names_the_keys():

@@ -99,6 +99,10 @@ def _convert(state: Mapping[str, torch.Tensor], rename: Callable[[str], str | No
 def _load_checked(model: nn.Module, mapped: dict[str, torch.Tensor], unmapped: list[str], source: str) -> None:
     """Check keys, shapes and shared-parameter consistency, then load (strict)."""
     own = model.state_dict()
+    # Frozen-BN checkpoints carry no BatchNorm step counters; a model with live BatchNorm starts its own.
+    for key, value in own.items():
+        if key.endswith("num_batches_tracked") and key not in mapped:
+            mapped[key] = torch.zeros_like(value)
     missing = [k for k in own if k not in mapped]
     unexpected = [k for k in mapped if k not in own] + unmapped
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
