@@ -1,18 +1,31 @@
-"""Entry point: ``python -m stepwise.evaluate gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto] [max_dets=300]``.
+"""Entry point: LVIS metrics of a prediction file or of a trained checkpoint.
 
-Prints the metric table and, with ``out=DIR``, writes ``DIR/metrics.json`` and ``DIR/per_class.csv``.
-Arguments are ``key=value``; the mode is chosen by the keys present (``predictions=`` today). Another mode
-(e.g. ``checkpoint=``, which runs a model first) is one more entry in ``MODES``.
+    python -m stepwise.evaluate gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto] [max_dets=300]
+    python -m stepwise.evaluate checkpoint=PATH [gt=VAL_ANN] [image_root=DIR] [train_gt=TRAIN_ANN] [out=DIR]
+        [max_dets=300] [config overrides, e.g. stage.eval_batch_size=4]
+    accelerate launch [--config_file launch/...] -m stepwise.evaluate checkpoint=PATH ...   (several processes)
+
+``predictions=`` prints the metric table and, with ``out=DIR``, writes ``DIR/metrics.json`` and
+``DIR/per_class.csv``. ``checkpoint=`` rebuilds the model from the checkpoint's saved config, predicts the
+val set of that config (or ``gt=`` with images under ``image_root=``) on every process exactly as the
+training-time evaluation does, and writes ``predictions.json``, ``metrics.json`` and ``per_class.csv``
+into ``out`` (default ``<run dir of the checkpoint>/evaluate/<checkpoint name>``).
+Arguments are ``key=value``; the mode is chosen by the keys present, one entry of ``MODES`` each.
 Exit codes: 0 success, 1 bad input (missing/invalid file, unknown image or category), 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from stepwise.evaluation import evaluate_lvis
+
+if TYPE_CHECKING:  # torch, hydra and the model load only when the checkpoint mode runs
+    from torch import nn
 
 
 class UsageError(ValueError):
@@ -28,6 +41,7 @@ class Mode:
     optional: tuple[str, ...]
     run: Callable[[dict[str, str]], int]
     usage: str
+    overrides: bool = False  # other keys are config overrides (checked by the mode, which names a bad one)
 
 
 def _run_predictions(args: dict[str, str]) -> int:
@@ -46,6 +60,118 @@ def _run_predictions(args: dict[str, str]) -> int:
     return 0
 
 
+CHECKPOINT_KEYS = ("gt", "image_root", "train_gt", "out", "max_dets")
+# Shorthands of the checkpoint mode for keys of the saved config's data group.
+_DATA_KEYS = {"gt": "data.val_ann", "image_root": "data.val_image_root", "train_gt": "data.train_ann"}
+
+
+def _run_checkpoint(args: dict[str, str]) -> int:
+    """``checkpoint=`` mode: see :func:`evaluate_checkpoint`; the keys outside the mode's are overrides."""
+    try:
+        max_dets = int(args.get("max_dets", "300"))
+    except ValueError:
+        raise UsageError(f"max_dets must be an integer, got {args['max_dets']!r}") from None
+    if max_dets < 1:
+        raise UsageError(f"max_dets must be >= 1, got {max_dets}")
+    from stepwise.config import ConfigError
+
+    overrides = [f"{k}={v}" for k, v in args.items() if k != "checkpoint" and k not in CHECKPOINT_KEYS]
+    try:
+        evaluate_checkpoint(args["checkpoint"], out=args.get("out"), gt=args.get("gt"),
+                            image_root=args.get("image_root"), train_gt=args.get("train_gt"), max_dets=max_dets,
+                            overrides=overrides)
+    except ConfigError as err:  # a bad override: an argument error, named by the config
+        raise UsageError(str(err)) from err
+    return 0
+
+
+def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, gt: str | Path | None = None,
+                        image_root: str | Path | None = None, train_gt: str | Path | None = None,
+                        max_dets: int = 300, overrides: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Predict the val set with a trained checkpoint and score it with the LVIS metrics.
+
+    Works the same in one process and under ``accelerate launch`` on several, through the engine's
+    evaluation (as at training time): every process predicts its share of the batches, every image is
+    gathered once, and rank 0 writes ``predictions.json`` (LVIS results format), ``metrics.json``,
+    ``per_class.csv`` and a ``metrics.jsonl`` line into ``out``.
+
+    Args:
+        checkpoint: checkpoint file or run directory (its ``checkpoint_final.pt``, else the latest).
+        out: report folder; default ``<run dir>/evaluate/<checkpoint file stem>``.
+        gt, image_root: val annotation file and its image folder instead of the config's
+            ``data.val_ann`` / ``data.val_image_root`` (the synthetic data is generated when the config's
+            own val set is used and missing).
+        train_gt: training annotation file for AP1..AP4 (default ``data.train_ann`` when that file exists,
+            else the ``instance_count`` field of the val file's categories).
+        max_dets: detections per image (top-k over queries x classes).
+        overrides: ``key=value`` changes to the saved config (``stage.eval_batch_size``,
+            ``stage.max_eval_images``, ``data.eval_scale``, ...).
+
+    Returns:
+        The metrics (AP, APr, APc, APf, AP1..AP4, ...) on every process; with several model variants (tau,
+        later) those of the first.
+    """
+    import torch
+
+    from stepwise.analysis.trained import load_trained_model, run_dir_of
+    from stepwise.data import build_dataset
+    from stepwise.engine import Trainer, TrainSettings, make_accelerator
+    from stepwise.stages import common
+
+    given = {"gt": gt, "image_root": image_root, "train_gt": train_gt}
+    data_overrides = [f"{_DATA_KEYS[k]}={v}" for k, v in given.items() if v is not None]
+    trained = load_trained_model(checkpoint, [*overrides, *data_overrides])
+    cfg = trained.config
+    out = Path(out) if out is not None else run_dir_of(trained.path) / "evaluate" / trained.path.stem
+    # Inference only: no trackers; no resume; the model's own precision setting is kept.
+    settings = replace(TrainSettings.from_config(cfg), trackers=(), resume=False)
+    accelerator = make_accelerator(settings, out)
+    if gt is None:
+        common.ensure_data(cfg, accelerator)
+    val_ds = build_dataset(cfg.data, "val", categories=trained.categories)
+    limit = cfg.stage.get("max_eval_images")
+    if limit is not None:
+        val_ds = torch.utils.data.Subset(val_ds, range(min(int(limit), len(val_ds))))
+    collate = common.collate_fn(cfg.data)
+    batch_size = int(cfg.stage.get("eval_batch_size") or cfg.data.batch_size)
+    workers = int(cfg.data.get("num_workers", 0) or 0)
+    train_ann = cfg.data.train_ann if train_gt is not None or Path(cfg.data.train_ann).is_file() else None
+    accelerator.print(f"stepwise: evaluating {trained.path} (step {trained.global_step}) on {cfg.data.val_ann} "
+                      f"({len(val_ds)} images, {accelerator.num_processes} process(es)); training counts for "
+                      f"AP1..AP4 from {train_ann or 'the val file categories'}")
+
+    first = None
+    for name, model in model_variants(trained.model):
+        target = out / name if name else out
+        predict = common.detection_predictor(model, trained.categories, num_top=max_dets)
+        # The engine's Trainer runs the distributed predict/gather/score; its optimizer is never stepped
+        # and its training loader (the val set again) never iterated. Inference runs on the unwrapped
+        # model: DDP's forward would sync BatchNorm buffers, a collective that hangs when a process has
+        # fewer evaluation batches than another.
+        trainer = Trainer(accelerator, model, common.build_criterion(cfg, model, accelerator),
+                          common.eval_loader(val_ds, batch_size, collate, workers), settings, target,
+                          val_loader=common.eval_loader(val_ds, batch_size, collate, workers),
+                          predict_fn=lambda m, batch: predict(accelerator.unwrap_model(m), batch),
+                          evaluate_fn=common.lvis_evaluator(cfg.data.val_ann, train_ann, max_dets=max_dets),
+                          categories=trained.categories, config=cfg)
+        metrics = trainer.evaluate(target, tag=f"checkpoint:{name or trained.path.name}")
+        if accelerator.is_main_process:
+            print(f"wrote {target / 'predictions.json'}, {target / 'metrics.json'} and {target / 'per_class.csv'}")
+        first = metrics if first is None else first
+    return first
+
+
+def model_variants(model: "nn.Module") -> Iterator[tuple[str, "nn.Module"]]:
+    """The models the ``checkpoint=`` mode evaluates, as ``(name, model)``; each gets ``out/<name>``
+    (``out`` itself for the name ``""``).
+
+    Today: the checkpoint's model as it is. This is the hook for inference-time variants of one checkpoint:
+    tau normalisation (issue 6) adds a ``tau=0,0.25,...`` key and yields one ``("tau_<value>", model with
+    class weights w / ||w||^tau)`` per value here.
+    """
+    yield "", model
+
+
 MODES: dict[str, Mode] = {
     "predictions": Mode(
         key="predictions",
@@ -53,6 +179,15 @@ MODES: dict[str, Mode] = {
         optional=("train_gt", "out", "evaluator", "max_dets"),
         run=_run_predictions,
         usage="gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto|lvis|faster] [max_dets=300]",
+    ),
+    "checkpoint": Mode(
+        key="checkpoint",
+        required=("checkpoint",),
+        optional=CHECKPOINT_KEYS,
+        run=_run_checkpoint,
+        usage="checkpoint=PATH [gt=VAL_ANN] [image_root=DIR] [train_gt=TRAIN_ANN] [out=DIR] [max_dets=300] "
+              "[config overrides, e.g. stage.eval_batch_size=4]",
+        overrides=True,
     ),
 }
 
@@ -75,18 +210,20 @@ def _usage() -> str:
 
 
 def select_mode(args: dict[str, str]) -> Mode:
-    """The mode whose key is present; checks required and unknown keys."""
+    """The mode whose key is present; checks required and unknown keys (a mode with ``overrides`` takes
+    the keys it does not know as config overrides)."""
+    present = [m for m in MODES.values() if m.key in args]
+    open_mode = len(present) == 1 and present[0].overrides
     known = {k for m in MODES.values() for k in m.required + m.optional}
     unknown = sorted(set(args) - known)
-    if unknown:
+    if unknown and not open_mode:
         raise UsageError(f"unknown key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    present = [m for m in MODES.values() if m.key in args]
     if len(present) != 1:
         what = "no mode key" if not present else "several mode keys (" + ", ".join(m.key for m in present) + ")"
         raise UsageError(f"{what}: give exactly one of {', '.join(k + '=' for k in MODES)}")
     mode = present[0]
     unknown = sorted(set(args) - set(mode.required) - set(mode.optional))
-    if unknown:
+    if unknown and not mode.overrides:
         raise UsageError(f"unknown key(s) for {mode.key}= mode: {', '.join(unknown)}; allowed: {', '.join(mode.required + mode.optional)}")
     missing = [k for k in mode.required if k not in args]
     if missing:
