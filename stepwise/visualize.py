@@ -55,7 +55,7 @@ def find_images(spec: str | Path) -> list[Path]:
         if not found:
             raise FileNotFoundError(f"images: directory {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         return found
-    if glob.has_magic(text):
+    if any(c in text for c in "*?["):
         found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
         if not found:
             raise FileNotFoundError(f"images: pattern {text!r} matches no file")
