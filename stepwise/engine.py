@@ -295,15 +295,18 @@ class Trainer:
         on their shard (:func:`shard_eval_loader`) and gathered on every rank, each image once, ordered by
         image id."""
         acc = self.accelerator
-        was_training = self.model.training
-        self.model.eval()
+        # The unwrapped model: DDP would sync BatchNorm buffers in forward, and processes get unequal
+        # numbers of evaluation batches.
+        model = acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
         records: list[dict[str, Any]] = []
         shard = shard_eval_loader(loader, acc.num_processes, acc.process_index)
         with preserved_rng():
             for batch in tqdm(shard, desc="eval", dynamic_ncols=True, disable=not acc.is_main_process):
-                records.extend(self.predict_fn(self.model, send_to_device(batch, acc.device)))
+                records.extend(self.predict_fn(model, send_to_device(batch, acc.device)))
         gathered = gather_object(records) if acc.num_processes > 1 else records
-        self.model.train(was_training)
+        model.train(was_training)
         self.num_gathered = len(gathered)  # before de-duplication (tests check nothing is duplicated)
         unique = {}
         for record in gathered:
