@@ -5,6 +5,7 @@ sees every image once."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,22 @@ def test_pretrain_resume_real_detector_equals_uninterrupted(tmp_path):
     diff = max((straight["model"][k].float() - resumed["model"][k].float()).abs().max().item()
                for k in straight["model"])
     assert diff <= 1e-6
+
+
+@pytest.mark.slow
+def test_pretrain_bf16_with_gradient_accumulation(tmp_path):
+    """Accelerate's bf16 autocast (on the CPU here) with gradient accumulation trains the real detector:
+    finite losses, weights change, two batches per optimizer step."""
+    from stepwise.checkpoint import load_checkpoint
+    from stepwise.run import main
+
+    main(["stage=pretrain", "model=tiny", "model.num_queries=30", "data.preset=tiny",
+          f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'runs'}", "exp=bf16",
+          "stage.mixed_precision=bf16", "stage.grad_accum=2", "stage.max_steps=2", "stage.log_every=1",
+          "stage.max_eval_images=2", "stage.trackers=[]"])
+    run_dir = tmp_path / "runs" / "bf16" / "pretrain"
+    lines = records(run_dir, "train")
+    assert [r["global_step"] for r in lines] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in lines)
+    final = load_checkpoint(run_dir / "checkpoint_final.pt")
+    assert final["global_step"] == 2 and final["config"]["stage"]["mixed_precision"] == "bf16"
