@@ -55,8 +55,8 @@ def test_bad_arguments_are_named(bench, capsys, argv, message):
 
 @pytest.mark.slow
 def test_tiny_run_prints_the_table():
-    cmd = [sys.executable, str(BENCH / "train_throughput.py"), "--model", "tiny", "--batch", "1", "--size", "64",
-           "64", "--iters", "1", "--warmup", "0", "--classes", "5", "--boxes", "2",
+    cmd = [sys.executable, str(BENCH / "train_throughput.py"), "--model", "tiny", "--batch", "1", "--size", "96",
+           "96", "--iters", "1", "--warmup", "0", "--classes", "5", "--boxes", "2",
            "--device", "cpu", "--dtype", "fp32", "--impls", "ours,hf"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

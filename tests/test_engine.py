@@ -238,15 +238,22 @@ def test_pretrain_resume_real_detector_equals_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_bf16_with_gradient_accumulation(tmp_path):
-    """Accelerate's bf16 autocast (on the CPU here) with gradient accumulation trains the real detector:
-    finite losses, weights change, two batches per optimizer step."""
+    """Accelerate's bf16 autocast (on the CPU here) with gradient accumulation 2 trains the real detector:
+    two optimizer steps logged, finite losses, the final checkpoint records the precision."""
+    from accelerate.state import AcceleratorState
+
     from stepwise.checkpoint import load_checkpoint
     from stepwise.run import main
 
-    main(["stage=pretrain", "model=tiny", "model.num_queries=30", "data.preset=tiny",
-          f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'runs'}", "exp=bf16",
-          "stage.mixed_precision=bf16", "stage.grad_accum=2", "stage.max_steps=2", "stage.log_every=1",
-          "stage.max_eval_images=2", "stage.trackers=[]"])
+    # Accelerate keeps one process-wide state; earlier tests in this process made it with precision "no".
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        main(["stage=pretrain", "model=tiny", "model.num_queries=30", "data.preset=tiny",
+              f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'runs'}", "exp=bf16",
+              "stage.mixed_precision=bf16", "stage.grad_accum=2", "stage.max_steps=2", "stage.log_every=1",
+              "stage.max_eval_images=2", "stage.trackers=[]"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     run_dir = tmp_path / "runs" / "bf16" / "pretrain"
     lines = records(run_dir, "train")
     assert [r["global_step"] for r in lines] == [1, 2]

@@ -16,7 +16,9 @@ NUM_CLASSES, QUERIES = 7, 20
 
 
 def _tiny(*overrides):
-    cfg = load_config(["model=tiny", f"model.num_queries={QUERIES}", *overrides])
+    # the plain model unless a test asks for box refinement / two-stage (later overrides win)
+    cfg = load_config(["model=tiny", f"model.num_queries={QUERIES}", "model.with_box_refine=false",
+                       "model.two_stage=false", *overrides])
     torch.manual_seed(0)
     return build_detector(cfg.model, cfg.head, NUM_CLASSES)
 
