@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from stepwise.evaluate import main
 from stepwise.utils.io import atomic_write_json, read_json
@@ -20,25 +19,11 @@ N_IMAGES = 3
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_untrained_checkpoint):
     """A tiny model (random weights) on the synthetic ``tiny`` preset, saved as ``checkpoint_final.pt``,
     and a val file cut to its first ``N_IMAGES`` images (keeps the tests quick)."""
-    from stepwise.checkpoint import head_state, save_checkpoint
-    from stepwise.config import load_config
-    from stepwise.data.categories import CategoryMap
-    from stepwise.data.synthetic import generate
-    from stepwise.models import build_detector
-
     root = tmp_path_factory.mktemp("evalckpt")
-    generate(root / "data", "tiny", 0, workers=1, verbose=False)
-    cfg = load_config(["model=tiny", "data.preset=tiny", f"data.root={root / 'data'}",
-                       f"output_root={root / 'runs'}", "exp=t", "model.num_queries=10"])
-    categories = CategoryMap.from_annotations(read_json(cfg.data.train_ann))
-    torch.manual_seed(0)
-    model = build_detector(cfg.model, cfg.head, categories)
-    path = save_checkpoint({"model": model.state_dict(), "head_state": head_state(model),
-                            "categories": categories.to_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
-                            "global_step": 7}, root / "runs" / "t" / "pretrain" / "checkpoint_final.pt")
+    path, cfg = make_untrained_checkpoint(root)
     val = read_json(cfg.data.val_ann)
     keep = {im["id"] for im in val["images"][:N_IMAGES]}
     small = dict(val, images=val["images"][:N_IMAGES], annotations=[a for a in val["annotations"] if a["image_id"] in keep])

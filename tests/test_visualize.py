@@ -3,44 +3,20 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from stepwise.analysis.draw import Style, class_color, display_scale, draw_boxes
 from stepwise.visualize import Predictor, find_images, main, output_names, read_image
 
 
-def make_checkpoint(root: Path) -> tuple[Path, object]:
-    """The tiny model (random weights) on the generated synthetic ``tiny`` preset, saved as a final
-    checkpoint of ``root/runs/t/pretrain``; returns (checkpoint path, config)."""
-    from stepwise.checkpoint import head_state, save_checkpoint
-    from stepwise.config import load_config
-    from stepwise.data.categories import CategoryMap
-    from stepwise.data.synthetic import generate
-    from stepwise.models import build_detector
-    from stepwise.utils.io import read_json
-
-    generate(root / "data", "tiny", 0, workers=1, verbose=False)
-    cfg = load_config(["model=tiny", "data.preset=tiny", f"data.root={root / 'data'}",
-                       f"output_root={root / 'runs'}", "exp=t", "model.num_queries=10"])
-    categories = CategoryMap.from_annotations(read_json(cfg.data.train_ann))
-    torch.manual_seed(0)
-    model = build_detector(cfg.model, cfg.head, categories)
-    path = save_checkpoint({"model": model.state_dict(), "head_state": head_state(model),
-                            "categories": categories.to_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
-                            "global_step": 0}, root / "runs" / "t" / "pretrain" / "checkpoint_final.pt")
-    return path, cfg
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_untrained_checkpoint):
     root = tmp_path_factory.mktemp("vis")
-    path, cfg = make_checkpoint(root)
+    path, cfg = make_untrained_checkpoint(root)
     images = root / "some_images"
     images.mkdir()
     for src in sorted((root / "data" / "images" / "val2017").iterdir())[:2]:
