@@ -16,6 +16,9 @@ sigmoid logits):
   connected to ``logits`` even when nothing is matched. The main classification loss is ``"loss_ce"``
   (weighted by the config's ``loss.ce``); any other key the head returns must appear in
   ``head.loss_weights``. The criterion adds the per-layer suffix (``_0``, ``_enc``) itself.
+* The criterion holds the final decoder layer's head and calls *its* ``loss`` for every layer's logits
+  (with ``features=``/``layer=``), so that head instance is the single owner of any statistics; the
+  per-layer copies only map features to logits.
 * ``head.state`` / ``head.load_state``: statistics outside the parameters (BACL's indicators, FHM
   prototypes) that a checkpoint must carry.
 
@@ -57,10 +60,17 @@ class ClassifierHead(nn.Module, metaclass=ABCMeta):
         matches: list[tuple[torch.Tensor, torch.Tensor]],
         targets: list[dict[str, torch.Tensor]],
         num_boxes: float,
+        features: torch.Tensor | None = None,
+        layer: str = "",
     ) -> dict[str, torch.Tensor]:
         """Named, unweighted classification losses for one layer's (B, Q, K) logits.
 
         ``matches[b] = (query_idx, target_idx)`` from the matcher; ``targets[b]["labels"]`` are contiguous.
+        ``features`` (B, Q, D): the query features the logits were computed from (None for the two-stage
+        encoder proposals), for heads that learn from features (BACL's FHM, center loss). ``layer``: which
+        layer this is, as the loss-name suffix: "" the final decoder layer, "0".."L-2" the earlier ones,
+        "enc" the encoder proposals; a head that keeps running statistics updates them once per step
+        (on ``layer == ""``).
         Returns at least ``"loss_ce"`` (a scalar tensor); see the module docstring for the full contract.
         """
 

@@ -35,7 +35,7 @@ class SigmoidFocalHead(ClassifierHead):
         """(..., C) logits -> (..., C) probabilities."""
         return logits.sigmoid()
 
-    def loss(self, logits, matches, targets, num_boxes) -> dict[str, torch.Tensor]:
+    def loss(self, logits, matches, targets, num_boxes, features=None, layer="") -> dict[str, torch.Tensor]:
         """Sigmoid focal loss of (B, Q, K) logits against one-hot targets of the matched queries.
 
         Deformable DETR's ``sigmoid_focal_loss(...) * Q``: summed over queries and classes, divided by

@@ -79,27 +79,35 @@ class SetCriterion(nn.Module):
         final_logits, final_boxes = outputs.logits[-1], outputs.boxes[-1]
         num_boxes = self.num_boxes(targets, final_logits.device)
         matches = self.match(outputs, targets)
-        losses = self.layer_losses(final_logits, final_boxes, matches, targets, num_boxes)
+        losses = self.layer_losses(final_logits, final_boxes, matches, targets, num_boxes,
+                                   features=outputs.query_features[-1], layer="")
         losses.update(self.metrics(final_logits, matches, targets))
         if self.aux_loss:
             for i, (logits, boxes) in enumerate(zip(outputs.logits[:-1], outputs.boxes[:-1])):
                 layer_matches = self.matcher(self.head.scores(logits), boxes, targets)
-                layer = self.layer_losses(logits, boxes, layer_matches, targets, num_boxes)
+                layer = self.layer_losses(logits, boxes, layer_matches, targets, num_boxes,
+                                          features=outputs.query_features[i], layer=str(i))
                 losses.update({f"{k}_{i}": v for k, v in layer.items()})
         if outputs.enc_logits is not None:
             # Encoder proposals are class-agnostic: every target is class 0, matched on its own.
             enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc_matches = self.matcher(self.head.scores(outputs.enc_logits), outputs.enc_boxes, enc_targets)
-            layer = self.layer_losses(outputs.enc_logits, outputs.enc_boxes, enc_matches, enc_targets, num_boxes)
+            layer = self.layer_losses(outputs.enc_logits, outputs.enc_boxes, enc_matches, enc_targets, num_boxes,
+                                      features=None, layer="enc")
             losses.update({f"{k}_enc": v for k, v in layer.items()})
         return losses
 
     def layer_losses(self, logits: torch.Tensor, boxes: torch.Tensor, matches: list[Match],
-                     targets: list[dict], num_boxes: float) -> dict[str, torch.Tensor]:
-        """Losses of one layer: the head's classification losses and/or L1 + GIoU of matched boxes."""
+                     targets: list[dict], num_boxes: float, features: torch.Tensor | None = None,
+                     layer: str = "") -> dict[str, torch.Tensor]:
+        """Losses of one layer: the head's classification losses and/or L1 + GIoU of matched boxes.
+
+        ``features`` (B, Q, D) are the query features the logits came from (None for the encoder
+        proposals); ``layer`` is the loss-name suffix ("" final, "0".."L-2", "enc"), passed to the head.
+        """
         losses = {}
         if "labels" in self.losses:
-            losses.update(self.head.loss(logits, matches, targets, num_boxes))
+            losses.update(self.head.loss(logits, matches, targets, num_boxes, features=features, layer=layer))
         if "boxes" in self.losses:
             losses.update(self.box_losses(boxes, matches, targets, num_boxes))
         return losses
