@@ -145,7 +145,7 @@ def load_model_weights(model: nn.Module, source: str | Path | dict[str, Any]) ->
     are ignored.
     """
     if isinstance(source, dict):
-        state, name = source, "<state dict>"
+        state, name = source, str(source.get("__source__", "<state dict>"))
     else:
         name = str(resolve_checkpoint(source))
         state = load_checkpoint(name)

@@ -8,7 +8,9 @@ v1 val images live in train2017 as well, which this rule handles).
 Validation happens once at load and names the item: a missing/unreadable/invalid file, an annotation
 whose ``image_id`` or ``category_id`` does not exist, a malformed box (errors); boxes with width or height
 <= 0 are dropped with one counted warning; COCO crowd boxes (``iscrowd=1``) are skipped for training and
-counted in ``num_crowd_skipped``. A missing or undecodable image raises at ``__getitem__`` naming the
+counted in ``num_crowd_skipped``. Annotations flagged ``"ignore": 1`` (the step-wise replay sets' unselected
+boxes, see ``stepwise.data.smooth_tail``) are appended after the real boxes with ``target["ignore"]`` (N,)
+bool True; the criterion neither trains them as objects nor as background. A missing or undecodable image raises at ``__getitem__`` naming the
 image id and path.
 """
 
@@ -115,6 +117,7 @@ class LVISDetection(Dataset):
         per_image: dict[int, list[tuple[int, int, list[float]]]] = defaultdict(list)
         degenerate: list[int] = []
         self.num_crowd_skipped = 0
+        self._ignored: dict[int, list[tuple[int, int, list[float]]]] = defaultdict(list)
         for k, ann in enumerate(annotations):
             ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
             where = f"annotation file {self.ann_file}: annotation {ann_id}"
@@ -134,8 +137,11 @@ class LVISDetection(Dataset):
             if bbox[2] <= 0 or bbox[3] <= 0:
                 degenerate.append(ann["id"])
                 continue
-            per_image[ann["image_id"]].append((int(ann["id"]), self.categories.index(ann["category_id"]),
-                                               [float(v) for v in bbox]))
+            entry = (int(ann["id"]), self.categories.index(ann["category_id"]), [float(v) for v in bbox])
+            if ann.get("ignore", 0):  # a replay set's unselected box: neither object nor background
+                self._ignored[ann["image_id"]].append(entry)
+            else:
+                per_image[ann["image_id"]].append(entry)
         self.num_degenerate_dropped = len(degenerate)
         if degenerate:
             warnings.warn(f"annotation file {self.ann_file}: dropped {len(degenerate)} boxes with width or "
@@ -145,6 +151,9 @@ class LVISDetection(Dataset):
             logger.info("annotation file %s: skipped %d crowd boxes (iscrowd=1)", self.ann_file,
                         self.num_crowd_skipped)
         self._anns = [per_image.get(iid, []) for iid in self.image_ids]
+        self._ignore_anns = [self._ignored.get(iid, []) for iid in self.image_ids]
+        self.num_ignored = sum(len(v) for v in self._ignored.values())
+        del self._ignored
         empty = sum(1 for anns in self._anns if not anns)
         if empty:  # kept: DETR learns "no object" from them; RFS gives them factor 1
             logger.info("annotation file %s: %d of %d images have no boxes", self.ann_file, empty, len(self))
@@ -178,16 +187,19 @@ class LVISDetection(Dataset):
 
     def raw_target(self, index: int, canvas_size: tuple[int, int]) -> dict[str, Any]:
         """Target before transforms: ``boxes`` BoundingBoxes XYXY absolute (N, 4), labels, ann_ids, ids."""
-        anns = self._anns[index]
-        xywh = torch.tensor([b for _, _, b in anns], dtype=torch.float32).reshape(-1, 4)
+        anns, ignored = self._anns[index], self._ignore_anns[index]
+        xywh = torch.tensor([b for _, _, b in anns + ignored], dtype=torch.float32).reshape(-1, 4)
         xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-        return {
+        target = {
             "boxes": tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=canvas_size),
-            "labels": torch.tensor([label for _, label, _ in anns], dtype=torch.long),
-            "ann_ids": torch.tensor([a for a, _, _ in anns], dtype=torch.long),
+            "labels": torch.tensor([label for _, label, _ in anns + ignored], dtype=torch.long),
+            "ann_ids": torch.tensor([a for a, _, _ in anns + ignored], dtype=torch.long),
             "image_id": self.image_ids[index],
             "orig_size": torch.tensor(canvas_size, dtype=torch.long),
         }
+        if self.num_ignored:  # (N,) bool, True for "ignore" boxes (see stepwise.models.criterion)
+            target["ignore"] = torch.tensor([False] * len(anns) + [True] * len(ignored))
+        return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image = self.load_image(index)

@@ -61,9 +61,12 @@ class RandomSizeCrop(v2.Transform):
         return F.crop(inpt, **params)
 
 
-def _labels_and_ann_ids(inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``labels_getter`` for SanitizeBoundingBoxes: keep labels and ann_ids aligned with the boxes."""
+def _labels_and_ann_ids(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """``labels_getter`` for SanitizeBoundingBoxes: keep labels, ann_ids (and ``ignore`` flags when
+    present) aligned with the boxes."""
     target = inputs[1]
+    if "ignore" in target:
+        return target["labels"], target["ann_ids"], target["ignore"]
     return target["labels"], target["ann_ids"]
 
 

@@ -14,6 +14,8 @@ from stepwise.heads.base import ClassifierHead, matched_labels
 class SigmoidFocalHead(ClassifierHead):
     """Linear layer to C logits; scores = sigmoid; loss = sigmoid focal (alpha, gamma)."""
 
+    supports_ignore = True  # honours targets[b]["ignore_queries"] (see SetCriterion._match)
+
     def __init__(self, in_dim: int, num_classes: int, alpha: float = 0.25, gamma: float = 2.0,
                  prior_prob: float = 0.01):
         super().__init__()
@@ -47,5 +49,9 @@ class SigmoidFocalHead(ClassifierHead):
         onehot = torch.zeros(batch, queries, width + 1, dtype=torch.float32, device=logits.device)
         onehot.scatter_(2, labels.unsqueeze(-1), 1.0)
         loss = sigmoid_focal_loss(logits.float(), onehot[..., :width], alpha=self.alpha, gamma=self.gamma,
-                                  reduction="sum")
-        return {"loss_ce": loss / num_boxes}
+                                  reduction="none")
+        if any("ignore_queries" in t for t in targets):  # queries on "ignore" boxes: no loss at all
+            ignored = torch.stack([t.get("ignore_queries", torch.zeros(queries, dtype=torch.bool,
+                                                                       device=logits.device)) for t in targets])
+            loss = loss * (~ignored.to(logits.device)).unsqueeze(-1)
+        return {"loss_ce": loss.sum() / num_boxes}

@@ -77,25 +77,53 @@ class SetCriterion(nn.Module):
             targets: B dicts with ``labels`` (T_b,) contiguous and ``boxes`` (T_b, 4) normalised cxcywh.
         """
         final_logits, final_boxes = outputs.logits[-1], outputs.boxes[-1]
+        full_targets, targets = targets, without_ignored(targets)
         num_boxes = self.num_boxes(targets, final_logits.device)
-        matches = self.match(outputs, targets)
+        matches, targets = self._match(final_logits, final_boxes, full_targets, targets)
         losses = self.layer_losses(final_logits, final_boxes, matches, targets, num_boxes,
                                    features=outputs.query_features[-1], layer="")
         losses.update(self.metrics(final_logits, matches, targets))
         if self.aux_loss:
             for i, (logits, boxes) in enumerate(zip(outputs.logits[:-1], outputs.boxes[:-1])):
-                layer_matches = self.matcher(self.head.scores(logits), boxes, targets)
-                layer = self.layer_losses(logits, boxes, layer_matches, targets, num_boxes,
+                layer_matches, layer_targets = self._match(logits, boxes, full_targets, targets)
+                layer = self.layer_losses(logits, boxes, layer_matches, layer_targets, num_boxes,
                                           features=outputs.query_features[i], layer=str(i))
                 losses.update({f"{k}_{i}": v for k, v in layer.items()})
         if outputs.enc_logits is not None:
             # Encoder proposals are class-agnostic: every target is class 0, matched on its own.
+            enc_full = [{**t, "labels": torch.zeros_like(t["labels"])} for t in full_targets]
             enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            enc_matches = self.matcher(self.head.scores(outputs.enc_logits), outputs.enc_boxes, enc_targets)
+            enc_matches, enc_targets = self._match(outputs.enc_logits, outputs.enc_boxes, enc_full, enc_targets)
             layer = self.layer_losses(outputs.enc_logits, outputs.enc_boxes, enc_matches, enc_targets, num_boxes,
                                       features=None, layer="enc")
             losses.update({f"{k}_enc": v for k, v in layer.items()})
         return losses
+
+    def _match(self, logits: torch.Tensor, boxes: torch.Tensor, full_targets: list[dict],
+               targets: list[dict]) -> tuple[list[Match], list[dict]]:
+        """Match one layer. Without "ignore" boxes: the matcher's result and ``targets``. With them, all
+        boxes (real and ignored) are matched together; pairs with an ignored box are dropped, the
+        remaining target indices refer to ``targets`` (the real boxes), and each target gets
+        ``ignore_queries`` (Q,) bool: the queries matched to ignored boxes, which the head must leave out
+        of its loss (neither object nor background)."""
+        matches = self.matcher(self.head.scores(logits), boxes, full_targets)
+        if full_targets is targets:
+            return matches, targets
+        if not getattr(self.head, "supports_ignore", False):
+            raise ValueError(f"training targets have 'ignore' boxes (replay set written with ignore regions) "
+                             f"but the {type(self.head).__name__} head cannot leave queries out of its loss; "
+                             f"use head=sigmoid or a replay set without ignore regions")
+        kept, marked = [], []
+        for (q, j), full in zip(matches, full_targets):
+            ignore = full.get("ignore")
+            ignore = torch.zeros(len(full["labels"]), dtype=torch.bool) if ignore is None else ignore.cpu()
+            real_index = torch.cumsum(~ignore, 0) - 1  # full index -> index among the real boxes
+            hit = ignore[j]
+            kept.append((q[~hit], real_index[j[~hit]]))
+            mask = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+            mask[q[hit].to(logits.device)] = True
+            marked.append(mask)
+        return kept, [{**t, "ignore_queries": m} for t, m in zip(targets, marked)]
 
     def layer_losses(self, logits: torch.Tensor, boxes: torch.Tensor, matches: list[Match],
                      targets: list[dict], num_boxes: float, features: torch.Tensor | None = None,
@@ -152,6 +180,18 @@ class SetCriterion(nn.Module):
             raise KeyError(f"losses {missing} have no weight in criterion.weight_dict (built for other "
                            f"num_layers/two_stage?); known: {sorted(self.weight_dict)}")
         return sum(losses[k] * self.weight_dict[k] for k in losses if k.startswith("loss_"))
+
+
+def without_ignored(targets: list[dict]) -> list[dict]:
+    """``targets`` itself when no target has an ``ignore`` flag set; else copies holding only the real
+    boxes (``labels``, ``boxes``, ``ann_ids`` filtered)."""
+    if not any("ignore" in t and bool(t["ignore"].any()) for t in targets):
+        return targets
+    out = []
+    for t in targets:
+        keep = ~t["ignore"].to(torch.bool) if "ignore" in t else torch.ones(len(t["labels"]), dtype=torch.bool)
+        out.append({**t, **{k: t[k][keep.to(t[k].device)] for k in ("labels", "boxes", "ann_ids") if k in t}})
+    return out
 
 
 def expand_weights(base: dict[str, float], num_layers: int, aux_loss: bool, two_stage: bool) -> dict[str, float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -109,12 +109,12 @@ def build_datasets(cfg: Any, train_ann: str | None = None) -> tuple[Any, Any]:
     return train, val
 
 
-def build_loaders(cfg: Any, train_ds: Any, val_ds: Any) -> tuple[DataLoader, DataLoader]:
-    """Training loader (RFS when ``data.rfs_threshold`` is set) and evaluation loader
-    (``stage.eval_batch_size``; first ``stage.max_eval_images`` images when set)."""
+def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, rfs_threshold: Any = "data") -> tuple[DataLoader, DataLoader]:
+    """Training loader (RFS when ``rfs_threshold`` is a number; default ``data.rfs_threshold``) and
+    evaluation loader (``stage.eval_batch_size``; first ``stage.max_eval_images`` images when set)."""
     from stepwise.data import repeat_factors_from_dataset
 
-    threshold = cfg.data.get("rfs_threshold")
+    threshold = cfg.data.get("rfs_threshold") if rfs_threshold == "data" else rfs_threshold
     factors = None if threshold is None else repeat_factors_from_dataset(train_ds, float(threshold))
     workers = int(cfg.data.get("num_workers", 0) or 0)
     collate = collate_fn(cfg.data)
@@ -127,15 +127,35 @@ def build_loaders(cfg: Any, train_ds: Any, val_ds: Any) -> tuple[DataLoader, Dat
 
 
 # ------------------------------------------------------------------------------------------------ model
-def build_model(cfg: Any, categories: Any, accelerator: Accelerator) -> nn.Module:
-    """The detector; ``init_from`` weights loaded (report printed); ``stage.trainable`` prefixes applied."""
-    from stepwise.checkpoint import load_model_weights
+def build_model(cfg: Any, categories: Any, accelerator: Accelerator, init_from: str | None = None,
+                reinit: Sequence[str] = ()) -> nn.Module:
+    """The detector with ``init_from`` weights (default ``cfg.init_from``; report printed) and only the
+    ``stage.trainable`` parameter prefixes trainable.
+
+    ``reinit``: parameter-name prefixes *not* loaded (they keep their fresh initialisation, e.g. a class
+    head re-trained from scratch); tensors whose shape differs from the checkpoint's are skipped anyway.
+    When the backbone is entirely frozen its BatchNorm layers are frozen too (statistics included), so a
+    frozen part of the model stays bitwise unchanged in training mode.
+    """
+    from stepwise.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
     from stepwise.models import build_detector, trainable_only
+    from stepwise.models.backbone import freeze_batch_norm
 
     model = build_detector(cfg.model, cfg.head, categories)
-    if cfg.get("init_from"):
-        accelerator.print(f"stepwise: init_from {load_model_weights(model, cfg.init_from)}")
     prefixes = cfg.stage.get("trainable")
+    if prefixes and not any(p.rstrip(".") == "backbone" or p.startswith("backbone.") for p in prefixes):
+        freeze_batch_norm(model.backbone)
+    source = init_from if init_from is not None else cfg.get("init_from")
+    if source:
+        state = load_checkpoint(resolve_checkpoint(source))
+        if reinit:
+            skip = tuple(p.rstrip(".") for p in reinit)
+            state["model"] = {k: v for k, v in state["model"].items()
+                              if not any(k == p or k.startswith(p + ".") for p in skip)}
+            state.pop("head_state", None)
+            accelerator.print(f"stepwise: re-initialising {list(skip)} instead of loading them")
+        state["__source__"] = str(resolve_checkpoint(source))
+        accelerator.print(f"stepwise: init_from {load_model_weights(model, state)}")
     if prefixes:
         names = trainable_only(model, list(prefixes))
         accelerator.print(f"stepwise: training {len(names)} parameter tensors under {list(prefixes)}")

@@ -1,0 +1,166 @@
+"""The step-wise method's knowledge transfer from the head-class expert (teacher) to the unified model.
+
+* :func:`head_box_masks` + :func:`masked_feature_loss` — L_fm_dis: squared error between the student's and
+  the teacher's ``input_proj`` outputs, summed over channels and levels, only inside head-class ground-truth
+  boxes mapped onto each level's grid, divided by 2 x the mask area (summed over levels and images).
+* :func:`class_distillation_loss` — L_cls_dis: KL(teacher || student) between class distributions over the
+  head classes (softmax with temperature T, times T^2 as in Hinton et al.; averaged over queries). With
+  shared queries the student's class head reads the *teacher's* final decoder query features.
+* :class:`DistillCriterion` — Hungarian loss + lambda_fm * L_fm_dis + lambda_cls * L_cls_dis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stepwise.models.outputs import DetectorOutput
+
+
+@dataclass
+class TeacherStudentOutput:
+    """What the distill stage's forward returns: the student's output and the frozen teacher's."""
+
+    student: DetectorOutput
+    teacher: DetectorOutput
+
+
+def head_box_masks(boxes: Sequence[torch.Tensor], padding_masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Binary masks of the given boxes on every feature level.
+
+    Args:
+        boxes: per image, (T_b, 4) normalised cxcywh boxes (relative to the unpadded image).
+        padding_masks: per level, (B, H_l, W_l) bool, True on padding (``DetectorOutput.proj_masks``).
+
+    Returns:
+        per level, (B, H_l, W_l) float: 1 on every cell a box covers (partly covered cells included:
+        x1 = floor(x1 * w_valid), x2 = ceil(x2 * w_valid), likewise y), 0 elsewhere and on padding.
+    """
+    out = []
+    for pad in padding_masks:
+        mask = torch.zeros(pad.shape, dtype=torch.float32, device=pad.device)
+        for b, image_boxes in enumerate(boxes):
+            if image_boxes.numel() == 0:
+                continue
+            valid = ~pad[b]
+            h_valid = int(valid[:, 0].sum()) if valid.shape[1] else 0
+            w_valid = int(valid[0, :].sum()) if valid.shape[0] else 0
+            cx, cy, w, h = image_boxes.float().unbind(-1)
+            corners = torch.stack([(cx - w / 2) * w_valid, (cy - h / 2) * h_valid,
+                                   (cx + w / 2) * w_valid, (cy + h / 2) * h_valid], -1)
+            for x1, y1, x2, y2 in corners.tolist():
+                x1, y1 = max(int(math.floor(x1)), 0), max(int(math.floor(y1)), 0)
+                x2, y2 = min(int(math.ceil(x2)), w_valid), min(int(math.ceil(y2)), h_valid)
+                if x2 > x1 and y2 > y1:
+                    mask[b, y1:y2, x1:x2] = 1.0
+        out.append(mask)
+    return out
+
+
+def masked_feature_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                        masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_l sum_{b,c,h,w} mask_l * (s_l - t_l)^2 / (2 * sum_l sum mask_l); 0 (still connected to the
+    student) when every mask is empty.
+
+    Args:
+        student, teacher: per level (B, D, H_l, W_l) features (the teacher's are not differentiated).
+        masks: per level (B, H_l, W_l), from :func:`head_box_masks`.
+    """
+    total = student[0].new_zeros((), dtype=torch.float32)
+    area = 0.0
+    for s, t, m in zip(student, teacher, masks):
+        total = total + ((s.float() - t.detach().float()).pow(2) * m.unsqueeze(1)).sum()
+        area += float(m.sum())
+    return total / (2 * area) if area > 0 else total * 0.0
+
+
+def class_logits(head: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """(..., K) head logits -> (..., C) per-class logits: the head's ``class_logits`` when it defines one,
+    the logits themselves when K == C, else log of the head's scores."""
+    if hasattr(head, "class_logits"):
+        return head.class_logits(logits)
+    if logits.shape[-1] == head.num_classes:
+        return logits
+    return head.scores(logits).clamp_min(1e-12).log()
+
+
+def class_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            class_index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) over the classes ``class_index``, per query, averaged over queries.
+
+    Args:
+        student_logits, teacher_logits: (B, Q, C) per-class logits.
+        class_index: (C_h,) long, the head classes.
+        temperature: T; the result is multiplied by T^2.
+    """
+    s = student_logits.float()[..., class_index] / temperature
+    t = teacher_logits.detach().float()[..., class_index] / temperature
+    s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
+    return kl * temperature ** 2
+
+
+class DistillCriterion(nn.Module):
+    """The set criterion on the student plus the distillation terms.
+
+    Args:
+        base: the detector's ``SetCriterion`` (Hungarian loss of the student on the replay set).
+        student_head: the student's final-layer class head (applied to the teacher's query features).
+        teacher_head: the teacher's final-layer class head (for its class logits).
+        head_classes: (C,) bool, the head classes.
+        feature, cls, shared_queries, lambda_fm, lambda_cls, temperature: the ``distill:`` config.
+    """
+
+    def __init__(self, base: nn.Module, student_head: nn.Module, teacher_head: nn.Module, head_classes: torch.Tensor,
+                 feature: bool = True, cls: bool = True, shared_queries: bool = True, lambda_fm: float = 1.0,
+                 lambda_cls: float = 0.1, temperature: float = 1.0):
+        super().__init__()
+        self.base, self.student_head = base, student_head
+        self.teacher_head = [teacher_head]  # a list: not a submodule (not moved, saved or trained)
+        self.register_buffer("head_class_index", torch.nonzero(head_classes.bool()).flatten(), persistent=False)
+        self.head_classes = head_classes.bool()
+        self.feature, self.cls, self.shared_queries = feature, cls, shared_queries
+        self.temperature = float(temperature)
+        self.weight_dict = dict(base.weight_dict)
+        if feature:
+            self.weight_dict["loss_fm_dis"] = float(lambda_fm)
+        if cls:
+            self.weight_dict["loss_cls_dis"] = float(lambda_cls)
+
+    def forward(self, outputs: TeacherStudentOutput, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Unweighted losses: the base criterion's plus ``loss_fm_dis`` / ``loss_cls_dis``."""
+        student, teacher = outputs.student, outputs.teacher
+        losses = self.base(student, targets)
+        if self.feature:
+            head = self.head_classes.to(student.logits[-1].device)
+            boxes = [t["boxes"][head[t["labels"]]] for t in targets]
+            masks = head_box_masks(boxes, student.proj_masks)
+            losses["loss_fm_dis"] = masked_feature_loss(student.proj_features, teacher.proj_features, masks)
+        if self.cls:
+            index = self.head_class_index.to(student.logits[-1].device)
+            teacher_logits = class_logits(self.teacher_head[0], teacher.logits[-1])
+            if self.shared_queries:
+                student_raw = self.student_head(teacher.query_features[-1].detach())
+            else:
+                student_raw = student.logits[-1]
+            student_logits = class_logits(self.student_head, student_raw)
+            losses["loss_cls_dis"] = class_distillation_loss(student_logits, teacher_logits, index,
+                                                             self.temperature)
+        return losses
+
+
+def teacher_student_forward(teacher: nn.Module):
+    """``forward_fn(model, batch)`` for the engine: the student's output (with gradients) and the frozen
+    teacher's (eval mode, no gradients), and the batch's targets."""
+
+    def forward(model: nn.Module, batch: Any) -> tuple[TeacherStudentOutput, list[dict]]:
+        with torch.no_grad():
+            teacher_out = teacher(batch.images, batch.masks)
+        return TeacherStudentOutput(model(batch.images, batch.masks), teacher_out), batch.targets
+
+    return forward

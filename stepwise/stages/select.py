@@ -1,0 +1,172 @@
+"""Step 1, ``stage=select`` (also ``python -m stepwise.select_exemplars``): score every ground-truth
+instance of the training set with the pretrained model and build the smooth-tail replay sets.
+
+Writes into ``runs/<exp>/select/``:
+
+* ``scores.jsonl`` — one line per instance, sorted by annotation id: ``ann_id``, ``image_id``,
+  ``category_id``, ``label`` (contiguous), ``score`` (the class probability, from ``head.scores``, of the
+  prediction the training matcher assigns to the instance), ``iou`` (of that prediction's box).
+* ``d_head.json`` / ``d_tail.json`` — LVIS-format training files holding only the selected annotations
+  (see :mod:`stepwise.data.smooth_tail` for the rule; division and quotas from the root ``stepwise:``
+  config block), ``summary.json`` — per-class counts.
+
+Scoring streams: each process writes its records to ``scores.part<rank>.jsonl`` as it goes (memory does not
+grow with the number of images); evaluation batches are fixed before they are dealt to the processes, so
+the scores — and hence the files — are the same with one process or many. An existing ``scores.jsonl`` is
+reused (delete it to re-score); the selection itself is cheap and always re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from torchvision.ops import box_convert, box_iou
+from tqdm.auto import tqdm
+
+from stepwise.utils.io import atomic_path, atomic_write_json, read_json
+
+SCORES_NAME = "scores.jsonl"
+
+
+def selection_source(cfg: Any) -> str:
+    """The checkpoint to score with: root ``checkpoint=`` when given, else ``stage.checkpoint``."""
+    source = cfg.get("checkpoint") or cfg.stage.get("checkpoint")
+    if not source:
+        raise ValueError("stage=select needs a pretrained model: set checkpoint=<file or run dir>")
+    return str(source)
+
+
+@torch.no_grad()
+def score_batch(model: torch.nn.Module, matcher: Any, batch: Any, category_ids: tuple[int, ...]) -> list[dict]:
+    """Score records of one ``ImageBatch``: the final layer's matched prediction for every target box."""
+    from stepwise.stages.common import model_head
+
+    outputs = model(batch.images, batch.masks)
+    scores = model_head(model).scores(outputs.logits[-1]).float()  # (B, Q, C)
+    boxes = outputs.boxes[-1].float()
+    matches = matcher(scores, boxes, batch.targets)
+    records = []
+    for b, ((q, j), target) in enumerate(zip(matches, batch.targets)):
+        q, j = q.to(scores.device), j.to(scores.device)
+        labels = target["labels"][j]
+        pred = box_convert(boxes[b, q], "cxcywh", "xyxy")
+        gt = box_convert(target["boxes"][j].float(), "cxcywh", "xyxy")
+        ious = box_iou(pred, gt).diagonal() if len(j) else torch.zeros(0)
+        values = scores[b, q, labels]
+        for ann, label, value, iou in zip(target["ann_ids"][j].tolist(), labels.tolist(), values.tolist(),
+                                          ious.tolist()):
+            records.append({"ann_id": int(ann), "image_id": int(target["image_id"]),
+                            "category_id": int(category_ids[label]), "label": int(label),
+                            "score": round(float(value), 6), "iou": round(float(iou), 6)})
+    return records
+
+
+def score_dataset(cfg: Any, accelerator: Accelerator, out_path: Path) -> int:
+    """Write ``scores.jsonl`` for the training set of ``cfg.data``; returns the number of images scored."""
+    from stepwise.analysis.trained import load_trained_model
+    from stepwise.data import build_dataset
+    from stepwise.engine import shard_eval_loader
+    from stepwise.models.matcher import build_matcher
+    from stepwise.stages.common import collate_fn, eval_loader
+
+    trained = load_trained_model(selection_source(cfg), device=accelerator.device)
+    model = trained.model.eval()
+    dataset = build_dataset(cfg.data, "train", train_transforms=False, categories=trained.categories)
+    limit = cfg.stage.get("max_images")
+    if limit is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(int(limit), len(dataset))))
+    batch_size = int(cfg.stage.get("batch_size") or cfg.data.batch_size)
+    loader = eval_loader(dataset, batch_size, collate_fn(cfg.data), int(cfg.data.get("num_workers", 0) or 0))
+    shard = shard_eval_loader(loader, accelerator.num_processes, accelerator.process_index)
+    matcher = build_matcher(cfg.loss)
+    part = out_path.with_name(f"scores.part{accelerator.process_index}.jsonl")
+    accelerator.print(f"stepwise: scoring {len(dataset)} training images with {trained.path}")
+    with open(part, "w") as f:
+        for batch in tqdm(shard, desc="select: scoring", dynamic_ncols=True,
+                          disable=not accelerator.is_main_process):
+            batch = send_to_device(batch, accelerator.device)
+            for record in score_batch(model, matcher, batch, trained.categories.ids):
+                f.write(json.dumps(record) + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        merge_parts([out_path.with_name(f"scores.part{r}.jsonl") for r in range(accelerator.num_processes)],
+                    out_path)
+    accelerator.wait_for_everyone()
+    return len(dataset)
+
+
+def merge_parts(parts: list[Path], out_path: Path) -> None:
+    """Concatenate the per-process score files sorted by annotation id into ``out_path`` (atomically)."""
+    lines = []
+    for part in parts:
+        with open(part) as f:
+            lines.extend((json.loads(line)["ann_id"], line) for line in f if line.strip())
+    lines.sort(key=lambda item: item[0])
+    with atomic_path(out_path) as tmp, open(tmp, "w") as f:
+        f.writelines(line for _, line in lines)
+    for part in parts:
+        os.remove(part)
+
+
+def build_replay_sets(cfg: Any, scores_path: Path, run_dir: Path) -> dict[str, Any]:
+    """Select D_head / D_tail from ``scores.jsonl`` and write them with ``summary.json``; returns the summary."""
+    from stepwise.data.categories import CategoryMap
+    from stepwise.data.smooth_tail import (Quotas, ScoreTable, head_classes, select_replay_sets,
+                                           write_replay_set)
+
+    stage = cfg.stepwise
+    data = read_json(cfg.data.train_ann, "training annotation file")
+    categories = CategoryMap.from_annotations(data, source=f"annotation file {cfg.data.train_ann}")
+    table = ScoreTable.read_jsonl(scores_path)
+    quotas = Quotas(head_in_head=stage.d_head.head, tail_in_head=stage.d_head.tail,
+                    head_in_tail=stage.d_tail.head, tail_in_tail=stage.d_tail.tail)
+    min_images = int(stage.min_images)
+    sets = select_replay_sets(table, categories.image_counts, min_images, quotas, float(stage.score_threshold))
+    is_head = head_classes(categories.image_counts, min_images)
+    summary: dict[str, Any] = {"scored_instances": len(table), "min_images": min_images,
+                               "head_classes": int(is_head.sum()), "tail_classes": int((~is_head).sum()),
+                               "quotas": quotas.__dict__, "score_threshold": float(stage.score_threshold),
+                               "keep_others_as_ignore": bool(stage.keep_others_as_ignore),
+                               "mean_score": float(table.score.mean()) if len(table) else None,
+                               "fraction_above_threshold": float((table.score > stage.score_threshold).mean())
+                               if len(table) else None}
+    label_of = dict(zip(table.ann_id.tolist(), table.label.tolist()))
+    for name, ann_ids in sets.items():
+        counts = write_replay_set(data, ann_ids, run_dir / f"{name}.json", bool(stage.keep_others_as_ignore))
+        per_class = np.bincount([label_of[a] for a in ann_ids.tolist()], minlength=len(categories))
+        summary[name] = {**counts, "head_instances": int(per_class[is_head].sum()),
+                         "tail_instances": int(per_class[~is_head].sum()), "per_class": per_class.tolist()}
+    atomic_write_json(run_dir / "summary.json", summary, indent=1)
+    return summary
+
+
+def run(cfg: Any) -> dict[str, Any] | None:
+    """Score (unless ``scores.jsonl`` exists), select and write the replay sets; returns the summary (rank 0)."""
+    from stepwise.stages.common import ensure_data
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    run_dir = Path(cfg.run_dir)
+    ensure_data(cfg, accelerator)
+    scores_path = run_dir / SCORES_NAME
+    if scores_path.is_file():
+        accelerator.print(f"stepwise: reusing {scores_path} (delete it to score again)")
+    else:
+        score_dataset(cfg, accelerator, scores_path)
+    summary = None
+    if accelerator.is_main_process:
+        summary = build_replay_sets(cfg, scores_path, run_dir)
+        for name in ("d_head", "d_tail"):
+            s = summary[name]
+            print(f"stepwise: {run_dir / (name + '.json')}: {s['images']} images, {s['annotations']} "
+                  f"annotations ({s['head_instances']} of {summary['head_classes']} head classes, "
+                  f"{s['tail_instances']} of {summary['tail_classes']} tail classes)"
+                  + (f", {s['ignored']} ignore boxes" if s["ignored"] else ""))
+    accelerator.wait_for_everyone()
+    return summary
