@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from stepwise.heads.bacl import BACLHead
 from stepwise.heads.base import ClassifierHead
 from stepwise.heads.sigmoid import SigmoidFocalHead
 
 HEADS = {"sigmoid": SigmoidFocalHead}
+HEADS["bacl"] = BACLHead
 
 
 def build_head(cfg_head, in_dim: int, num_classes: int, **context) -> ClassifierHead:

@@ -1,0 +1,348 @@
+"""BACL head: margins, weights and FCBL on hand-computed 3-class examples, indicator and FHM updates,
+class-drawing probabilities, the encoder objectness loss and the head state round trip."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from stepwise.heads.bacl import BACLHead, fcbl, fcbl_weights
+from stepwise.heads.fhm import FeatureHallucination, sampling_probs
+from stepwise.heads.indicators import LongTermIndicators
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def make_head(**kw) -> BACLHead:
+    torch.manual_seed(0)
+    return BACLHead(4, 3, **kw)
+
+
+def one_image(labels: list[int], query_idx: list[int]):
+    """matches + targets for one image whose target t is matched to query query_idx[t]."""
+    matches = [(torch.tensor(query_idx), torch.arange(len(labels)))]
+    return matches, [{"labels": torch.tensor(labels), "boxes": torch.rand(len(labels), 4)}]
+
+
+# ---------------------------------------------------------------------------------------------- margins
+def test_confusion_margins_hand_computed():
+    ind = LongTermIndicators(3)
+    ind.confusion_sum = torch.tensor([[1.2, 0.6, 0.2], [0.1, 0.8, 0.1], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    ind.class_count = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    # M rows: [.6 .3 .1], [.1 .8 .1], class 2 never seen -> uniform 1/3
+    got = ind.log_ratio("confusion", torch.tensor([0, 1, 2]))
+    third = 1 / 3
+    expected = torch.tensor([
+        [0.0, math.log(0.3 / 0.1), math.log(0.1 / third)],          # log(M_0j / M_j0)
+        [math.log(0.1 / 0.3), 0.0, math.log(0.1 / third)],
+        [math.log(third / 0.1), math.log(third / 0.1), 0.0]])
+    assert torch.allclose(got, expected.float(), atol=1e-6)
+    # class 1 absorbs class 0's samples (M_01 = .3 > M_10 = .1): 1 is the stronger class, so a sample of 0
+    # suppresses 1 more (positive margin) and a sample of 1 suppresses 0 less (negative margin)
+    assert got[0, 1] > 0 > got[1, 0]
+    head = make_head(alpha=0.5, fhm=False)
+    head.indicators = ind
+    assert torch.allclose(head.margins(torch.tensor([0, 2])), 0.5 * expected[[0, 2]].float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["image_freq", "instance_freq"])
+def test_frequency_margins(name):
+    ind = LongTermIndicators(3, image_counts=[100, 10, 0], instance_counts=[400, 20, 5])
+    counts = [100.0, 10.0, 1.0] if name == "image_freq" else [400.0, 20.0, 5.0]  # zero floored at 1
+    got = ind.log_ratio(name, torch.tensor([1]))
+    expected = [math.log(c / counts[1]) for c in counts]  # log(l_j / l_i), i = 1
+    assert torch.allclose(got, torch.tensor([expected]), atol=1e-6)
+    assert got[0, 0] > 0 > got[0, 2]  # frequent j: suppressed more; rare j: less
+    with pytest.raises(ValueError, match="counts"):
+        LongTermIndicators(3).log_ratio(name, torch.tensor([0]))
+
+
+def test_dynamic_vector_indicators():
+    ind = LongTermIndicators(3)
+    ind.class_count = torch.tensor([4.0, 2.0, 0.0], dtype=torch.float64)
+    ind.tpr_hits = torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64)
+    ind.score_ema = torch.tensor([0.8, 0.2, 0.0])
+    assert torch.allclose(ind.vector("instance_count"), torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))
+    # unseen class 2 counts as the mean of the seen ones
+    assert torch.allclose(ind.vector("tpr"), torch.tensor([0.75, 0.5, 0.625], dtype=torch.float64))
+    assert torch.allclose(ind.vector("score"), torch.tensor([0.8, 0.2, 0.5], dtype=torch.float64))
+    ind.eps = 1e-3
+    ind.tpr_hits[1] = 0.0  # TPR 0 is floored at eps before the log
+    assert ind.log_ratio("tpr", torch.tensor([1]))[0, 0].item() == pytest.approx(math.log(0.75 / 1e-3), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- weights, FCBL
+def test_weights_score_vs_sigmoid():
+    z = torch.tensor([[1.0, 2.0, -1.0], [3.0, 1.0, 1.5]])
+    bg = torch.tensor([-2.0, 0.0])
+    gt = torch.tensor([0, 0])
+    # row 0: scores (1 - p_bg) p = .644 .776 .237 -> class 1 beats the GT; class 2 below GT and 0.7
+    # row 1: p_bg = .5, scores .476 .366 .409 -> none; raw sigmoids .953 .731 .818 -> both >= 0.7
+    assert fcbl_weights(z, bg, gt, 0.7, "score").tolist() == [[0, 1, 0], [0, 0, 0]]
+    assert fcbl_weights(z, bg, gt, 0.7, "sigmoid").tolist() == [[0, 1, 0], [0, 1, 1]]
+    # the threshold alone: a class below the GT but above 0.7 is kept
+    z2, bg2 = torch.tensor([[4.0, 2.0, -3.0]]), torch.tensor([-5.0])  # scores .976 .874 .047
+    assert fcbl_weights(z2, bg2, torch.tensor([0]), 0.7, "score").tolist() == [[0, 1, 0]]
+    assert fcbl_weights(z2, bg2, torch.tensor([0]), 0.9, "score").tolist() == [[0, 0, 0]]
+
+
+def test_fcbl_hand_computed():
+    z = torch.tensor([[1.0, 2.0, -1.0]])
+    bg = torch.tensor([-2.0])
+    margins = torch.tensor([[0.0, 0.5, -0.3]])
+    weights = torch.tensor([[0.0, 1.0, 1.0]])
+    expected = (-math.log(sig(1.0)) - math.log(1 - sig(-2.0)) - math.log(1 - sig(2.0 + 0.5))
+                - math.log(1 - sig(-1.0 - 0.3)))
+    got = fcbl(z, bg, torch.tensor([0]), margins, weights)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    weights[0, 2] = 0.0
+    assert fcbl(z, bg, torch.tensor([0]), margins, weights).item() == pytest.approx(
+        expected + math.log(1 - sig(-1.3)), rel=1e-5)
+
+
+def test_head_loss_updates_indicators_first_then_fcbl():
+    """Train mode, layer "": the step's samples enter the indicator before the loss uses it."""
+    head = make_head(alpha=0.5, indicator="instance_count", bg_gamma=2.0, fhm=False)
+    head.indicators.class_count = torch.tensor([9.0, 3.0, 0.0], dtype=torch.float64)
+    logits = torch.tensor([[[1.0, -1.0, 0.5, -2.0],     # query 0 -> class 0
+                            [0.0, 0.0, 0.0, 1.0],       # query 1 unmatched
+                            [-0.5, 2.0, 0.2, -1.0]]],   # query 2 -> class 2
+                          requires_grad=True)
+    matches, targets = one_image([0, 2], [0, 2])
+    losses = head.loss(logits, matches, targets, num_boxes=2.0, features=None, layer="")
+    assert head.indicators.class_count.tolist() == [10.0, 3.0, 1.0]
+    l = [10.0, 3.0, 1.0]
+    # query 0 (class 0): p = .731 .269 .622, p_bg = .119; scores all below the GT's -> weights 0
+    q0 = -math.log(sig(1.0)) - math.log(1 - sig(-2.0))
+    # query 2 (class 2): p = .378 .881 .550 -> class 1 beats the GT (w = 1), class 0 does not
+    d21 = 0.5 * math.log(l[1] / l[2])
+    q2 = -math.log(sig(0.2)) - math.log(1 - sig(-1.0)) - math.log(1 - sig(2.0 + d21))
+    q1 = (1 - sig(1.0)) ** 2 * -math.log(sig(1.0))  # unmatched: background channel only, focal-modulated
+    assert set(losses) == {"loss_ce"}
+    assert losses["loss_ce"].item() == pytest.approx((q0 + q1 + q2) / 2.0, rel=1e-5)
+    losses["loss_ce"].backward()
+    assert logits.grad[0, 1, :3].abs().sum() == 0  # unmatched queries train only the background channel
+    assert logits.grad[0, 0, 1] == 0 and logits.grad[0, 2, 1] != 0  # w_j = 0 / 1
+
+
+def test_aux_layers_and_eval_do_not_update():
+    head = make_head(fhm=True)
+    logits = torch.randn(1, 3, 4)
+    feats = torch.randn(1, 3, 4)
+    matches, targets = one_image([1], [0])
+    head.loss(logits, matches, targets, 1.0, features=feats, layer="0")
+    head.eval()
+    out = head.loss(logits, matches, targets, 1.0, features=feats, layer="")
+    assert head.indicators.class_count.sum() == 0 and head.fhm.count.sum() == 0
+    assert out["loss_fhm"].item() == 0.0
+    head.train()
+    head.loss(logits, matches, targets, 1.0, features=feats, layer="")
+    assert head.fhm.count.tolist() == [0.0, 1.0, 0.0]
+    # 1 real sample + c * m synthetic ones (only class 1 has statistics to draw from)
+    assert head.indicators.class_count.tolist() == [0.0, 1.0 + 12, 0.0]
+
+
+def test_nothing_matched_stays_connected():
+    head = make_head()
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    matches = [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))] * 2
+    targets = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    losses = head.loss(logits, matches, targets, 1.0, features=torch.randn(2, 3, 4), layer="")
+    assert set(losses) == {"loss_ce", "loss_fhm"} and head.loss_weights == {"loss_fhm": 1.0}
+    (losses["loss_ce"] + losses["loss_fhm"]).backward()
+    assert logits.grad is not None
+
+
+def test_ignored_queries_get_no_loss():
+    head = make_head(fhm=False)
+    logits = torch.randn(1, 3, 4, requires_grad=True)
+    matches, targets = one_image([0], [0])
+    targets[0]["ignore_queries"] = torch.tensor([False, True, False])
+    head.loss(logits, matches, targets, 1.0, layer="0")["loss_ce"].backward()
+    assert logits.grad[0, 1].abs().sum() == 0 and logits.grad[0, 2, 3] != 0
+
+
+def test_encoder_objectness_hand_computed():
+    head = make_head()
+    logits = torch.tensor([[[2.0, 5.0, 5.0, -1.0], [-1.0, 5.0, 5.0, 0.5]]], requires_grad=True)
+    matches, targets = one_image([0], [0])
+    loss = head.loss(logits, matches, targets, 2.0, layer="enc")["loss_ce"]
+
+    def focal(x: float, t: int) -> float:
+        p = sig(x)
+        pt, at = (p, 0.25) if t else (1 - p, 0.75)
+        return -at * (1 - pt) ** 2 * math.log(pt)
+
+    # channel 0 and -z_bg both learn "object"; the other class channels are untouched
+    expected = (focal(2.0, 1) + focal(1.0, 1) + focal(-1.0, 0) + focal(-0.5, 0)) / 2.0
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert logits.grad[..., 1:3].abs().sum() == 0
+    assert head.indicators.class_count.sum() == 0
+
+
+# --------------------------------------------------------------------------------------- indicator update
+def test_indicator_update_hand_computed():
+    ind = LongTermIndicators(3, momentum=0.5)
+    z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    ind.update(z, torch.tensor([0, 0, 2]))
+    e = math.exp
+    soft = [[e(2) / (e(2) + 2), 1 / (e(2) + 2), 1 / (e(2) + 2)],
+            [1 / (e(1) + 2), e(1) / (e(1) + 2), 1 / (e(1) + 2)],
+            [1 / (e(3) + 2), 1 / (e(3) + 2), e(3) / (e(3) + 2)]]
+    row0 = [(a + b) / 2 for a, b in zip(soft[0], soft[1])]
+    expected = torch.tensor([row0, [1 / 3] * 3, soft[2]], dtype=torch.float64)
+    assert torch.allclose(ind.confusion(), expected, atol=1e-6)
+    assert ind.class_count.tolist() == [2.0, 0.0, 1.0]
+    assert ind.tpr_hits.tolist() == [1.0, 0.0, 1.0]  # sample 2 of class 0 predicts class 1
+    s0 = (sig(2.0) + sig(0.0)) / 2  # first observation copied
+    assert ind.score_ema.tolist() == pytest.approx([s0, 0.0, sig(3.0)], rel=1e-6)
+    ind.update(torch.tensor([[-1.0, 0.0, 0.0]]), torch.tensor([0]))
+    assert ind.score_ema[0].item() == pytest.approx(0.5 * s0 + 0.5 * sig(-1.0), rel=1e-6)
+    assert ind.score_ema[2].item() == pytest.approx(sig(3.0), rel=1e-6)  # absent classes keep theirs
+    assert ind.accuracy()[0].item() == pytest.approx(
+        (soft[0][0] + soft[1][0] + e(-1) / (e(-1) + 2)) / 3, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------- FHM
+def test_fhm_statistics_known_features():
+    fhm = FeatureHallucination(3, 2, momentum=0.5)
+    fhm.update(torch.tensor([[1.0, 2.0], [3.0, 4.0], [7.0, 7.0]]), torch.tensor([0, 0, 2]))
+    assert fhm.mean.tolist() == [[2.0, 3.0], [0.0, 0.0], [7.0, 7.0]]  # first observation copied
+    assert fhm.var.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]   # population variance
+    fhm.update(torch.tensor([[4.0, 3.0]]), torch.tensor([0]))
+    # mean .5 [2 3] + .5 [4 3]; var .5 [1 1] + .5 * 0 + .25 ([4 3] - [2 3])^2
+    assert fhm.mean.tolist() == [[3.0, 3.0], [0.0, 0.0], [7.0, 7.0]]
+    assert fhm.var.tolist() == [[1.5, 0.5], [0.0, 0.0], [0.0, 0.0]]
+    assert fhm.count.tolist() == [3.0, 0.0, 1.0]
+
+
+def test_head_feeds_fhm_from_matched_final_features_only():
+    head = make_head(fhm_momentum=0.5)
+    feats = torch.arange(12.0).view(1, 3, 4)
+    matches, targets = one_image([2], [1])
+    head.loss(torch.randn(1, 3, 4), matches, targets, 1.0, features=feats, layer="")
+    assert head.fhm.mean[2].tolist() == [4.0, 5.0, 6.0, 7.0] and head.fhm.count.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_sampling_probabilities():
+    acc = torch.tensor([0.9, 0.5, 0.2, 1.0])
+    avail = torch.tensor([True, True, False, True])
+    assert sampling_probs(acc, avail).tolist() == pytest.approx([1 / 6, 5 / 6, 0.0, 0.0])
+    assert sampling_probs(torch.tensor([1.0, 1.0, 0.3]), torch.tensor([True, True, False])).tolist() == [0.5, 0.5, 0]
+    assert sampling_probs(acc, torch.zeros(4, dtype=torch.bool)).sum() == 0
+
+
+def test_fhm_sample_draws_by_probability():
+    fhm = FeatureHallucination(4, 2, num_sampled=1, per_class=3)
+    fhm.mean = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [0.0, 0.0]])
+    fhm.count = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)  # class 3: no statistics
+    acc = torch.tensor([0.9, 0.6, 0.0, 0.0])  # weights .1 .4 1 -> probabilities 1/15, 4/15, 10/15
+    torch.manual_seed(0)
+    draws = torch.stack([fhm.sample(acc)[1][0] for _ in range(3000)])
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert freq.tolist() == pytest.approx([1 / 15, 4 / 15, 10 / 15, 0.0], abs=0.03)
+    feats, labels = fhm.sample(acc)
+    assert feats.shape == (3, 2) and (labels == labels[0]).all()
+    assert torch.equal(feats, fhm.mean[labels])  # zero variance: exactly the mean
+
+    fhm.num_sampled, fhm.var = 8, torch.full((4, 2), 4.0)
+    torch.manual_seed(1)
+    feats, labels = fhm.sample(acc)
+    assert sorted(labels.unique().tolist()) == [0, 1, 2] and len(labels) == 9  # k = min(c, available)
+    torch.manual_seed(1)
+    again = fhm.sample(acc)
+    assert torch.equal(feats, again[0]) and torch.equal(labels, again[1])  # deterministic given the seed
+    torch.manual_seed(2)
+    big = FeatureHallucination(1, 1, num_sampled=1, per_class=20000)
+    big.mean, big.var, big.count = torch.tensor([[5.0]]), torch.tensor([[4.0]]), torch.ones(1, dtype=torch.float64)
+    x = big.sample(torch.zeros(1))[0]
+    assert x.mean().item() == pytest.approx(5.0, abs=0.05) and x.std().item() == pytest.approx(2.0, abs=0.05)
+
+
+# ------------------------------------------------------------------------------------ init, build, state
+def test_prior_init_and_scores():
+    head = make_head()
+    logits = head(torch.zeros(2, 4))
+    assert torch.allclose(head.scores(logits), torch.full((2, 3), 0.01 * 0.01), rtol=1e-4)
+    assert head.num_outputs == 4 and head.class_weight_rows().shape == (3, 4)
+    assert torch.equal(head.class_weight_rows(), head.linear.weight[:3])
+    assert torch.equal(head.class_logits(logits), logits[:, :3])  # background column dropped
+
+
+def test_build_from_config_with_categories():
+    from stepwise.config import load_config
+    from stepwise.heads import build_head
+
+    cfg = load_config(["head=bacl", "head.indicator=instance_freq", "head.fhm=false"])
+    cats = SimpleNamespace(image_counts=(5, 2, 1), instance_counts=(50, 4, 1))
+    head = build_head(cfg.head, 4, 3, categories=cats)
+    assert isinstance(head, BACLHead) and head.fhm is None and head.loss_weights == {}
+    assert head.indicators.instance_counts.tolist() == [50.0, 4.0, 1.0]
+    assert head.alpha == 0.85 and head.weight_threshold == 0.7
+    with pytest.raises(ValueError, match="indicator"):
+        BACLHead(4, 3, indicator="bogus")
+
+
+def test_state_round_trip_and_validation():
+    head = make_head()
+    head.indicators.update(torch.randn(5, 3), torch.tensor([0, 1, 1, 2, 0]))
+    head.fhm.update(torch.randn(5, 4), torch.tensor([0, 1, 1, 2, 0]))
+    buf = io.BytesIO()
+    torch.save(head.state, buf)  # checkpoints load with weights_only=True
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    fresh = BACLHead(4, 3)
+    fresh.load_state(state)
+    for key, value in head.state.items():
+        assert torch.equal(fresh.state[key], value), key
+    assert torch.equal(copy.deepcopy(fresh).state["fhm.mean"], head.fhm.mean)  # deep-copyable
+
+    before = fresh.state
+    fresh.load_state({})  # weights of another head: statistics kept
+    assert all(torch.equal(before[k], fresh.state[k]) for k in before)
+    with pytest.raises(ValueError, match="indicators.confusion_sum"):
+        BACLHead(4, 5).load_state(state)
+    with pytest.raises(ValueError, match="fhm.mean"):
+        BACLHead(6, 3).load_state(state)
+    with pytest.raises(ValueError, match="lacks 'fhm.var'"):
+        BACLHead(4, 3).load_state({k: v for k, v in state.items() if k != "fhm.var"})
+    with pytest.raises(ValueError, match="unknown keys"):
+        BACLHead(4, 3).load_state({**state, "bogus": torch.zeros(1)})
+    no_fhm = BACLHead(4, 3, fhm=False)
+    no_fhm.load_state(state)  # FHM statistics are ignored when FHM is off
+    assert "fhm.mean" not in no_fhm.state
+
+    head.reset_parameters()
+    assert head.indicators.class_count.sum() == 0 and head.fhm.count.sum() == 0
+
+
+def test_detector_checkpoint_carries_owner_state():
+    from stepwise.checkpoint import head_state, restore_head_state
+    from stepwise.config import load_config
+    from stepwise.models import build_detector
+    from stepwise.models.criterion import build_criterion
+
+    cfg = load_config(["head=bacl", "model.enc_layers=1", "model.dec_layers=2", "model.num_queries=10"])
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, cfg.head, 5)
+    owner = model.class_embed[1]
+    criterion = build_criterion(cfg.loss, owner, num_layers=2, two_stage=bool(cfg.model.two_stage))
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[.3, .3, .2, .2], [.6, .6, .3, .3]])}]
+    losses = criterion(model(torch.randn(1, 3, 64, 64)), targets)
+    assert {"loss_ce", "loss_fhm", "loss_ce_0", "loss_ce_enc"} <= set(losses)
+    criterion.total(losses).backward()
+    assert owner.indicators.class_count[[1, 3]].tolist() == [13.0, 13.0]  # 1 real + 12 synthetic each
+    assert model.class_embed[0].indicators.class_count.sum() == 0       # copies stay untouched
+    states = head_state(model)
+    other = build_detector(cfg.model, cfg.head, 5)
+    restore_head_state(other, states)
+    assert torch.equal(other.class_embed[1].indicators.confusion_sum, owner.indicators.confusion_sum.cpu())
