@@ -293,6 +293,7 @@ def test_build_from_config_with_categories():
 
 def test_state_round_trip_and_validation():
     head = make_head()
+    assert head.state == {}  # nothing recorded yet: the fresh statistics, nothing to carry
     head.indicators.update(torch.randn(5, 3), torch.tensor([0, 1, 1, 2, 0]))
     head.fhm.update(torch.randn(5, 4), torch.tensor([0, 1, 1, 2, 0]))
     buf = io.BytesIO()
@@ -343,6 +344,7 @@ def test_detector_checkpoint_carries_owner_state():
     assert owner.indicators.class_count[[1, 3]].tolist() == [13.0, 13.0]  # 1 real + 12 synthetic each
     assert model.class_embed[0].indicators.class_count.sum() == 0       # copies stay untouched
     states = head_state(model)
+    assert states["class_embed.0"] == {} and states["class_embed.2"] == {}  # copies: fresh statistics
     other = build_detector(cfg.model, cfg.head, 5)
     restore_head_state(other, states)
     assert torch.equal(other.class_embed[1].indicators.confusion_sum, owner.indicators.confusion_sum.cpu())

@@ -243,7 +243,15 @@ class BACLHead(ClassifierHead):
     # ----------------------------------------------------------------------------------------- state
     @property
     def state(self) -> dict[str, Any]:
-        """Every indicator statistic (``indicators.*``) and FHM statistic (``fhm.*``), on the CPU."""
+        """Every indicator statistic (``indicators.*``) and FHM statistic (``fhm.*``), on the CPU.
+
+        Empty for a head that has never recorded a sample (the per-layer copies, which the criterion never
+        calls with ``layer == ""``): its statistics are the freshly built ones, which ``load_state({})``
+        keeps, and a checkpoint does not carry C x C zeros per decoder layer (~14 MB each on LVIS).
+        """
+        pristine = not bool(self.indicators.class_count.any()) and (self.fhm is None or not bool(self.fhm.count.any()))
+        if pristine:
+            return {}
         state = {f"indicators.{k}": v for k, v in self.indicators.state().items()}
         if self.fhm is not None:
             state.update(self.fhm.state(prefix="fhm."))

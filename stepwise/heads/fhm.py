@@ -1,5 +1,16 @@
 """BACL's feature hallucination module (FHM): per-class feature statistics and synthetic features.
 
+Where the statistics come from. The paper (a two-stage detector) jitters every ground-truth box 16 times
+and runs RoIAlign + the RoI head on those boxes only to collect feature statistics. Deformable DETR has no
+box -> feature function to run on jittered boxes: a query's feature comes out of the decoder from its
+reference point and its attention to the other queries, so extra "jittered queries" would need another
+decoder pass and would change the real queries' self-attention. The statistics therefore come from the
+final decoder layer's query features of the queries the Hungarian matcher assigned to a ground-truth box
+(detached): exactly the distribution the final classifier sees for real objects, at no extra cost. Not
+used: unmatched queries near an object (set prediction trains those duplicates as background, so their
+features must not count as the class), and earlier layers' features (another distribution, read by other
+heads). That leaves about one sample per object per step, hence the cross-step term below.
+
 Statistics (Eq. 11, extended): each step, for every class i among the samples, the batch mean u_i and
 (population) variance v_i of the features are folded into the running mean mu_i and variance var_i:
 

@@ -135,15 +135,21 @@ class LongTermIndicators:
         self.tpr_hits += hits.double()
 
     # ----------------------------------------------------------------------------------------- values
-    def confusion(self) -> torch.Tensor:
-        """(C, C) soft confusion matrix M; rows of classes never seen are uniform (1 / C)."""
-        count = self.class_count[:, None]
-        uniform = torch.full_like(self.confusion_sum, 1.0 / self.num_classes)
-        return torch.where(count > 0, self.confusion_sum / count.clamp_min(1.0), uniform)
+    def confusion(self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft confusion matrix M (C, C), or only M[rows] (N, C) / M[:, cols] (C, N); rows of classes never
+        seen are uniform (1 / C). Only the asked-for part is computed (C = 1203 on LVIS)."""
+        sums, count = self.confusion_sum, self.class_count
+        if rows is not None:
+            sums, count = sums[rows], count[rows]
+        if cols is not None:
+            sums = sums[:, cols]
+        count = count[:, None]
+        return torch.where(count > 0, sums / count.clamp_min(1.0), 1.0 / self.num_classes)
 
     def accuracy(self) -> torch.Tensor:
         """(C,) M_ii, the soft per-class accuracy (1 / C for classes never seen)."""
-        return self.confusion().diagonal()
+        count = self.class_count
+        return torch.where(count > 0, self.confusion_sum.diagonal() / count.clamp_min(1.0), 1.0 / self.num_classes)
 
     def vector(self, name: str) -> torch.Tensor:
         """(C,) value of a one-dimensional indicator (larger = stronger class), before the eps floor."""
@@ -171,7 +177,8 @@ class LongTermIndicators:
         """
         labels = labels.to(self.class_count.device)
         if name == "confusion":
-            log_m = self.confusion().clamp_min(self.eps).log()
-            return (log_m[labels] - log_m[:, labels].T).float()
+            m_ij = self.confusion(rows=labels)          # (N, C): how class-i samples score every j
+            m_ji = self.confusion(cols=labels).T        # (N, C): how every j's samples score i
+            return (m_ij.clamp_min(self.eps).log() - m_ji.clamp_min(self.eps).log()).float()
         log_l = self.vector(name).clamp_min(self.eps).log()
         return (log_l[None, :] - log_l[labels, None]).float()
