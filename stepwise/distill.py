@@ -54,8 +54,9 @@ def head_box_masks(boxes: Sequence[torch.Tensor], padding_masks: Sequence[torch.
             corners = torch.stack([(cx - w / 2) * w_valid, (cy - h / 2) * h_valid,
                                    (cx + w / 2) * w_valid, (cy + h / 2) * h_valid], -1)
             for x1, y1, x2, y2 in corners.tolist():
-                x1, y1 = max(int(math.floor(x1)), 0), max(int(math.floor(y1)), 0)
-                x2, y2 = min(int(math.ceil(x2)), w_valid), min(int(math.ceil(y2)), h_valid)
+                # 1e-6: a box edge on a cell border must not take the neighbouring cell by rounding error
+                x1, y1 = max(math.floor(x1 + 1e-6), 0), max(math.floor(y1 + 1e-6), 0)
+                x2, y2 = min(math.ceil(x2 - 1e-6), w_valid), min(math.ceil(y2 - 1e-6), h_valid)
                 if x2 > x1 and y2 > y1:
                     mask[b, y1:y2, x1:x2] = 1.0
         out.append(mask)

@@ -18,6 +18,7 @@ from typing import Any
 from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from stepwise.checkpoint import find_latest
 from stepwise.config import ConfigError, prepare_run_dir
 from stepwise.utils.io import atomic_write_json, atomic_write_text
 
@@ -33,7 +34,7 @@ def step_config(cfg: DictConfig, step: str) -> DictConfig:
         if step != "pretrain":
             sub.init_from = None
             sub.checkpoint = None
-        sub.resume = True  # an interrupted step continues; a fresh one starts from scratch
+        sub.resume = find_latest(Path(sub.run_dir)) is not None  # an interrupted step continues
     OmegaConf.set_struct(sub, True)
     return sub
 
