@@ -2,7 +2,7 @@
 
     python -m stepwise.evaluate gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto] [max_dets=300]
     python -m stepwise.evaluate checkpoint=PATH [gt=VAL_ANN] [image_root=DIR] [train_gt=TRAIN_ANN] [out=DIR]
-        [max_dets=300] [config overrides, e.g. stage.eval_batch_size=4]
+        [max_dets=300] [tau=0,0.5,1] [knn=true] [config overrides, e.g. stage.eval_batch_size=4]
     accelerate launch [--config_file launch/...] -m stepwise.evaluate checkpoint=PATH ...   (several processes)
 
 ``predictions=`` prints the metric table and, with ``out=DIR``, writes ``DIR/metrics.json`` and
@@ -10,12 +10,17 @@
 val set of that config (or ``gt=`` with images under ``image_root=``) on every process exactly as the
 training-time evaluation does, and writes ``predictions.json``, ``metrics.json`` and ``per_class.csv``
 into ``out`` (default ``<run dir of the checkpoint>/evaluate/<checkpoint name>``).
+Inference-time variants of one checkpoint (see :func:`model_variants`): ``tau=`` (comma-separated) scores
+one tau-normalised model per value into ``out/tau_<value>``; ``knn=true`` adds ``out/knn`` (k-NN over the
+class centres of a metric-learning head). With variants, a table of AP/APr/APc/APf/AP1..AP4 per variant is
+printed and saved as ``out/variants.csv`` and ``out/variants.json``.
 Arguments are ``key=value``; the mode is chosen by the keys present, one entry of ``MODES`` each.
 Exit codes: 0 success, 1 bad input (missing/invalid file, unknown image or category), 2 bad arguments.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -60,7 +65,7 @@ def _run_predictions(args: dict[str, str]) -> int:
     return 0
 
 
-CHECKPOINT_KEYS = ("gt", "image_root", "train_gt", "out", "max_dets")
+CHECKPOINT_KEYS = ("gt", "image_root", "train_gt", "out", "max_dets", "tau", "knn")
 # Shorthands of the checkpoint mode for keys of the saved config's data group.
 _DATA_KEYS = {"gt": "data.val_ann", "image_root": "data.val_image_root", "train_gt": "data.train_ann"}
 
@@ -73,13 +78,14 @@ def _run_checkpoint(args: dict[str, str]) -> int:
         raise UsageError(f"max_dets must be an integer, got {args['max_dets']!r}") from None
     if max_dets < 1:
         raise UsageError(f"max_dets must be >= 1, got {max_dets}")
+    taus, knn = parse_taus(args.get("tau")), parse_bool("knn", args.get("knn", "false"))
     from stepwise.config import ConfigError
 
     overrides = [f"{k}={v}" for k, v in args.items() if k != "checkpoint" and k not in CHECKPOINT_KEYS]
     try:
         evaluate_checkpoint(args["checkpoint"], out=args.get("out"), gt=args.get("gt"),
                             image_root=args.get("image_root"), train_gt=args.get("train_gt"), max_dets=max_dets,
-                            overrides=overrides)
+                            overrides=overrides, taus=taus, knn=knn)
     except ConfigError as err:  # a bad override: an argument error, named by the config
         raise UsageError(str(err)) from err
     return 0
@@ -87,7 +93,8 @@ def _run_checkpoint(args: dict[str, str]) -> int:
 
 def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, gt: str | Path | None = None,
                         image_root: str | Path | None = None, train_gt: str | Path | None = None,
-                        max_dets: int = 300, overrides: Sequence[str] = ()) -> dict[str, Any] | None:
+                        max_dets: int = 300, overrides: Sequence[str] = (), taus: Sequence[float] = (),
+                        knn: bool = False) -> dict[str, Any] | None:
     """Predict the val set with a trained checkpoint and score it with the LVIS metrics.
 
     Works the same in one process and under ``accelerate launch`` on several, through the engine's
@@ -106,10 +113,12 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, g
         max_dets: detections per image (top-k over queries x classes).
         overrides: ``key=value`` changes to the saved config (``stage.eval_batch_size``,
             ``stage.max_eval_images``, ``data.eval_scale``, ...).
+        taus: tau-normalisation values, one model variant each (``out/tau_<value>``); empty: the model as is.
+        knn: also score the model with k-NN over its class centres (``out/knn``; metric-learning heads).
 
     Returns:
         The metrics (AP, APr, APc, APf, AP1..AP4, ...) on every process; with several model variants (tau,
-        later) those of the first.
+        knn) those of the first.
     """
     import torch
 
@@ -140,8 +149,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, g
                       f"({len(val_ds)} images, {accelerator.num_processes} process(es)); training counts for "
                       f"AP1..AP4 from {train_ann or 'the val file categories'}")
 
-    first = None
-    for name, model in model_variants(trained.model):
+    first, table = None, {}
+    for name, model in model_variants(trained.model, taus=taus, knn=knn):
         target = out / name if name else out
         predict = common.detection_predictor(model, trained.categories, num_top=max_dets)
         # The engine's Trainer runs the distributed predict/gather/score; its optimizer is never stepped
@@ -151,25 +160,88 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, g
         trainer = Trainer(accelerator, model, common.build_criterion(cfg, model, accelerator),
                           common.eval_loader(val_ds, batch_size, collate, workers), settings, target,
                           val_loader=common.eval_loader(val_ds, batch_size, collate, workers),
-                          predict_fn=lambda m, batch: predict(accelerator.unwrap_model(m), batch),
+                          predict_fn=lambda m, batch, predict=predict: predict(accelerator.unwrap_model(m), batch),
                           evaluate_fn=common.lvis_evaluator(cfg.data.val_ann, train_ann, max_dets=max_dets),
                           categories=trained.categories, config=cfg)
         metrics = trainer.evaluate(target, tag=f"checkpoint:{name or trained.path.name}")
         if accelerator.is_main_process:
             print(f"wrote {target / 'predictions.json'}, {target / 'metrics.json'} and {target / 'per_class.csv'}")
         first = metrics if first is None else first
+        table[name] = metrics
+    if accelerator.is_main_process and any(table):
+        print(variant_table(table, out), end="")
     return first
 
 
-def model_variants(model: "nn.Module") -> Iterator[tuple[str, "nn.Module"]]:
+def model_variants(model: nn.Module, taus: Sequence[float] = (),
+                   knn: bool = False) -> Iterator[tuple[str, nn.Module]]:
     """The models the ``checkpoint=`` mode evaluates, as ``(name, model)``; each gets ``out/<name>``
     (``out`` itself for the name ``""``).
 
-    Today: the checkpoint's model as it is. This is the hook for inference-time variants of one checkpoint:
-    tau normalisation (issue 6) adds a ``tau=0,0.25,...`` key and yields one ``("tau_<value>", model with
-    class weights w / ||w||^tau)`` per value here.
+    Without options the checkpoint's model as it is. ``taus``: one ``("tau_<value>", copy)`` per value, every
+    class head's weight rows divided by their L2 norm ** tau (biases untouched; see
+    ``stepwise.heads.inference.tau_normalize_``). ``knn``: then ``("knn", copy)`` whose metric-learning
+    heads score by k-NN over the class centres (checked before anything is yielded: a model without class
+    centres raises ValueError at once). Tau copies are made one at a time, as the caller iterates.
     """
-    yield "", model
+    from stepwise.heads.inference import tau_normalized, with_knn
+
+    knn_model = with_knn(model) if knn else None
+    if not taus:
+        yield "", model
+    for tau in taus:
+        yield f"tau_{tau:g}", tau_normalized(model, tau)
+    if knn_model is not None:
+        yield "knn", knn_model
+
+
+VARIANT_KEYS = ("AP", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4")
+
+
+def variant_table(table: dict[str, dict[str, Any] | None], out: str | Path) -> str:
+    """Write ``out/variants.csv`` and ``out/variants.json`` (metrics per variant); return the printed table
+    of ``VARIANT_KEYS`` in percent ('-' where undefined)."""
+    import csv
+    import io
+
+    from stepwise.utils.io import atomic_write_json, atomic_write_text
+
+    rows = [{"variant": name or "model", **{k: (m or {}).get(k) for k in VARIANT_KEYS}} for name, m in table.items()]
+    out = Path(out)
+    atomic_write_json(out / "variants.json", {name or "model": m for name, m in table.items()})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["variant", *VARIANT_KEYS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "variants.csv", buf.getvalue())
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    width = max(len(r["variant"]) for r in rows + [{"variant": "variant"}])
+    lines = [" ".join(["variant".ljust(width), *(k.rjust(5) for k in VARIANT_KEYS)])]
+    lines += [" ".join([r["variant"].ljust(width), *(fmt(r[k]).rjust(5) for k in VARIANT_KEYS)]) for r in rows]
+    return "\n".join(lines) + f"\nwrote {out / 'variants.csv'} and {out / 'variants.json'}\n"
+
+
+def parse_taus(text: str | None) -> list[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` (None or "" -> []); a bad or negative value is a UsageError."""
+    if not text:
+        return []
+    try:
+        taus = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise UsageError(f"tau must be a comma-separated list of numbers, got {text!r}") from None
+    if any(not math.isfinite(t) or t < 0 for t in taus) or len(set(taus)) != len(taus):
+        raise UsageError(f"tau values must be distinct numbers >= 0, got {text!r}")
+    return taus
+
+
+def parse_bool(key: str, text: str) -> bool:
+    """``true/false`` (also 1/0, yes/no) -> bool; anything else is a UsageError naming ``key``."""
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise UsageError(f"{key} must be true or false, got {text!r}")
+    return value in ("true", "1", "yes")
 
 
 MODES: dict[str, Mode] = {
@@ -186,7 +258,7 @@ MODES: dict[str, Mode] = {
         optional=CHECKPOINT_KEYS,
         run=_run_checkpoint,
         usage="checkpoint=PATH [gt=VAL_ANN] [image_root=DIR] [train_gt=TRAIN_ANN] [out=DIR] [max_dets=300] "
-              "[config overrides, e.g. stage.eval_batch_size=4]",
+              "[tau=0,0.5,1] [knn=true] [config overrides, e.g. stage.eval_batch_size=4]",
         overrides=True,
     ),
 }

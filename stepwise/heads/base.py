@@ -89,6 +89,18 @@ class ClassifierHead(nn.Module, metaclass=ABCMeta):
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state but got keys {sorted(state)}")
 
+    def class_weight_rows(self) -> torch.Tensor:
+        """(C, D) the classifier weight row of each class, in class order (weight-norm plots, tau-norm).
+
+        Default: the weight of a ``linear`` layer whose outputs are exactly the C class logits (the sigmoid
+        head), returned as the parameter itself; any other head must override this.
+        """
+        linear = getattr(self, "linear", None)
+        if isinstance(linear, nn.Linear) and linear.out_features == self.num_classes == self.num_outputs:
+            return linear.weight
+        raise NotImplementedError(f"{type(self).__name__} does not expose per-class weight rows: implement "
+                                  f"class_weight_rows() -> (C, D) on it")
+
 
 def matched_labels(
     matches: list[tuple[torch.Tensor, torch.Tensor]],

@@ -1,0 +1,323 @@
+"""Balanced group softmax heads: BAGS (Li et al., CVPR 2020) and hybrid BAGS (Gaba 2025).
+
+Classes are split into N groups by training instance count (see ``grouping``); each group gets an extra
+"others" slot, and a background group G0 = {foreground, no-object} decides whether a query is an object.
+One linear layer has K = C + N + 2 outputs, laid out as
+
+    [G0: foreground, no-object | G_1: its classes in id order, others | ... | G_N: ..., others]
+
+* Scores (matching and post-processing): p_j = p_fg x softmax over j's group, "others" dropped, in
+  class-id order.
+* Training, per layer: G0 sees every query (matched: foreground, unmatched: no-object) with a sigmoid
+  focal loss (``g0_loss=focal``, default) or DETR's cross-entropy with the no-object term down-weighted by
+  ``eos_coef`` (``g0_loss=ce``) — only a handful of 100-300 queries are matched, far more unbalanced than
+  a two-stage detector's RoIs. Group n is active when a matched query's class is in it: its positives
+  target their class, and ``beta`` x #positives "others" samples are drawn (torch RNG) from the other
+  queries (unmatched ones and those matched to classes of other groups). A group with no positive gives
+  no loss. Each active group's softmax cross-entropy is averaged over its own samples; ``loss_ce`` =
+  G0 loss + the sum over active groups.
+* Two-stage encoder proposals (``layer="enc"``, every label 0): the same rule, so G0 learns
+  foreground/no-object and class 0's group learns class 0 vs "others"; the encoder ranks its proposals by
+  ``logits[..., 0]``, which is G0's foreground log-odds (see ``forward``).
+
+Hybrid BAGS uses bins from exact k-means on log instance counts and, inside the bins, inverse-frequency
+class weights normalised to mean 1 within each bin and/or a softmax focal loss (both optional).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+from stepwise.heads.base import ClassifierHead, matched_labels
+from stepwise.heads.grouping import DEFAULT_EDGES, groups_from_edges, groups_from_kmeans
+
+G0_LOSSES = ("focal", "ce")
+NUM_G0 = 2  # G0's outputs: foreground, no-object
+
+
+@dataclass
+class GroupSamples:
+    """One active group's training samples over the flattened (B*Q) queries.
+
+    Attributes:
+        rows: (S,) query indices: the group's positives first, then the sampled "others".
+        cols: (S,) target column among the group columns (output index - 2).
+        weights: (S,) per-sample loss weight (class weight of positives, 1 for "others").
+        num_positive: how many of ``rows`` are positives.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    weights: torch.Tensor
+    num_positive: int
+
+
+def group_layout(class_group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output columns of the grouped layout (see the module docstring).
+
+    Args:
+        class_group: (C,) group index 0..num_groups-1 of each class.
+        num_groups: N (groups without classes keep their "others" slot).
+
+    Returns:
+        class_output (C,): output column of each class; others_output (N,): output column of each group's
+        "others"; output_group (C + N,): group of each column after G0's two.
+    """
+    class_output = torch.empty_like(class_group)
+    others_output = torch.empty(num_groups, dtype=torch.long)
+    output_group = torch.empty(len(class_group) + num_groups, dtype=torch.long)
+    col = NUM_G0
+    for n in range(num_groups):
+        members = (class_group == n).nonzero().flatten()  # ascending class index
+        class_output[members] = torch.arange(col, col + len(members))
+        output_group[col - NUM_G0: col - NUM_G0 + len(members) + 1] = n
+        col += len(members)
+        others_output[n] = col
+        col += 1
+    return class_output, others_output, output_group
+
+
+class GroupSoftmaxHead(ClassifierHead):
+    """Balanced group softmax over given class groups (BAGS; hybrid BAGS with class weights / focal).
+
+    Args:
+        in_dim: D, the query feature size.
+        class_group: (C,) group 0..N-1 of each class (rarest group first).
+        num_groups: N; default ``class_group.max() + 1``.
+        beta: "others" samples per positive in each active group (BAGS: 8).
+        g0_loss: ``focal`` (sigmoid focal on the foreground log-odds, summed / num_boxes) or ``ce``
+            (DETR's weighted cross-entropy: no-object weight ``eos_coef``, mean over the weights).
+        g0_alpha, g0_gamma: the G0 focal loss's alpha and gamma.
+        eos_coef: the no-object weight of ``g0_loss=ce``.
+        prior_prob: initial foreground probability p_fg (G0's bias), as the sigmoid head's prior.
+        class_weight: (C,) loss weight of each class as a positive in its group (default all 1).
+        focal_gamma: > 0 turns each group's cross-entropy into softmax focal loss (1 - p_t)^gamma CE.
+    """
+
+    supports_ignore = True  # honours targets[b]["ignore_queries"]: such queries get no loss at all
+
+    def __init__(self, in_dim: int, class_group: torch.Tensor | Sequence[int], num_groups: int | None = None,
+                 beta: float = 8.0, g0_loss: str = "focal", g0_alpha: float = 0.25, g0_gamma: float = 2.0,
+                 eos_coef: float = 0.1, prior_prob: float = 0.01,
+                 class_weight: torch.Tensor | Sequence[float] | None = None, focal_gamma: float = 0.0):
+        super().__init__()
+        class_group = torch.as_tensor(class_group, dtype=torch.long)
+        num_groups = int(class_group.max()) + 1 if num_groups is None else int(num_groups)
+        if class_group.dim() != 1 or len(class_group) < 1 or class_group.min() < 0 or class_group.max() >= num_groups:
+            raise ValueError(f"class_group must be a (C,) tensor of group indices in [0, {num_groups})")
+        if g0_loss not in G0_LOSSES:
+            raise ValueError(f"g0_loss must be one of {G0_LOSSES}, got {g0_loss!r}")
+        if beta < 0 or not 0 < prior_prob < 1 or focal_gamma < 0 or eos_coef <= 0:
+            raise ValueError(f"need beta >= 0, 0 < prior_prob < 1, focal_gamma >= 0, eos_coef > 0; got beta={beta}, "
+                             f"prior_prob={prior_prob}, focal_gamma={focal_gamma}, eos_coef={eos_coef}")
+        self.num_classes = len(class_group)
+        self.num_groups = num_groups
+        self.num_outputs = self.num_classes + num_groups + NUM_G0
+        self.beta, self.g0_loss, self.g0_alpha, self.g0_gamma = float(beta), g0_loss, g0_alpha, g0_gamma
+        self.eos_coef, self.prior_prob, self.focal_gamma = float(eos_coef), float(prior_prob), float(focal_gamma)
+        weight = torch.ones(self.num_classes) if class_weight is None else torch.as_tensor(class_weight).float()
+        if weight.shape != (self.num_classes,) or (weight < 0).any():
+            raise ValueError(f"class_weight must be {self.num_classes} non-negative numbers")
+        class_output, others_output, output_group = group_layout(class_group, num_groups)
+        # Derived from the training annotations: buffers, so every checkpoint carries the grouping.
+        self.register_buffer("class_group", class_group)
+        self.register_buffer("class_output", class_output)
+        self.register_buffer("others_output", others_output)
+        self.register_buffer("output_group", output_group)
+        self.register_buffer("class_weight", weight)
+        self.linear = nn.Linear(in_dim, self.num_outputs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default weights; biases 0 except G0's, which starts p_fg at ``prior_prob``."""
+        self.linear.reset_parameters()
+        nn.init.zeros_(self.linear.bias)
+        with torch.no_grad():
+            self.linear.bias[0] = -math.log((1 - self.prior_prob) / self.prior_prob)
+
+    # ------------------------------------------------------------------------------------- inference
+    def forward(self, query_features: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., K) logits. G0's pair (z_fg, z_no) is returned as (z_fg - z_no, 0): the same
+        2-way softmax, with column 0 the foreground log-odds (the two-stage encoder ranks proposals by it)."""
+        z = self.linear(query_features)
+        log_odds = z[..., :1] - z[..., 1:2]
+        return torch.cat([log_odds, torch.zeros_like(log_odds), z[..., NUM_G0:]], dim=-1)
+
+    def foreground_log_odds(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (...,) log p_fg - log p_no-object of G0's softmax."""
+        logits = _upcast(logits)
+        return logits[..., 0] - logits[..., 1]
+
+    def group_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (..., C + N) log-softmax of each class/"others" column within its own group."""
+        z = _upcast(logits[..., NUM_G0:])
+        index = self.output_group.expand_as(z)
+        shape = (*z.shape[:-1], self.num_groups)
+        peak = z.new_full(shape, -math.inf).scatter_reduce(-1, index, z.detach(), "amax")
+        shifted = z - peak.index_select(-1, self.output_group)
+        total = z.new_zeros(shape).scatter_add(-1, index, shifted.exp())
+        return shifted - total.log().index_select(-1, self.output_group)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., K) logits -> (..., C) p_fg(G0) x p_j(softmax in j's group), "others" dropped, class order."""
+        p_fg = torch.sigmoid(self.foreground_log_odds(logits))
+        p_class = self.group_log_probs(logits).index_select(-1, self.class_output - NUM_G0).exp()
+        return p_fg.unsqueeze(-1) * p_class
+
+    def class_weight_rows(self) -> torch.Tensor:
+        """(C, D) the class rows of the linear layer, in class order (G0 and "others" rows left out)."""
+        return self.linear.weight[self.class_output]
+
+    @torch.no_grad()
+    def tau_normalize_(self, tau: float) -> None:
+        """Divide each class row by its L2 norm ** tau in place; biases, G0 and "others" rows untouched."""
+        rows = self.linear.weight[self.class_output]
+        self.linear.weight[self.class_output] = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)
+
+    # -------------------------------------------------------------------------------------- training
+    def sample_groups(self, labels: torch.Tensor, valid: torch.Tensor) -> list[GroupSamples | None]:
+        """Training samples of every group over flattened queries (None for an inactive group).
+
+        Args:
+            labels: (M,) long matched class per query, C for unmatched (no-object).
+            valid: (M,) bool, False for queries left out of every loss (matched to an "ignore" box).
+
+        "Others" candidates of group n: valid queries that are not its positives. ``floor(beta * P_n)`` of
+        them are drawn uniformly without replacement with the torch RNG of ``labels``' device (all of them
+        when there are fewer).
+        """
+        c = self.num_classes
+        matched = (labels < c) & valid
+        group = torch.where(matched, self.class_group[labels.clamp(max=c - 1)], -1)
+        positives = torch.bincount(group[matched], minlength=self.num_groups).tolist()
+        num_valid = int(valid.sum())
+        out: list[GroupSamples | None] = []
+        for n, num_pos in enumerate(positives):
+            if num_pos == 0:
+                out.append(None)
+                continue
+            is_pos = group == n
+            pos_rows = is_pos.nonzero().flatten()
+            candidates = valid & ~is_pos
+            num_others = min(int(self.beta * num_pos), num_valid - num_pos)
+            if num_others == num_valid - num_pos:
+                other_rows = candidates.nonzero().flatten()
+            else:
+                keys = torch.rand(labels.shape, device=labels.device).masked_fill(~candidates, 2.0)
+                other_rows = keys.topk(num_others, largest=False).indices.sort().values
+            pos_labels = labels[pos_rows]
+            cols = torch.cat([self.class_output[pos_labels],
+                              self.others_output[n].expand(len(other_rows))]) - NUM_G0
+            weights = torch.cat([self.class_weight[pos_labels], self.class_weight.new_ones(len(other_rows))])
+            out.append(GroupSamples(torch.cat([pos_rows, other_rows]), cols, weights, num_pos))
+        return out
+
+    def loss(self, logits, matches, targets, num_boxes, features=None, layer="") -> dict[str, torch.Tensor]:
+        """``loss_ce`` = G0 loss + sum over active groups of their sample-averaged softmax CE (or focal).
+
+        Args:
+            logits: (B, Q, K) of one layer; matches/targets/num_boxes as in ``ClassifierHead.loss``.
+        """
+        batch, queries, width = logits.shape
+        if width != self.num_outputs:
+            raise ValueError(f"{type(self).__name__}: logits have {width} columns, expected {self.num_outputs} "
+                             f"(C={self.num_classes} + N={self.num_groups} + 2)")
+        labels = matched_labels(matches, targets, queries, fill=self.num_classes, num_labels=self.num_classes,
+                                device=logits.device)
+        valid = ~ignored_queries(targets, batch, queries, logits.device)
+        loss = self.g0_loss_value(self.foreground_log_odds(logits), labels < self.num_classes, valid, num_boxes)
+        log_probs = self.group_log_probs(logits).flatten(0, -2)
+        for samples in self.sample_groups(labels.flatten(), valid.flatten()):
+            if samples is None:
+                continue  # no positive in the batch: the group gives no loss
+            log_p = log_probs[samples.rows, samples.cols]
+            per_sample = -log_p
+            if self.focal_gamma > 0:
+                per_sample = per_sample * (1 - log_p.exp()).pow(self.focal_gamma)
+            loss = loss + (samples.weights * per_sample).sum() / len(samples.rows)
+        return {"loss_ce": loss}
+
+    def g0_loss_value(self, log_odds: torch.Tensor, foreground: torch.Tensor, valid: torch.Tensor,
+                      num_boxes: float) -> torch.Tensor:
+        """G0's loss from (B, Q) foreground log-odds, (B, Q) bool foreground targets and validity."""
+        target = foreground.float()
+        if self.g0_loss == "focal":
+            per_query = sigmoid_focal_loss(log_odds, target, alpha=self.g0_alpha, gamma=self.g0_gamma,
+                                           reduction="none")
+            return (per_query * valid).sum() / num_boxes
+        # DETR: cross-entropy over (object, no-object) with the no-object class weighted by eos_coef.
+        weight = torch.where(foreground, 1.0, self.eos_coef) * valid
+        per_query = F.binary_cross_entropy_with_logits(log_odds, target, reduction="none")
+        return (weight * per_query).sum() / weight.sum().clamp_min(1e-12)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 for the softmaxes and losses (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def ignored_queries(targets: list[dict[str, Any]], batch: int, queries: int, device: torch.device) -> torch.Tensor:
+    """(B, Q) bool: the queries the criterion marked ``ignore_queries`` (matched to "ignore" boxes)."""
+    out = torch.zeros(batch, queries, dtype=torch.bool, device=device)
+    for b, target in enumerate(targets):
+        if "ignore_queries" in target:
+            out[b] = target["ignore_queries"].to(device)
+    return out
+
+
+def instance_counts(categories: Any, num_classes: int, head: str) -> list[int]:
+    """The training instance counts of the build context's ``categories`` (a clear error without them)."""
+    counts = getattr(categories, "instance_counts", None)
+    if counts is None:
+        raise ValueError(f"head={head} groups classes by training instance count: build it with the training "
+                         f"categories (build_head(..., categories=CategoryMap))")
+    if len(counts) != num_classes:
+        raise ValueError(f"head={head}: {len(counts)} category counts for {num_classes} classes")
+    return [int(c) for c in counts]
+
+
+def _common_options(cfg_head) -> dict[str, Any]:
+    return {"beta": float(cfg_head.get("beta", 8.0)), "g0_loss": str(cfg_head.get("g0_loss", "focal")),
+            "g0_alpha": float(cfg_head.get("g0_alpha", 0.25)), "g0_gamma": float(cfg_head.get("g0_gamma", 2.0)),
+            "eos_coef": float(cfg_head.get("eos_coef", 0.1)), "prior_prob": float(cfg_head.get("prior_prob", 0.01))}
+
+
+class BAGSHead(GroupSoftmaxHead):
+    """BAGS: groups by fixed instance-count ``edges`` (default 10, 100, 1000 -> 4 groups)."""
+
+    @classmethod
+    def from_config(cls, cfg_head, in_dim: int, num_classes: int, categories: Any = None, **context) -> BAGSHead:
+        edges = [float(e) for e in cfg_head.get("edges", DEFAULT_EDGES)]
+        groups = groups_from_edges(instance_counts(categories, num_classes, "bags"), edges)
+        return cls(in_dim, groups, num_groups=len(edges) + 1, **_common_options(cfg_head))
+
+
+class HybridBAGSHead(GroupSoftmaxHead):
+    """Hybrid BAGS: bins from k-means on log instance counts; class weights and/or focal loss in bins."""
+
+    @classmethod
+    def from_config(cls, cfg_head, in_dim: int, num_classes: int, categories: Any = None,
+                    **context) -> HybridBAGSHead:
+        counts = instance_counts(categories, num_classes, "hybrid_bags")
+        bins = groups_from_kmeans(counts, int(cfg_head.get("num_bins", 4)))
+        weight = None
+        if bool(cfg_head.get("class_weights", True)):
+            weight = bin_class_weights(counts, bins, float(cfg_head.get("class_weight_power", 1.0)))
+        return cls(in_dim, bins, class_weight=weight, focal_gamma=float(cfg_head.get("focal_gamma", 0.0)),
+                   **_common_options(cfg_head))
+
+
+def bin_class_weights(instance_counts: Sequence[int], bins: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """(C,) inverse-frequency weights max(count, 1) ** -power, scaled to mean 1 within each bin."""
+    raw = torch.tensor([max(int(c), 1) for c in instance_counts], dtype=torch.float64).pow(-power)
+    num_bins = int(bins.max()) + 1
+    mean = torch.zeros(num_bins, dtype=torch.float64).index_add(0, bins, raw) / torch.bincount(bins, minlength=num_bins)
+    return (raw / mean[bins]).float()
