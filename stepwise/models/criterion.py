@@ -91,8 +91,9 @@ class SetCriterion(nn.Module):
                 losses.update({f"{k}_{i}": v for k, v in layer.items()})
         if outputs.enc_logits is not None:
             # Encoder proposals are class-agnostic: every target is class 0, matched on its own.
-            enc_full = [{**t, "labels": torch.zeros_like(t["labels"])} for t in full_targets]
             enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            enc_full = enc_targets if full_targets is targets else \
+                [{**t, "labels": torch.zeros_like(t["labels"])} for t in full_targets]
             enc_matches, enc_targets = self._match(outputs.enc_logits, outputs.enc_boxes, enc_full, enc_targets)
             layer = self.layer_losses(outputs.enc_logits, outputs.enc_boxes, enc_matches, enc_targets, num_boxes,
                                       features=None, layer="enc")
