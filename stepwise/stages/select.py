@@ -68,8 +68,30 @@ def score_batch(model: torch.nn.Module, matcher: Any, batch: Any, category_ids: 
     return records
 
 
+def limit_heap_fragmentation() -> None:
+    """Serve large allocations with mmap and trim freed heap memory (glibc only; a no-op elsewhere).
+
+    Scoring allocates activation buffers of a different size for every padded batch; glibc keeps the freed
+    ones fragmented on the heap, so the resident size crept up with the number of batches (1.10 -> 1.73 GiB
+    over 100 batches of the large preset) although nothing is retained. With these two settings it stays
+    flat (1.07 -> 1.10 GiB): the same effect as ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 0)      # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
 def score_dataset(cfg: Any, accelerator: Accelerator, out_path: Path) -> int:
     """Write ``scores.jsonl`` for the training set of ``cfg.data``; returns the number of images scored."""
+    limit_heap_fragmentation()
     from stepwise.analysis.trained import load_trained_model
     from stepwise.data import build_dataset
     from stepwise.engine import shard_eval_loader
