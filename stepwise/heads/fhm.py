@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from stepwise.heads.indicators import all_reduce_sum
+from stepwise.heads.indicators import all_reduce_sum, restore_tensors
 
 
 def sampling_probs(accuracy: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
@@ -90,15 +90,7 @@ class FeatureHallucination:
 
     def load_state(self, state: dict[str, Any], prefix: str = "") -> None:
         """Restore :meth:`state`; a missing key or a shape mismatch raises ValueError naming the key."""
-        for name in self._KEYS:
-            key = prefix + name
-            if key not in state:
-                raise ValueError(f"head state lacks {key!r}")
-            own, value = getattr(self, name), torch.as_tensor(state[key])
-            if value.shape != own.shape:
-                raise ValueError(f"head state {key!r} has shape {tuple(value.shape)}, expected {tuple(own.shape)} "
-                                 f"({self.num_classes} classes x {self.dim} features)")
-            setattr(self, name, value.to(device=own.device, dtype=own.dtype).clone())
+        restore_tensors(self, state, self._KEYS, prefix, f"{self.num_classes} classes x {self.dim} features")
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:

@@ -31,6 +31,23 @@ import torch.distributed as dist
 INDICATORS = ("confusion", "image_freq", "instance_freq", "instance_count", "score", "tpr")
 
 
+def restore_tensors(owner: Any, state: dict[str, Any], names: Sequence[str], prefix: str, context: str) -> None:
+    """Set ``owner.<name>`` from ``state[prefix + name]`` for every name, on the owner's device and dtype.
+
+    Raises ValueError naming the key when it is missing or its shape differs (``context`` describes the
+    expected size, e.g. "40 classes").
+    """
+    for name in names:
+        key = prefix + name
+        if key not in state:
+            raise ValueError(f"head state lacks {key!r}")
+        own, value = getattr(owner, name), torch.as_tensor(state[key])
+        if value.shape != own.shape:
+            raise ValueError(f"head state {key!r} has shape {tuple(value.shape)}, expected {tuple(own.shape)} "
+                             f"({context})")
+        setattr(owner, name, value.to(device=own.device, dtype=own.dtype).clone())
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over processes in place when torch.distributed is initialised; identity otherwise."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -92,16 +109,7 @@ class LongTermIndicators:
 
     def load_state(self, state: dict[str, Any], prefix: str = "") -> None:
         """Restore :meth:`state`; a missing key or a shape mismatch raises ValueError naming the key."""
-        for name in (*self._DYNAMIC, *self._STATIC):
-            key = prefix + name
-            if key not in state:
-                raise ValueError(f"head state lacks {key!r}")
-            own = getattr(self, name)
-            value = torch.as_tensor(state[key])
-            if value.shape != own.shape:
-                raise ValueError(f"head state {key!r} has shape {tuple(value.shape)}, expected {tuple(own.shape)} "
-                                 f"({self.num_classes} classes)")
-            setattr(self, name, value.to(device=own.device, dtype=own.dtype).clone())
+        restore_tensors(self, state, (*self._DYNAMIC, *self._STATIC), prefix, f"{self.num_classes} classes")
 
     # ----------------------------------------------------------------------------------------- update
     @torch.no_grad()
