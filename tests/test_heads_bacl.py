@@ -109,7 +109,7 @@ def test_fcbl_hand_computed():
 
 def test_head_loss_updates_indicators_first_then_fcbl():
     """Train mode, layer "": the step's samples enter the indicator before the loss uses it."""
-    head = make_head(alpha=0.5, indicator="instance_count", bg_gamma=2.0, fhm=False)
+    head = make_head(alpha=0.5, indicator="instance_count", unmatched="background", bg_gamma=2.0, fhm=False)
     head.indicators.class_count = torch.tensor([9.0, 3.0, 0.0], dtype=torch.float64)
     logits = torch.tensor([[[1.0, -1.0, 0.5, -2.0],     # query 0 -> class 0
                             [0.0, 0.0, 0.0, 1.0],       # query 1 unmatched
@@ -130,6 +130,40 @@ def test_head_loss_updates_indicators_first_then_fcbl():
     losses["loss_ce"].backward()
     assert logits.grad[0, 1, :3].abs().sum() == 0  # unmatched queries train only the background channel
     assert logits.grad[0, 0, 1] == 0 and logits.grad[0, 2, 1] != 0  # w_j = 0 / 1
+
+
+def test_eq2_background_one_matched_two_unmatched_by_hand():
+    """The default: an unmatched query gets the paper's Eq. 2 on every channel, -log p_bg - sum_j log(1 - p_j);
+    the matched one FCBL. 3 classes, 1 matched + 2 unmatched queries, instance-count indicator."""
+    head = make_head(alpha=0.5, indicator="instance_count", fhm=False)
+    assert head.unmatched == "eq2" and head.bg_gamma == 0.0
+    head.indicators.class_count = torch.tensor([4.0, 1.0, 1.0], dtype=torch.float64)
+    logits = torch.tensor([[[0.3, 1.5, -0.4, -1.0],     # query 0 unmatched
+                            [2.0, -1.0, 0.1, -2.0],     # query 1 -> class 0
+                            [-0.2, 0.4, 1.0, 0.5]]],    # query 2 unmatched
+                          requires_grad=True)
+    matches, targets = one_image([0], [1])
+    loss = head.loss(logits, matches, targets, num_boxes=1.0, features=None, layer="")["loss_ce"]
+    # query 1: p = .881 .269 .525, p_bg = .119 -> scores s_j = (1 - p_bg) p_j: .776 .237 .462; none >= s_gt
+    # or >= 0.7 -> all weights 0 (so the margins do not enter): FCBL = -log p_0 - log(1 - p_bg)
+    matched = -math.log(sig(2.0)) - math.log(1 - sig(-2.0))
+    def eq2(z, z_bg):
+        return -math.log(sig(z_bg)) - sum(math.log(1 - sig(v)) for v in z)
+    expected = matched + eq2([0.3, 1.5, -0.4], -1.0) + eq2([-0.2, 0.4, 1.0], 0.5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert logits.grad[0, 0, :3].abs().min() > 0  # unmatched queries push every foreground sigmoid down
+    # with a focal factor: -(1 - p_bg)^2 log p_bg - sum_j p_j^2 log(1 - p_j)
+    focal = make_head(alpha=0.5, indicator="instance_count", fhm=False, bg_gamma=2.0)
+    focal.indicators.class_count = torch.tensor([4.0, 1.0, 1.0], dtype=torch.float64)
+    got = focal.loss(logits.detach(), matches, targets, num_boxes=1.0, layer="")["loss_ce"].item()
+    def eq2_focal(z, z_bg):
+        return (-(1 - sig(z_bg)) ** 2 * math.log(sig(z_bg))
+                - sum(sig(v) ** 2 * math.log(1 - sig(v)) for v in z))
+    assert got == pytest.approx(matched + eq2_focal([0.3, 1.5, -0.4], -1.0) + eq2_focal([-0.2, 0.4, 1.0], 0.5),
+                                rel=1e-5)
+    with pytest.raises(ValueError, match="unmatched"):
+        make_head(unmatched="focal")
 
 
 def test_aux_layers_and_eval_do_not_update():

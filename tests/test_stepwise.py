@@ -182,8 +182,8 @@ def test_teacher_gets_no_gradient_and_frozen_student_parts_none(tmp_path):
     teacher.eval().requires_grad_(False)
     trainable_only(student, ["input_proj", "class_embed"])
     head = student.class_embed[0]
-    criterion = DistillCriterion(build_criterion(cfg.loss, head, 1, two_stage=True), head, teacher.class_embed[0],
-                                 torch.tensor([True, True, False, False, True]))
+    criterion = DistillCriterion(build_criterion(cfg.loss, head, 1, two_stage=True), [head],
+                                 [teacher.class_embed[0]], torch.tensor([True, True, False, False, True]))
     batch = ImageBatch(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool),
                        [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2],
                                                                                  [0.6, 0.6, 0.3, 0.3]])}])
@@ -221,6 +221,25 @@ def test_stage_all_end_to_end_and_frozen_parameters(tmp_path):
     assert summary["d_head"]["annotations"] > 0 and summary["d_tail"]["tail_instances"] > 0
     scored = (runs / "select" / "scores.jsonl").read_text().splitlines()
     assert len(scored) == summary["scored_instances"] > 0
+
+    # each replay stage wrote the step-wise RFS factors it used: recomputed here from its replay file
+    from stepwise.data import build_dataset
+    from stepwise.data.categories import CategoryMap
+    from stepwise.data.samplers import GroupRule, image_repeat_factors, stepwise_class_factors
+    from stepwise.config import load_config
+
+    cfg = load_config(["data.preset=tiny", f"data.root={tmp_path / 'data'}"])
+    full = CategoryMap.from_annotations(json.loads(Path(cfg.data.train_ann).read_text()))
+    for stage, replay, rules in (("finetune", "d_head", cfg.stepwise.rfs.d_head),
+                                 ("distill", "d_tail", cfg.stepwise.rfs.d_tail)):
+        report = json.loads((runs / stage / "repeat_factors.json").read_text())
+        ds = build_dataset(cfg.data, "train", ann_file=str(runs / "select" / f"{replay}.json"), categories=full)
+        classes = [ds.image_classes(i) for i in range(len(ds))]
+        _, r, _ = stepwise_class_factors(classes, full.image_counts, GroupRule.parse(rules))
+        assert report["mode"] == "stepwise" and report["replay_set"] == replay and report["rounding"] == "ceil"
+        assert report["num_images"] == len(ds)
+        assert report["expected_epoch_length"] == float(image_repeat_factors(classes, r).sum())
+        assert [report["categories"][str(cid)]["r"] for cid in full.ids] == pytest.approx(r.tolist())
 
     weights = {s: load_checkpoint(runs / s / "checkpoint_final.pt")["model"] for s in results}
     trainable = ("input_proj.", "class_embed.")

@@ -1,8 +1,14 @@
-"""Repeat factor sampling (RFS, Gupta et al. 2019, LVIS) with detectron2's semantics, for a finite epoch.
+"""Repeat factor sampling (RFS, Gupta et al. 2019, LVIS) for a finite epoch: detectron2's generic rule and
+the step-wise method's per-group rules inside a replay set.
 
-For each class c, ``f_c`` is the fraction of training images that contain c (images without annotations
-count in the denominator); its repeat factor is ``r_c = max(1, sqrt(t / f_c))``; an image's factor is the
-largest ``r_c`` over its classes (1 for an image without annotations).
+For each class c, ``f_c`` is the fraction of the sampled set's images that contain c (images without
+annotations count in the denominator). Generic RFS (detectron2): ``r_c = max(1, sqrt(t / f_c))``. Step-wise
+RFS (the step-wise paper's public samplers ``DistributedRepeatFactorReSampler_0`` / ``_1``): the classes are
+grouped by their image count in the *full* training file and each group has its own rule
+``r_c = max(1, (t_g / f_c) ** p_g)`` (a class in no group: r_c = 1), see :class:`GroupRule`. An image's
+factor is the largest ``r_c`` over its classes (1 for an image without annotations), rounded up
+(``rounding="ceil"``, the public code) or left fractional for the sampler's stochastic rounding
+(``"stochastic"``, detectron2).
 
 detectron2's ``RepeatFactorTrainingSampler`` is infinite. Here an epoch is finite: at ``set_epoch(e)`` each
 image ``i`` is repeated ``floor(r_i) + Bernoulli(frac(r_i))`` times, with a generator seeded by
@@ -25,7 +31,8 @@ concerns ``RandomSampler``.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +59,124 @@ def repeat_factors_from_image_classes(image_classes: Sequence[Iterable[int]], th
 def repeat_factors_from_dataset(dataset, threshold: float = 0.001) -> torch.Tensor:
     """Repeat factors (num_images,) of a dataset with ``image_classes(i)`` (e.g. ``LVISDetection``)."""
     return repeat_factors_from_image_classes([dataset.image_classes(i) for i in range(len(dataset))], threshold)
+
+
+ROUNDINGS = ("ceil", "stochastic")
+
+
+@dataclass(frozen=True)
+class GroupRule:
+    """One group of step-wise RFS: classes with at most ``max_images`` images in the full training file
+    (and more than the previous rule's ``max_images``) get ``r_c = max(1, (threshold / f_c) ** power)``."""
+
+    max_images: int
+    threshold: float
+    power: float
+
+    @classmethod
+    def parse(cls, rules: Sequence[Mapping[str, Any]], where: str = "rules") -> tuple["GroupRule", ...]:
+        """Rules from config mappings ``{max_images, threshold, power}``, checked to ascend in ``max_images``."""
+        out = []
+        for k, rule in enumerate(rules):
+            missing = {"max_images", "threshold", "power"} - set(rule)
+            if missing:
+                raise ValueError(f"{where}[{k}]: missing {sorted(missing)} (have {sorted(rule)})")
+            out.append(cls(int(rule["max_images"]), float(rule["threshold"]), float(rule["power"])))
+            if not (out[-1].threshold > 0 and out[-1].power > 0):
+                raise ValueError(f"{where}[{k}]: threshold and power must be > 0, got {dict(rule)}")
+            if k and out[-1].max_images <= out[-2].max_images:
+                raise ValueError(f"{where}: max_images must ascend, got {[r.max_images for r in out]}")
+        return tuple(out)
+
+
+def group_names(rules: Sequence[GroupRule]) -> list[str]:
+    """Names of the groups the rules define plus the last, untouched one: e.g. ``1-29 images``,
+    ``30-100 images``, ``>100 images``."""
+    names, low = [], 0
+    for rule in rules:
+        names.append(f"{low}-{rule.max_images} images" if low else f"<={rule.max_images} images")
+        low = rule.max_images + 1
+    return names + [f">{low - 1} images" if rules else "all"]
+
+
+def class_groups(full_image_counts: Sequence[int], rules: Sequence[GroupRule]) -> np.ndarray:
+    """(C,) int: the index of the first rule whose ``max_images`` covers each class's full-file image
+    count; ``len(rules)`` for a class no rule covers (r = 1)."""
+    counts = np.asarray(full_image_counts, dtype=np.int64)
+    edges = np.asarray([r.max_images for r in rules], dtype=np.int64)
+    return np.searchsorted(edges, counts, side="left")
+
+
+def stepwise_class_factors(image_classes: Sequence[Iterable[int]], full_image_counts: Sequence[int],
+                           rules: Sequence[GroupRule]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class step-wise repeat factors of one replay set.
+
+    Args:
+        image_classes: per image of the replay set, its contiguous labels.
+        full_image_counts: (C,) image count of every class in the full training file (the groups).
+        rules: the replay set's :class:`GroupRule` list.
+
+    Returns:
+        ``(f, r, group)``, each (C,): the fraction of the replay set's images containing the class (0 when
+        absent), its factor ``r_c`` (1 for absent classes and classes in no group), its group index.
+    """
+    num_classes = len(full_image_counts)
+    images = np.zeros(num_classes, dtype=np.int64)
+    for cs in image_classes:
+        for c in set(cs):
+            images[c] += 1
+    f = images / max(len(image_classes), 1)
+    group = class_groups(full_image_counts, rules)
+    r = np.ones(num_classes, dtype=np.float64)
+    for g, rule in enumerate(rules):
+        take = (group == g) & (images > 0)
+        r[take] = np.maximum(1.0, (rule.threshold / f[take]) ** rule.power)
+    return f, r, group
+
+
+def image_repeat_factors(image_classes: Sequence[Iterable[int]], class_factors: np.ndarray,
+                         rounding: str = "ceil") -> torch.Tensor:
+    """(num_images,) float64: the largest class factor of each image (1 without classes), rounded up with
+    ``rounding="ceil"``, fractional with ``"stochastic"`` (the sampler rounds it per epoch)."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown RFS rounding {rounding!r}; choose one of {ROUNDINGS}")
+    factors = np.asarray([max((float(class_factors[c]) for c in cs), default=1.0) for cs in image_classes],
+                         dtype=np.float64)
+    if rounding == "ceil":
+        factors = np.ceil(factors - 1e-12)  # 1e-12: a factor computed as 2.0000000000000004 stays 2
+    return torch.from_numpy(factors)
+
+
+def repeat_factor_report(image_classes: Sequence[Iterable[int]], factors: torch.Tensor, f: np.ndarray,
+                         r: np.ndarray, group: np.ndarray, names: Sequence[str], category_ids: Sequence[int],
+                         full_image_counts: Sequence[int]) -> dict[str, Any]:
+    """What a replay stage over-sampled, for ``repeat_factors.json``: per group the classes, the images
+    whose factor comes from one of its classes (the class with the largest r_c; ties to the lowest index)
+    and how many extra samples per epoch they bring; per category id its group, f, r.
+
+    Args:
+        image_classes: per image, its contiguous labels; factors: (num_images,) the image factors used.
+        f, r, group: (C,) from :func:`stepwise_class_factors`; names: group names (``group_names``).
+        category_ids, full_image_counts: (C,) from the full training file's category map.
+    """
+    factors = factors.double().numpy()
+    groups = [{"group": name, "classes": int((group == g).sum()), "images": 0, "extra_samples": 0.0}
+              for g, name in enumerate(names)]
+    for cs, factor in zip(image_classes, factors):
+        cs = sorted(set(cs))
+        if not cs or factor <= 1:
+            continue
+        top = cs[int(np.argmax([r[c] for c in cs]))]
+        groups[int(group[top])]["images"] += 1
+        groups[int(group[top])]["extra_samples"] += float(factor - 1)
+    return {
+        "num_images": len(factors),
+        "expected_epoch_length": float(factors.sum()),
+        "groups": groups,
+        "categories": {str(cid): {"group": names[int(group[k])], "full_image_count": int(full_image_counts[k]),
+                                  "f": float(f[k]), "r": float(r[k])}
+                       for k, cid in enumerate(category_ids)},
+    }
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

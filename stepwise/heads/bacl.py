@@ -13,9 +13,12 @@ Loss of the decoder layers (summed over queries, divided by ``num_boxes``):
   w_j = 1 where s_j >= s_i or s_j >= threshold, else 0, with s the short-term indicators: the scores of
   Eq. 5, (1 - p_bg) * sigmoid(z), not margin-adjusted (``weight_prob: sigmoid`` compares raw sigmoids);
   the weights are constants (no gradient).
-* an unmatched query trains only the background channel: -(1 - p_bg)^gamma log p_bg (gamma = 0 is the
-  paper's plain BCE; the default gamma = 2 down-weights the ~Q easy unmatched queries of a set-prediction
-  detector, where the paper's RoI sampler kept 75% background at most).
+* an unmatched query (``unmatched="eq2"``, the paper's section D: "the loss of background proposals remains
+  to be calculated by Eq. (2)"): the background channel says background and every foreground channel says
+  no, -log p_bg - sum_j log(1 - p_j); with ``bg_gamma`` > 0 each term gets a focal factor,
+  -(1 - p_bg)^gamma log p_bg - sum_j p_j^gamma log(1 - p_j). ``unmatched="background"`` trains only the
+  background channel, -(1 - p_bg)^gamma log p_bg (an option: foreground sigmoids are then never pushed down
+  by the ~Q unmatched queries of a set-prediction detector).
 
 Encoder proposals (``layer == "enc"``, every label 0) get a class-agnostic objectness loss instead: the
 two-stage transformer ranks proposals by the raw logit 0 and the matcher scores them with
@@ -46,6 +49,7 @@ from stepwise.heads.fhm import FeatureHallucination
 from stepwise.heads.indicators import INDICATORS, LongTermIndicators
 
 WEIGHT_PROBS = ("score", "sigmoid")
+UNMATCHED = ("eq2", "background")
 ENC_ALPHA, ENC_GAMMA = 0.25, 2.0  # objectness focal loss of the encoder proposals (Deformable DETR's)
 
 
@@ -90,7 +94,8 @@ class BACLHead(ClassifierHead):
         image_counts, instance_counts: (C,) training-set counts (needed by the frequency indicators).
         score_momentum: gamma of the mean-score indicator; eps: indicator floor before the log ratio.
         prior_prob: initial foreground-channel probability; bg_prior_prob: initial p_bg.
-        bg_gamma: focal exponent of the unmatched queries' background term.
+        unmatched: loss of an unmatched query, "eq2" (every channel) | "background" (background channel only).
+        bg_gamma: focal exponent of the unmatched queries' terms (0: plain BCE).
         fhm: switch the feature hallucination module on; fhm_classes (c), fhm_per_class (m),
             fhm_momentum (beta), fhm_weight (weight of ``loss_fhm``).
     """
@@ -100,7 +105,8 @@ class BACLHead(ClassifierHead):
     def __init__(self, in_dim: int, num_classes: int, alpha: float = 0.85, weight_threshold: float = 0.7,
                  weight_prob: str = "score", indicator: str = "confusion",
                  image_counts: Any = None, instance_counts: Any = None, score_momentum: float = 0.9,
-                 eps: float = 1e-6, prior_prob: float = 0.01, bg_prior_prob: float = 0.99, bg_gamma: float = 2.0,
+                 eps: float = 1e-6, prior_prob: float = 0.01, bg_prior_prob: float = 0.99,
+                 unmatched: str = "eq2", bg_gamma: float = 0.0,
                  fhm: bool = True, fhm_classes: int = 8, fhm_per_class: int = 12, fhm_momentum: float = 0.9,
                  fhm_weight: float = 1.0):
         super().__init__()
@@ -108,11 +114,13 @@ class BACLHead(ClassifierHead):
             raise ValueError(f"unknown BACL indicator {indicator!r}; choose one of {INDICATORS}")
         if weight_prob not in WEIGHT_PROBS:
             raise ValueError(f"unknown weight_prob {weight_prob!r}; choose one of {WEIGHT_PROBS}")
+        if unmatched not in UNMATCHED:
+            raise ValueError(f"unknown BACL unmatched loss {unmatched!r}; choose one of {UNMATCHED}")
         if indicator in ("image_freq", "instance_freq") and (image_counts is None or instance_counts is None):
             raise ValueError(f"indicator {indicator!r} needs the training set's counts (categories=)")
         self.num_classes, self.num_outputs = num_classes, num_classes + 1
         self.alpha, self.weight_threshold, self.weight_prob = float(alpha), float(weight_threshold), weight_prob
-        self.indicator, self.bg_gamma = indicator, float(bg_gamma)
+        self.indicator, self.unmatched, self.bg_gamma = indicator, unmatched, float(bg_gamma)
         self.prior_prob, self.bg_prior_prob = float(prior_prob), float(bg_prior_prob)
         self.fhm_weight = float(fhm_weight)
         self.linear = nn.Linear(in_dim, num_classes + 1)
@@ -126,7 +134,7 @@ class BACLHead(ClassifierHead):
         counts = ({"image_counts": categories.image_counts, "instance_counts": categories.instance_counts}
                   if categories is not None else {})
         keys = ("alpha", "weight_threshold", "weight_prob", "indicator", "score_momentum", "eps", "prior_prob",
-                "bg_prior_prob", "bg_gamma", "fhm", "fhm_classes", "fhm_per_class", "fhm_momentum", "fhm_weight")
+                "bg_prior_prob", "unmatched", "bg_gamma", "fhm", "fhm_classes", "fhm_per_class", "fhm_momentum", "fhm_weight")
         return cls(in_dim, num_classes, **{k: cfg_head[k] for k in keys if k in cfg_head}, **counts)
 
     def reset_parameters(self) -> None:
@@ -190,8 +198,7 @@ class BACLHead(ClassifierHead):
             if len(fhm_y):
                 losses["loss_fhm"] = self._fcbl(fhm_z[:, :-1], fhm_z[:, -1], fhm_y).mean()
 
-        unmatched_bg = logits[..., -1][~matched & keep].float()
-        background = ((1 - unmatched_bg.sigmoid()) ** self.bg_gamma * F.softplus(-unmatched_bg)).sum()
+        background = self._unmatched_loss(logits[~matched & keep].float())
         foreground = self._fcbl(fg_logits, bg_logit, gt).sum()
         losses["loss_ce"] = (foreground + background) / num_boxes
         return losses
@@ -205,6 +212,15 @@ class BACLHead(ClassifierHead):
         """(N,) FCBL of N foreground samples with this head's margins and weights."""
         weights = fcbl_weights(fg_logits, bg_logit, labels, self.weight_threshold, self.weight_prob)
         return fcbl(fg_logits, bg_logit, labels, self.margins(labels), weights)
+
+    def _unmatched_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Summed loss of N unmatched queries' (N, C + 1) logits (see the module docstring)."""
+        z_bg = logits[:, -1]
+        loss = ((1 - z_bg.sigmoid()) ** self.bg_gamma * F.softplus(-z_bg)).sum()  # -(1 - p_bg)^g log p_bg
+        if self.unmatched == "eq2":
+            z = logits[:, :-1]
+            loss = loss + (z.sigmoid() ** self.bg_gamma * F.softplus(z)).sum()    # -p_j^g log(1 - p_j)
+        return loss
 
     def _hallucinate(self, features: torch.Tensor | None, matched: torch.Tensor,
                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

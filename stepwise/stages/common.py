@@ -109,16 +109,22 @@ def build_datasets(cfg: Any, train_ann: str | None = None) -> tuple[Any, Any]:
     return train, val
 
 
-def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, rfs_threshold: Any = "data") -> tuple[DataLoader, DataLoader]:
-    """Training loader (RFS when ``rfs_threshold`` is a number; default ``data.rfs_threshold``) and
-    evaluation loader (``stage.eval_batch_size``; first ``stage.max_eval_images`` images when set)."""
+def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Tensor | None = None
+                  ) -> tuple[DataLoader, DataLoader]:
+    """Training loader and evaluation loader (``stage.eval_batch_size``; first ``stage.max_eval_images``
+    images when set).
+
+    ``repeat_factors`` (len(train_ds),): the sampler's per-image factors (a replay stage's step-wise RFS);
+    None: generic RFS with ``data.rfs_threshold`` (every image once per epoch when that is null).
+    """
     from stepwise.data import repeat_factors_from_dataset
 
-    threshold = cfg.data.get("rfs_threshold") if rfs_threshold == "data" else rfs_threshold
-    factors = None if threshold is None else repeat_factors_from_dataset(train_ds, float(threshold))
+    threshold = cfg.data.get("rfs_threshold")
+    if repeat_factors is None and threshold is not None:
+        repeat_factors = repeat_factors_from_dataset(train_ds, float(threshold))
     workers = int(cfg.data.get("num_workers", 0) or 0)
     collate = collate_fn(cfg.data)
-    train = train_loader(train_ds, int(cfg.data.batch_size), int(cfg.seed), collate, workers, factors)
+    train = train_loader(train_ds, int(cfg.data.batch_size), int(cfg.seed), collate, workers, repeat_factors)
     limit = cfg.stage.get("max_eval_images")
     if limit is not None:
         val_ds = torch.utils.data.Subset(val_ds, range(min(int(limit), len(val_ds))))

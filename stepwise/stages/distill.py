@@ -25,11 +25,16 @@ def load_teacher(cfg: Any, device: torch.device) -> nn.Module:
     return teacher
 
 
+def decoder_class_heads(model: nn.Module) -> list[nn.Module]:
+    """The class head of every decoder layer, first to last (not the two-stage encoder's)."""
+    model = getattr(model, "module", model)
+    return list(model.class_embed[:model.transformer.decoder.num_layers])
+
+
 def run(cfg: Any) -> dict[str, Any] | None:
     """Distil and evaluate; returns the final val metrics."""
     from stepwise.data.smooth_tail import head_classes
     from stepwise.distill import DistillCriterion, teacher_student_forward
-    from stepwise.stages.common import model_head
 
     teachers: dict[str, nn.Module] = {}
 
@@ -44,9 +49,10 @@ def run(cfg: Any) -> dict[str, Any] | None:
             teachers["model"] = load_teacher(cfg, accelerator.device)
         head = torch.as_tensor(head_classes(categories.image_counts, int(cfg.stepwise.min_images)))
         d = cfg.distill
-        return DistillCriterion(base, model_head(model), model_head(teachers["model"]), head,
+        return DistillCriterion(base, decoder_class_heads(model), decoder_class_heads(teachers["model"]), head,
                                 feature=bool(d.feature), cls=bool(d.cls), shared_queries=bool(d.shared_queries),
                                 lambda_fm=float(d.lambda_fm), lambda_cls=float(d.lambda_cls),
-                                temperature=float(d.temperature))
+                                temperature=float(d.temperature), fm_normalize=str(d.fm_normalize),
+                                cls_layers=str(d.cls_layers))
 
     return run_replay_stage(cfg, make_criterion=make_criterion, make_forward=make_forward)

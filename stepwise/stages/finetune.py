@@ -2,6 +2,9 @@
 trains only ``stage.trainable`` (``input_proj`` and every class head) on the replay set ``stage.train_ann``
 (D_head) with step-wise RFS inside it, evaluates, and writes ``runs/<exp>/finetune/`` like pretrain.
 
+Sampling inside the replay set is step-wise RFS (``stage.rfs``, rules ``stepwise.rfs[stage.replay_set]``,
+see :mod:`stepwise.data.samplers`); the factors used are written to ``<run_dir>/repeat_factors.json``.
+
 With ``stage.train_ann='${data.train_ann}' stage.trainable=[class_embed] stage.reinit=[class_embed]`` the
 same stage is the decoupled classifier re-training of the BAGS paper (any ``head=``).
 
@@ -13,8 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from stepwise.engine import Trainer, TrainSettings, make_accelerator
 from stepwise.stages import common
+from stepwise.utils.io import atomic_write_json
+
+RFS_MODES = ("stepwise", "generic", None)
 
 
 def full_categories(cfg: Any) -> Any:
@@ -25,6 +33,38 @@ def full_categories(cfg: Any) -> Any:
 
     data = read_json(cfg.data.train_ann, "training annotation file")
     return CategoryMap.from_annotations(data, source=f"annotation file {cfg.data.train_ann}")
+
+
+def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The replay stage's per-image sampling factors (len(train_ds),) and the ``repeat_factors.json`` report.
+
+    ``stage.rfs``: "stepwise" (rules ``stepwise.rfs[stage.replay_set]``, groups from the full training
+    file's image counts ``categories.image_counts``), "generic" (detectron2's rule with
+    ``stepwise.rfs.threshold`` for every class) or None (all factors 1); rounding ``stepwise.rfs.rounding``.
+    """
+    from stepwise.data.samplers import (GroupRule, group_names, image_repeat_factors, repeat_factor_report,
+                                        stepwise_class_factors)
+
+    mode, rfs = cfg.stage.rfs, cfg.stepwise.rfs
+    if mode not in RFS_MODES:
+        raise ValueError(f"stage.rfs: unknown mode {mode!r}; choose stepwise, generic or null")
+    if mode == "stepwise":
+        replay_set = str(cfg.stage.replay_set)
+        if replay_set not in rfs:
+            raise ValueError(f"stage.replay_set={replay_set!r}: no rules stepwise.rfs.{replay_set}")
+        rules = GroupRule.parse(rfs[replay_set], where=f"stepwise.rfs.{replay_set}")
+        names = group_names(rules)
+    else:  # generic: one rule over every class; uniform: no rule at all
+        rules = (GroupRule(2 ** 62, float(rfs.threshold), 0.5),) if mode == "generic" else ()
+        names = ["all classes"] * (len(rules) + 1)
+    classes = [train_ds.image_classes(i) for i in range(len(train_ds))]
+    f, r, group = stepwise_class_factors(classes, categories.image_counts, rules)
+    factors = image_repeat_factors(classes, r, str(rfs.rounding) if mode else "ceil")
+    report = repeat_factor_report(classes, factors, f, r, group, names, categories.ids, categories.image_counts)
+    report = {"mode": mode, "replay_set": cfg.stage.get("replay_set"), "rounding": str(rfs.rounding),
+              "rules": [vars(rule) for rule in rules] if mode == "stepwise" else None,
+              "threshold": float(rfs.threshold) if mode == "generic" else None, **report}
+    return factors, report
 
 
 def run_replay_stage(cfg: Any, make_criterion: Callable[..., Any] | None = None,
@@ -44,9 +84,14 @@ def run_replay_stage(cfg: Any, make_criterion: Callable[..., Any] | None = None,
     categories = full_categories(cfg)
     train_ds = build_dataset(cfg.data, "train", ann_file=str(cfg.stage.train_ann), categories=categories)
     val_ds = build_dataset(cfg.data, "val", categories=categories)
-    accelerator.print(f"stepwise: {cfg.stage.name} on {cfg.stage.train_ann}: {len(train_ds)} images, "
-                      f"RFS threshold {cfg.stage.rfs_threshold}")
-    train_loader, val_loader = common.build_loaders(cfg, train_ds, val_ds, rfs_threshold=cfg.stage.rfs_threshold)
+    factors, report = replay_repeat_factors(cfg, train_ds, categories)
+    if accelerator.is_main_process:
+        atomic_write_json(run_dir / "repeat_factors.json", report, indent=1)
+    gained = ", ".join(f"{g['group']} +{g['extra_samples']:.0f}" for g in report["groups"] if g["extra_samples"])
+    accelerator.print(f"stepwise: {cfg.stage.name} on {cfg.stage.train_ann}: {len(train_ds)} images, RFS "
+                      f"{cfg.stage.rfs} -> {report['expected_epoch_length']:.0f} samples per epoch"
+                      + (f" ({gained})" if gained else ""))
+    train_loader, val_loader = common.build_loaders(cfg, train_ds, val_ds, repeat_factors=factors)
     init_from = cfg.get("init_from") or cfg.stage.init_from
     model = common.build_model(cfg, categories, accelerator, init_from=str(init_from),
                                reinit=list(cfg.stage.get("reinit") or ()))
