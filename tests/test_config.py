@@ -70,6 +70,7 @@ def test_recipe_sets_the_papers_lvis_run_and_command_line_still_wins():
     cfg = load_config(["recipe=stepwise_lvis_v1", "data.root=/datasets/coco", "stage=all"])
     assert (cfg.model.name, cfg.data.name, cfg.data.batch_size, cfg.loss.ce) == ("deformable_detr_r50", "lvis_v1", 2, 3.0)
     assert cfg.model.two_stage and cfg.model.with_box_refine and cfg.data.rfs_threshold is None
+    assert cfg.model.backbone_name == "resnet50.tv_in1k"
     assert (cfg.stage.pretrain.epochs, list(cfg.stage.pretrain.lr_drop), cfg.stage.pretrain.lr) == (50, [40], 2e-4)
     assert (cfg.stage.finetune.epochs, cfg.stage.finetune.lr) == (1, 2e-5)
     assert (cfg.stage.distill.epochs, cfg.stage.distill.lr, list(cfg.stage.distill.lr_drop)) == (2, 2e-4, [1])

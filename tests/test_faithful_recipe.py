@@ -79,15 +79,43 @@ def test_repeat_factor_report_counts_what_each_group_gained():
     f, r, group = stepwise_class_factors(images, FULL_COUNTS, D_HEAD)
     factors = image_repeat_factors(images, r, "ceil")
     ids = [101, 102, 103, 104, 105, 106, 107, 108]
-    report = repeat_factor_report(images, factors, f, r, group, group_names(D_HEAD), ids, FULL_COUNTS)
-    assert report["num_images"] == 2000 and report["expected_epoch_length"] == 2008
+    report = repeat_factor_report(images, factors, f, r, group, group_names(D_HEAD), ids, FULL_COUNTS,
+                                  epoch_length=2000)
+    assert (report["num_images"], report["repeated_length"], report["epoch_length"]) == (2000, 2008, 2000)
+    # images go to the group of their class with the largest r: 0-5 (classes 0-2) -> <=29, factors 3+2*5 = 13;
+    # 6 (class 3) and 7-12 (class 4 at r = 1, beating class 6 on the lower index) -> 30-100, 2 + 6 = 8;
+    # 13 (class 5) and 14-1499 (class 6) -> >100, 1487; 1500-1999 hold no class. An epoch keeps 2000 of 2008.
+    scale = 2000 / 2008
     assert report["groups"] == [
-        {"group": "<=29 images", "classes": 4, "images": 6, "extra_samples": 7.0},  # images 0-5: +2 +1+1 +1+1+1
-        {"group": "30-100 images", "classes": 2, "images": 1, "extra_samples": 1.0},  # image 6
-        {"group": ">100 images", "classes": 2, "images": 0, "extra_samples": 0.0}]
+        {"group": "<=29 images", "classes": 4, "images": 6, "repeated_images": 6,
+         "samples_per_epoch": round(13 * scale, 3), "uniform_samples_per_epoch": 6.0},
+        {"group": "30-100 images", "classes": 2, "images": 7, "repeated_images": 1,
+         "samples_per_epoch": round(8 * scale, 3), "uniform_samples_per_epoch": 7.0},
+        {"group": ">100 images", "classes": 2, "images": 1487, "repeated_images": 0,
+         "samples_per_epoch": round(1487 * scale, 3), "uniform_samples_per_epoch": 1487.0}]
     assert report["categories"]["101"] == {"group": "<=29 images", "full_image_count": 9, "f": 0.0005,
                                            "r": pytest.approx(math.sqrt(6))}
     assert report["categories"]["108"]["f"] == 0.0 and report["categories"]["108"]["r"] == 1.0
+    whole = repeat_factor_report(images, factors, f, r, group, group_names(D_HEAD), ids, FULL_COUNTS)
+    assert whole["epoch_length"] == 2008 and whole["groups"][0]["samples_per_epoch"] == 13.0
+
+
+def test_sampler_epoch_of_replay_set_length_draws_from_the_repeated_list():
+    from stepwise.data.samplers import RepeatFactorSampler
+
+    factors = torch.tensor([3.0, 1.0, 1.0, 1.0])  # repeated list: 0, 0, 0, 1, 2, 3
+    sampler = RepeatFactorSampler(factors, seed=1, epoch_length=4)
+    seen = torch.zeros(4)
+    for epoch in range(400):
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        assert len(indices) == len(sampler) == 4
+        seen += torch.bincount(torch.tensor(indices), minlength=4)
+    # each of the 6 list entries is kept with probability 4/6: image 0 gets 3 x 4/6 = 2 samples per epoch
+    assert (seen / 400).tolist() == pytest.approx([2.0, 2 / 3, 2 / 3, 2 / 3], abs=0.06)
+    assert RepeatFactorSampler(factors, epoch_length=4).expected_length == 4
+    with pytest.raises(ValueError, match="epoch_length"):
+        RepeatFactorSampler(factors, epoch_length=0)
 
 
 # ------------------------------------------------------------------------------------------------ L_fm

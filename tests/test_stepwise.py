@@ -71,6 +71,33 @@ def test_scores_jsonl_roundtrip_and_bad_line(tmp_path):
         ScoreTable.read_jsonl(path)
 
 
+def test_select_by_class_score_or_by_max_score(tmp_path):
+    """stepwise.score=class ranks by the instance's own class probability (default); =max by the matched
+    prediction's largest class probability (the public code). Class "a" has 3 instances, quota 1."""
+    from stepwise.config import load_config
+    from stepwise.stages.select import build_replay_sets
+
+    (tmp_path / "train.json").write_text(json.dumps(lvis_dict()))
+    rows = [{"ann_id": 11, "image_id": 1, "label": 0, "score": 0.6, "iou": 0.5, "max_score": 0.6},
+            {"ann_id": 12, "image_id": 1, "label": 1, "score": 0.2, "iou": 0.5, "max_score": 0.9},
+            {"ann_id": 13, "image_id": 2, "label": 0, "score": 0.3, "iou": 0.5, "max_score": 0.95},
+            {"ann_id": 14, "image_id": 3, "label": 0, "score": 0.4, "iou": 0.5, "max_score": 0.4}]
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = [f"data.train_ann={tmp_path / 'train.json'}", "stepwise.min_images=2", "stepwise.d_head.head=1",
+            "stepwise.d_tail.head=1"]
+    chosen = {}
+    for score in ("class", "max"):
+        out = tmp_path / score
+        summary = build_replay_sets(load_config(base + [f"stepwise.score={score}"]), scores, out)
+        assert summary["score"] == score
+        chosen[score] = sorted(a["id"] for a in json.loads((out / "d_head.json").read_text())["annotations"])
+    assert chosen == {"class": [11, 12], "max": [12, 13]}
+    scores.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "max_score"}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="max_score"):
+        build_replay_sets(load_config(base + ["stepwise.score=max"]), scores, tmp_path / "old")
+
+
 # ---------------------------------------------------------------------------------------- replay files
 def lvis_dict():
     cats = [{"id": 1, "name": "a", "frequency": "f", "synset": "a.n.01", "image_count": 2, "instance_count": 3},
@@ -221,6 +248,7 @@ def test_stage_all_end_to_end_and_frozen_parameters(tmp_path):
     assert summary["d_head"]["annotations"] > 0 and summary["d_tail"]["tail_instances"] > 0
     scored = (runs / "select" / "scores.jsonl").read_text().splitlines()
     assert len(scored) == summary["scored_instances"] > 0
+    assert all(r["max_score"] >= r["score"] for r in map(json.loads, scored))
 
     # each replay stage wrote the step-wise RFS factors it used: recomputed here from its replay file
     from stepwise.data import build_dataset
@@ -237,8 +265,8 @@ def test_stage_all_end_to_end_and_frozen_parameters(tmp_path):
         classes = [ds.image_classes(i) for i in range(len(ds))]
         _, r, _ = stepwise_class_factors(classes, full.image_counts, GroupRule.parse(rules))
         assert report["mode"] == "stepwise" and report["replay_set"] == replay and report["rounding"] == "ceil"
-        assert report["num_images"] == len(ds)
-        assert report["expected_epoch_length"] == float(image_repeat_factors(classes, r).sum())
+        assert report["num_images"] == report["epoch_length"] == len(ds) and report["epoch"] == "replay_set"
+        assert report["repeated_length"] == float(image_repeat_factors(classes, r).sum())
         assert [report["categories"][str(cid)]["r"] for cid in full.ids] == pytest.approx(r.tolist())
 
     weights = {s: load_checkpoint(runs / s / "checkpoint_final.pt")["model"] for s in results}

@@ -149,29 +149,42 @@ def image_repeat_factors(image_classes: Sequence[Iterable[int]], class_factors: 
 
 def repeat_factor_report(image_classes: Sequence[Iterable[int]], factors: torch.Tensor, f: np.ndarray,
                          r: np.ndarray, group: np.ndarray, names: Sequence[str], category_ids: Sequence[int],
-                         full_image_counts: Sequence[int]) -> dict[str, Any]:
-    """What a replay stage over-sampled, for ``repeat_factors.json``: per group the classes, the images
-    whose factor comes from one of its classes (the class with the largest r_c; ties to the lowest index)
-    and how many extra samples per epoch they bring; per category id its group, f, r.
+                         full_image_counts: Sequence[int], epoch_length: int | None = None) -> dict[str, Any]:
+    """What a replay stage over-sampled, for ``repeat_factors.json``.
+
+    Each image is assigned to the group of its class with the largest r_c (ties: the lowest class index;
+    images without classes to none). Per group: its classes, its images, how many of them are repeated, and
+    the samples per epoch they get in expectation versus uniform sampling; per category id: group, full-file
+    image count, f, r.
 
     Args:
         image_classes: per image, its contiguous labels; factors: (num_images,) the image factors used.
         f, r, group: (C,) from :func:`stepwise_class_factors`; names: group names (``group_names``).
         category_ids, full_image_counts: (C,) from the full training file's category map.
+        epoch_length: samples per epoch (None: the whole repeated list, ``factors.sum()``).
     """
     factors = factors.double().numpy()
-    groups = [{"group": name, "classes": int((group == g).sum()), "images": 0, "extra_samples": 0.0}
-              for g, name in enumerate(names)]
+    repeated = float(factors.sum())
+    epoch = repeated if epoch_length is None else float(epoch_length)
+    num_images = len(factors)
+    groups = [{"group": name, "classes": int((group == g).sum()), "images": 0, "repeated_images": 0,
+               "samples_per_epoch": 0.0, "uniform_samples_per_epoch": 0.0} for g, name in enumerate(names)]
     for cs, factor in zip(image_classes, factors):
         cs = sorted(set(cs))
-        if not cs or factor <= 1:
+        if not cs:
             continue
-        top = cs[int(np.argmax([r[c] for c in cs]))]
-        groups[int(group[top])]["images"] += 1
-        groups[int(group[top])]["extra_samples"] += float(factor - 1)
+        g = groups[int(group[cs[int(np.argmax([r[c] for c in cs]))]])]
+        g["images"] += 1
+        g["repeated_images"] += int(factor > 1)
+        g["samples_per_epoch"] += float(factor) * epoch / max(repeated, 1e-12)
+        g["uniform_samples_per_epoch"] += epoch / max(num_images, 1)
+    for g in groups:
+        g["samples_per_epoch"] = round(g["samples_per_epoch"], 3)
+        g["uniform_samples_per_epoch"] = round(g["uniform_samples_per_epoch"], 3)
     return {
-        "num_images": len(factors),
-        "expected_epoch_length": float(factors.sum()),
+        "num_images": num_images,
+        "repeated_length": repeated,
+        "epoch_length": epoch,
         "groups": groups,
         "categories": {str(cid): {"group": names[int(group[k])], "full_image_count": int(full_image_counts[k]),
                                   "f": float(f[k]), "r": float(r[k])}
@@ -192,23 +205,31 @@ class RepeatFactorSampler(Sampler[int]):
         repeat_factors: (num_images,) factors >= 0 (all ones: a plain seeded shuffle).
         seed: shared by all processes.
         shuffle: shuffle the epoch's list; otherwise indices come in ascending order.
+        epoch_length: keep only the first ``epoch_length`` indices of each epoch's (shuffled) list, as the
+            step-wise paper's public samplers do (their epoch has as many samples as the set has images, drawn
+            from the repeated list); None = the whole list.
     """
 
-    def __init__(self, repeat_factors: torch.Tensor | Sequence[float], seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, repeat_factors: torch.Tensor | Sequence[float], seed: int = 0, shuffle: bool = True,
+                 epoch_length: int | None = None) -> None:
         factors = torch.as_tensor(repeat_factors, dtype=torch.float64).reshape(-1)
         if not torch.isfinite(factors).all() or (factors < 0).any():
             raise ValueError("RepeatFactorSampler: repeat factors must be finite and >= 0")
         self.repeat_factors = factors
         self.seed = int(seed)
         self.shuffle = shuffle
+        if epoch_length is not None and epoch_length < 1:
+            raise ValueError(f"RepeatFactorSampler: epoch_length must be >= 1, got {epoch_length}")
+        self.epoch_length = epoch_length
         self._int_part = torch.floor(factors)
         self._frac_part = factors - self._int_part
         self.set_epoch(0)
 
     @property
     def expected_length(self) -> float:
-        """Expected number of indices per epoch, ``sum(repeat_factors)``."""
-        return float(self.repeat_factors.sum())
+        """Expected number of indices per epoch, ``sum(repeat_factors)`` (at most ``epoch_length``)."""
+        total = float(self.repeat_factors.sum())
+        return total if self.epoch_length is None else min(total, float(self.epoch_length))
 
     def indices_for_epoch(self, epoch: int) -> torch.Tensor:
         """The epoch's full index list (long) - the same on every process for the same (seed, epoch)."""
@@ -218,7 +239,7 @@ class RepeatFactorSampler(Sampler[int]):
         indices = torch.repeat_interleave(torch.arange(len(reps)), reps)
         if self.shuffle:
             indices = indices[torch.randperm(len(indices), generator=gen)]
-        return indices
+        return indices if self.epoch_length is None else indices[:self.epoch_length]
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the rounding (and order) of ``epoch``; ``len`` and ``iter`` then describe that epoch."""

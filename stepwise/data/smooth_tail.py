@@ -48,8 +48,10 @@ class ScoreTable:
 
     Attributes:
         ann_id, image_id, label: (N,) int64; ``label`` is the contiguous class index.
-        score: (N,) float64, the class probability of the prediction matched to the instance.
+        score: (N,) float64, the probability of the instance's class of the prediction matched to it.
         iou: (N,) float64, IoU of that prediction's box with the instance's box.
+        max_score: (N,) float64, that prediction's largest class probability (any class), or None when
+            the score file has none.
     """
 
     ann_id: np.ndarray
@@ -57,17 +59,21 @@ class ScoreTable:
     label: np.ndarray
     score: np.ndarray
     iou: np.ndarray
+    max_score: np.ndarray | None = None
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]]) -> "ScoreTable":
-        """From dicts with ``ann_id``, ``image_id``, ``label``, ``score``, ``iou``."""
-        cols: dict[str, list] = {k: [] for k in ("ann_id", "image_id", "label", "score", "iou")}
+        """From dicts with ``ann_id``, ``image_id``, ``label``, ``score``, ``iou`` (and ``max_score`` in
+        every record, or in none)."""
+        cols: dict[str, list] = {k: [] for k in ("ann_id", "image_id", "label", "score", "iou", "max_score")}
         for r in records:
             for k in cols:
-                cols[k].append(r[k])
+                cols[k].append(r.get(k))
         ints = {k: np.asarray(cols[k], dtype=np.int64) for k in ("ann_id", "image_id", "label")}
+        has_max = bool(cols["max_score"]) and all(v is not None for v in cols["max_score"])
         return cls(**ints, score=np.asarray(cols["score"], dtype=np.float64),
-                   iou=np.asarray(cols["iou"], dtype=np.float64))
+                   iou=np.asarray(cols["iou"], dtype=np.float64),
+                   max_score=np.asarray(cols["max_score"], dtype=np.float64) if has_max else None)
 
     @classmethod
     def read_jsonl(cls, path: str | Path) -> "ScoreTable":
@@ -79,7 +85,8 @@ class ScoreTable:
                         continue
                     try:
                         row = json.loads(line)
-                        yield {k: row[k] for k in ("ann_id", "image_id", "label", "score", "iou")}
+                        yield {**{k: row[k] for k in ("ann_id", "image_id", "label", "score", "iou")},
+                               "max_score": row.get("max_score")}
                     except (json.JSONDecodeError, KeyError, TypeError) as err:
                         raise ValueError(f"{path}: line {number} is not a score record ({err})") from None
         return cls.from_records(rows())

@@ -66,7 +66,7 @@ def collate_fn(cfg_data: Any) -> Any:
 
 
 def train_loader(dataset: Dataset, batch_size: int, seed: int, collate: Any = None, num_workers: int = 0,
-                 repeat_factors: torch.Tensor | None = None) -> DataLoader:
+                 repeat_factors: torch.Tensor | None = None, epoch_length: int | None = None) -> DataLoader:
     """A shuffled training loader that an interrupted-and-resumed run replays exactly.
 
     Args:
@@ -74,12 +74,14 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int, collate: Any = No
         batch_size: per process.
         seed: the run's seed (sampler order and per-sample seeds).
         repeat_factors: (len(dataset),) RFS factors; None = each item once per epoch.
+        epoch_length: samples per epoch taken from the shuffled repeated list (None: all of it).
     """
     from stepwise.data.samplers import RepeatFactorSampler
 
     factors = torch.ones(len(dataset), dtype=torch.float64) if repeat_factors is None else repeat_factors
     return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size,
-                      sampler=RepeatFactorSampler(factors, seed=seed, shuffle=True), collate_fn=collate,
+                      sampler=RepeatFactorSampler(factors, seed=seed, shuffle=True, epoch_length=epoch_length),
+                      collate_fn=collate,
                       num_workers=num_workers, persistent_workers=False, drop_last=False,
                       generator=torch.Generator().manual_seed(seed))
 
@@ -109,13 +111,14 @@ def build_datasets(cfg: Any, train_ann: str | None = None) -> tuple[Any, Any]:
     return train, val
 
 
-def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Tensor | None = None
-                  ) -> tuple[DataLoader, DataLoader]:
+def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Tensor | None = None,
+                  epoch_length: int | None = None) -> tuple[DataLoader, DataLoader]:
     """Training loader and evaluation loader (``stage.eval_batch_size``; first ``stage.max_eval_images``
     images when set).
 
     ``repeat_factors`` (len(train_ds),): the sampler's per-image factors (a replay stage's step-wise RFS);
     None: generic RFS with ``data.rfs_threshold`` (every image once per epoch when that is null).
+    ``epoch_length``: samples per epoch drawn from the shuffled repeated list (None: all of it).
     """
     from stepwise.data import repeat_factors_from_dataset
 
@@ -124,7 +127,8 @@ def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Te
         repeat_factors = repeat_factors_from_dataset(train_ds, float(threshold))
     workers = int(cfg.data.get("num_workers", 0) or 0)
     collate = collate_fn(cfg.data)
-    train = train_loader(train_ds, int(cfg.data.batch_size), int(cfg.seed), collate, workers, repeat_factors)
+    train = train_loader(train_ds, int(cfg.data.batch_size), int(cfg.seed), collate, workers, repeat_factors,
+                         epoch_length)
     limit = cfg.stage.get("max_eval_images")
     if limit is not None:
         val_ds = torch.utils.data.Subset(val_ds, range(min(int(limit), len(val_ds))))

@@ -35,12 +35,19 @@ def full_categories(cfg: Any) -> Any:
     return CategoryMap.from_annotations(data, source=f"annotation file {cfg.data.train_ann}")
 
 
-def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The replay stage's per-image sampling factors (len(train_ds),) and the ``repeat_factors.json`` report.
+EPOCHS = ("replay_set", "repeated")
+
+
+def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any
+                          ) -> tuple[torch.Tensor, int | None, dict[str, Any]]:
+    """The replay stage's per-image sampling factors (len(train_ds),), its epoch length and the
+    ``repeat_factors.json`` report.
 
     ``stage.rfs``: "stepwise" (rules ``stepwise.rfs[stage.replay_set]``, groups from the full training
     file's image counts ``categories.image_counts``), "generic" (detectron2's rule with
     ``stepwise.rfs.threshold`` for every class) or None (all factors 1); rounding ``stepwise.rfs.rounding``.
+    ``stepwise.rfs.epoch``: "replay_set" (as many samples per epoch as the set has images, drawn from the
+    shuffled repeated list: the public samplers' epoch) or "repeated" (the whole repeated list).
     """
     from stepwise.data.samplers import (GroupRule, group_names, image_repeat_factors, repeat_factor_report,
                                         stepwise_class_factors)
@@ -48,6 +55,8 @@ def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any) -> tuple[tor
     mode, rfs = cfg.stage.rfs, cfg.stepwise.rfs
     if mode not in RFS_MODES:
         raise ValueError(f"stage.rfs: unknown mode {mode!r}; choose stepwise, generic or null")
+    if rfs.epoch not in EPOCHS:
+        raise ValueError(f"stepwise.rfs.epoch: unknown {rfs.epoch!r}; choose one of {EPOCHS}")
     if mode == "stepwise":
         replay_set = str(cfg.stage.replay_set)
         if replay_set not in rfs:
@@ -60,11 +69,14 @@ def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any) -> tuple[tor
     classes = [train_ds.image_classes(i) for i in range(len(train_ds))]
     f, r, group = stepwise_class_factors(classes, categories.image_counts, rules)
     factors = image_repeat_factors(classes, r, str(rfs.rounding) if mode else "ceil")
-    report = repeat_factor_report(classes, factors, f, r, group, names, categories.ids, categories.image_counts)
+    epoch_length = len(train_ds) if rfs.epoch == "replay_set" else None
+    report = repeat_factor_report(classes, factors, f, r, group, names, categories.ids, categories.image_counts,
+                                  epoch_length)
     report = {"mode": mode, "replay_set": cfg.stage.get("replay_set"), "rounding": str(rfs.rounding),
+              "epoch": str(rfs.epoch),
               "rules": [vars(rule) for rule in rules] if mode == "stepwise" else None,
               "threshold": float(rfs.threshold) if mode == "generic" else None, **report}
-    return factors, report
+    return factors, epoch_length, report
 
 
 def run_replay_stage(cfg: Any, make_criterion: Callable[..., Any] | None = None,
@@ -84,14 +96,16 @@ def run_replay_stage(cfg: Any, make_criterion: Callable[..., Any] | None = None,
     categories = full_categories(cfg)
     train_ds = build_dataset(cfg.data, "train", ann_file=str(cfg.stage.train_ann), categories=categories)
     val_ds = build_dataset(cfg.data, "val", categories=categories)
-    factors, report = replay_repeat_factors(cfg, train_ds, categories)
+    factors, epoch_length, report = replay_repeat_factors(cfg, train_ds, categories)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "repeat_factors.json", report, indent=1)
-    gained = ", ".join(f"{g['group']} +{g['extra_samples']:.0f}" for g in report["groups"] if g["extra_samples"])
+    shares = ", ".join(f"{g['group']} {g['uniform_samples_per_epoch']:.0f} -> {g['samples_per_epoch']:.0f}"
+                       for g in report["groups"] if g["images"])
     accelerator.print(f"stepwise: {cfg.stage.name} on {cfg.stage.train_ann}: {len(train_ds)} images, RFS "
-                      f"{cfg.stage.rfs} -> {report['expected_epoch_length']:.0f} samples per epoch"
-                      + (f" ({gained})" if gained else ""))
-    train_loader, val_loader = common.build_loaders(cfg, train_ds, val_ds, repeat_factors=factors)
+                      f"{cfg.stage.rfs}: {report['epoch_length']:.0f} samples per epoch from a repeated list of "
+                      f"{report['repeated_length']:.0f}; samples per epoch by group, uniform -> RFS: {shares}")
+    train_loader, val_loader = common.build_loaders(cfg, train_ds, val_ds, repeat_factors=factors,
+                                                    epoch_length=epoch_length)
     init_from = cfg.get("init_from") or cfg.stage.init_from
     model = common.build_model(cfg, categories, accelerator, init_from=str(init_from),
                                reinit=list(cfg.stage.get("reinit") or ()))

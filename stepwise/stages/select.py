@@ -5,7 +5,9 @@ Writes into ``runs/<exp>/select/``:
 
 * ``scores.jsonl`` — one line per instance, sorted by annotation id: ``ann_id``, ``image_id``,
   ``category_id``, ``label`` (contiguous), ``score`` (the class probability, from ``head.scores``, of the
-  prediction the training matcher assigns to the instance), ``iou`` (of that prediction's box).
+  prediction the training matcher assigns to the instance), ``iou`` (of that prediction's box),
+  ``max_score`` (that prediction's largest class probability; ``stepwise.score=max`` selects by it, as the
+  public code does).
 * ``d_head.json`` / ``d_tail.json`` — LVIS-format training files holding only the selected annotations
   (see :mod:`stepwise.data.smooth_tail` for the rule; division and quotas from the root ``stepwise:``
   config block), ``summary.json`` — per-class counts.
@@ -59,12 +61,13 @@ def score_batch(model: torch.nn.Module, matcher: Any, batch: Any, category_ids: 
         pred = box_convert(boxes[b, q], "cxcywh", "xyxy")
         gt = box_convert(target["boxes"][j].float(), "cxcywh", "xyxy")
         ious = box_iou(pred, gt).diagonal() if len(j) else torch.zeros(0)
-        values = scores[b, q, labels]
-        for ann, label, value, iou in zip(target["ann_ids"][j].tolist(), labels.tolist(), values.tolist(),
-                                          ious.tolist()):
+        values, best = scores[b, q, labels], scores[b, q].amax(-1)
+        for ann, label, value, top, iou in zip(target["ann_ids"][j].tolist(), labels.tolist(), values.tolist(),
+                                               best.tolist(), ious.tolist()):
             records.append({"ann_id": int(ann), "image_id": int(target["image_id"]),
                             "category_id": int(category_ids[label]), "label": int(label),
-                            "score": round(float(value), 6), "iou": round(float(iou), 6)})
+                            "score": round(float(value), 6), "iou": round(float(iou), 6),
+                            "max_score": round(float(top), 6)})
     return records
 
 
@@ -147,6 +150,13 @@ def build_replay_sets(cfg: Any, scores_path: Path, run_dir: Path) -> dict[str, A
     data = read_json(cfg.data.train_ann, "training annotation file")
     categories = CategoryMap.from_annotations(data, source=f"annotation file {cfg.data.train_ann}")
     table = ScoreTable.read_jsonl(scores_path)
+    if stage.score not in ("class", "max"):
+        raise ValueError(f"stepwise.score: unknown {stage.score!r}; choose class or max")
+    if stage.score == "max":  # the public code's score: the matched prediction's top class probability
+        if table.max_score is None:
+            raise ValueError(f"{scores_path} has no max_score column (written by an older stepwise): delete it "
+                             f"to re-score, or use stepwise.score=class")
+        table.score = table.max_score
     quotas = Quotas(head_in_head=stage.d_head.head, tail_in_head=stage.d_head.tail,
                     head_in_tail=stage.d_tail.head, tail_in_tail=stage.d_tail.tail)
     min_images = int(stage.min_images)
@@ -155,6 +165,7 @@ def build_replay_sets(cfg: Any, scores_path: Path, run_dir: Path) -> dict[str, A
     summary: dict[str, Any] = {"scored_instances": len(table), "min_images": min_images,
                                "head_classes": int(is_head.sum()), "tail_classes": int((~is_head).sum()),
                                "quotas": quotas.__dict__, "score_threshold": float(stage.score_threshold),
+                               "score": str(stage.score),
                                "keep_others_as_ignore": bool(stage.keep_others_as_ignore),
                                "mean_score": float(table.score.mean()) if len(table) else None,
                                "fraction_above_threshold": float((table.score > stage.score_threshold).mean())
