@@ -41,6 +41,7 @@ from stepwise.checkpoint import (FINAL_NAME, TRAINING_KEYS, check_finite_weights
                                  head_state, load_checkpoint, optimizer_state_names, preserved_rng,
                                  prune_checkpoints, restore_head_state, rng_state, save_checkpoint, set_rng_state)
 from stepwise.utils.finite import NonFiniteCostError, first_non_finite, named_tensors
+from stepwise.utils.io import atomic_write_text
 
 ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
 PredictFn = Callable[[nn.Module, Any], list[dict[str, Any]]]
@@ -357,7 +358,11 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Restore everything from the latest checkpoint of ``run_dir``; False (and a message) if there is none."""
+        """Restore everything from the latest checkpoint of ``run_dir``; False (and a message) if there is none.
+
+        ``metrics.jsonl`` is cut back to the checkpoint's step (the interrupted run's later lines would
+        otherwise appear twice).
+        """
         acc = self.accelerator
         path = find_latest(self.run_dir)
         if path is None:
@@ -380,6 +385,11 @@ class Trainer:
                       f"{acc.num_processes}: RNG streams reseeded, so the run will not repeat exactly")
             set_seed(self.settings.seed + state["global_step"], device_specific=True)
         self.progress = Progress(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]))
+        if acc.is_main_process:
+            dropped = truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.global_step)
+            if dropped:
+                print(f"stepwise: metrics.jsonl: dropped {dropped} line(s) logged after step "
+                      f"{self.progress.global_step} by the interrupted run (they are logged again)", flush=True)
         acc.print(f"stepwise: resumed from {path} at epoch {self.progress.epoch}, "
                   f"batch {self.progress.step_in_epoch}, global step {self.progress.global_step}")
         return True
@@ -519,6 +529,31 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def truncate_metrics(path: Path, global_step: int) -> int:
+    """Drop the lines of a ``metrics.jsonl`` logged after optimizer step ``global_step``; returns how many.
+
+    Lines without a ``global_step`` and lines that are not JSON (a line cut by a kill) are dropped only
+    after the first line past ``global_step``. The file is rewritten atomically.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            step = json.loads(line).get("global_step")
+        except (json.JSONDecodeError, AttributeError):
+            step = None
+            if not line.endswith("\n"):  # the last line, half written when the run was killed
+                break
+        if step is not None and step > global_step:
+            break
+        keep.append(line)
+    if len(keep) < len(lines):
+        atomic_write_text(path, "".join(keep), "metrics file")
+    return len(lines) - len(keep)
 
 
 class ShardedBatches(torch.utils.data.Sampler):

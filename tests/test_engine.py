@@ -124,6 +124,22 @@ def test_resume_equals_uninterrupted_run(tmp_path, grad_accum, kill_at):
     assert not list(tmp_path.rglob("*.tmp")), "a temporary checkpoint file was left behind"
 
 
+def test_resume_does_not_repeat_metrics_lines(tmp_path):
+    # Killed at step 8 with the last checkpoint at step 6: the killed run had logged step 7; before, the
+    # resumed run logged 7 again (and a kill mid-write could leave a torn last line).
+    full = make_trainer(tmp_path / "full")
+    full.fit()
+    killed = make_trainer(tmp_path / "killed", ToyCriterion(kill_at=8))
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "global_st')  # a line torn by the kill
+    make_trainer(tmp_path / "killed", resume=True).fit()
+    logged = [(r["global_step"], r["loss"]) for r in records(tmp_path / "killed", "train")]
+    assert logged == [(r["global_step"], r["loss"]) for r in records(tmp_path / "full", "train")]
+    assert [r["global_step"] for r in records(tmp_path / "killed", "start")] == [0, 6]
+
+
 def test_scheduler_steps_once_per_epoch(tmp_path):
     trainer = make_trainer(tmp_path, grad_accum=2, checkpoint_every_steps=0)
     trainer.fit()
