@@ -41,7 +41,7 @@ from stepwise.checkpoint import (FINAL_NAME, TRAINING_KEYS, check_finite_weights
                                  head_state, load_checkpoint, optimizer_state_names, preserved_rng,
                                  prune_checkpoints, restore_head_state, rng_state, save_checkpoint, set_rng_state)
 from stepwise.utils.finite import NonFiniteCostError, first_non_finite, named_tensors
-from stepwise.utils.io import atomic_write_text
+from stepwise.utils.io import atomic_write_text, write_error
 
 ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
 PredictFn = Callable[[nn.Module, Any], list[dict[str, Any]]]
@@ -92,6 +92,16 @@ class TrainSettings:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option."""
+        for name in ("epochs", "grad_accum", "eval_every_epochs", "checkpoint_every_steps", "keep_last", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"stage.{name} must be an integer, got {value!r}")
+        for name in ("lr", "weight_decay", "lr_gamma", "clip_max_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name in ("lr", "lr_gamma") and value == 0):
+                raise ValueError(f"stage.{name} must be a number {'> 0' if name in ('lr', 'lr_gamma') else '>= 0'}, "
+                                 f"got {value!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"stage.mixed_precision must be no, bf16 or fp16, not {self.mixed_precision!r}")
         for name in ("epochs", "grad_accum"):
@@ -339,7 +349,7 @@ class Trainer:
         rngs = gather_object([rng_state()])
         path = checkpoint_path(self.run_dir, self.progress.global_step)
         state = self._state(full=True) if acc.is_main_process else None
-        self._refuse_non_finite(state, path)
+        self._refuse_non_finite(state, path, full=True)
         if acc.is_main_process:
             state["rng"] = rngs
             save_checkpoint(state, path)
@@ -351,7 +361,7 @@ class Trainer:
         """``<run_dir>/checkpoint_final.pt``: weights, head state, categories, config (what later stages read)."""
         path = self.run_dir / FINAL_NAME
         state = self._state(full=False) if self.accelerator.is_main_process else None
-        self._refuse_non_finite(state, path)
+        self._refuse_non_finite(state, path, full=False)
         if self.accelerator.is_main_process:
             save_checkpoint(state, path)
         self.accelerator.wait_for_everyone()
@@ -468,23 +478,26 @@ class Trainer:
                 f"{self.progress.global_step + 1}): {names}. Training stopped before the update; "
                 f"{self._last_good()}")
 
-    def _refuse_non_finite(self, state: dict[str, Any] | None, path: Path) -> None:
-        """On every process: raise NonFiniteStateError when rank 0's ``state`` holds NaN/inf (nothing written)."""
+    def _refuse_non_finite(self, state: dict[str, Any] | None, path: Path, full: bool) -> None:
+        """Raise NonFiniteStateError on every process when any process's model or optimizer state (rank 0:
+        the ``state`` it is about to write) holds NaN/inf; nothing is written then."""
         acc = self.accelerator
-        bad = None
-        if acc.is_main_process:
-            named = {"model": state["model"], "head_state": state.get("head_state")}
-            if "optimizer" in state:
-                named["optimizer"] = optimizer_state_names(state["optimizer"], self._param_names())
-            bad = first_non_finite(named_tensors(named))
-        if acc.num_processes > 1:
-            bad = broadcast_object_list([bad])[0]
-        if bad is None:
+        if state is None:  # other ranks check their own copy (DDP keeps them equal unless something broke)
+            model = acc.unwrap_model(self.model)
+            state = {"model": model.state_dict(), "head_state": head_state(model)}
+            if full:
+                state["optimizer"] = self.optimizer.state_dict()
+        named = {"model": state["model"], "head_state": state.get("head_state")}
+        if "optimizer" in state:
+            named["optimizer"] = optimizer_state_names(state["optimizer"], self._param_names())
+        bad = first_non_finite(named_tensors(named))
+        names = self._agree([f"{bad} holds NaN or inf"] if bad is not None else [])
+        if names is None:
             return
         where = (f"after optimizer step {self.progress.global_step} (epoch {self._last_step[0]}, batch "
                  f"{self._last_step[1]} of the epoch)" if self._last_step else
                  f"at optimizer step {self.progress.global_step} (epoch {self.progress.epoch})")
-        raise NonFiniteStateError(f"non-finite values {where}: {bad} holds NaN or inf. {path} was not written; "
+        raise NonFiniteStateError(f"non-finite values {where}: {names}. {path} was not written; "
                                   f"{self._last_good()}")
 
     def _param_names(self) -> list[str]:
@@ -526,9 +539,13 @@ class Trainer:
     def _write_jsonl(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(record, default=_json_default) + "\n")
+        except OSError as err:
+            raise write_error(path, err, "metrics file") from err
 
 
 def truncate_metrics(path: Path, global_step: int) -> int:

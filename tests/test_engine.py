@@ -213,7 +213,7 @@ def test_nan_parameter_from_an_optimizer_step_is_never_written(tmp_path):
 
     optimizer.register_step_post_hook(poison)
     with pytest.raises(NonFiniteStateError, match=r"after optimizer step 4 \(epoch 0, batch 4 of the epoch\): "
-                                                  r"model.3.bias holds NaN or inf.*step_00000004.pt was not "
+                                                  r"process 0: model.3.bias holds NaN or inf.*step_00000004.pt was not "
                                                   r"written.*last good checkpoint: .*step_00000002.pt"):
         trainer.fit()
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
@@ -230,7 +230,7 @@ def test_non_finite_optimizer_state_is_named(tmp_path):
         opt.state[first]["exp_avg_sq"].fill_(float("inf"))
 
     optimizer.register_step_post_hook(poison)
-    with pytest.raises(NonFiniteStateError, match=r"optimizer.state.3.weight.exp_avg_sq holds NaN or inf"):
+    with pytest.raises(NonFiniteStateError, match=r"process 0: optimizer.state.3.weight.exp_avg_sq holds NaN or inf"):
         trainer.fit()
     assert list_checkpoints(tmp_path) == []
 
@@ -292,6 +292,10 @@ def test_settings_from_config_and_validation():
     assert settings.lr_drop == (3, 5) and settings.mixed_precision == "bf16" and settings.resume
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainSettings(mixed_precision="fp8").validate()
+    with pytest.raises(ValueError, match=r"stage.epochs must be an integer, got 'abc'"):
+        TrainSettings(epochs="abc").validate()
+    with pytest.raises(ValueError, match=r"stage.lr must be a number > 0, got -1"):
+        TrainSettings(lr=-1).validate()
 
 
 @pytest.mark.slow
