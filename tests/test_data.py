@@ -77,10 +77,12 @@ def test_image_path_rules():
 
 
 @pytest.mark.parametrize("entry,message", [
-    ({"id": 7, "file_name": "../outside.png"}, r"image 7: file_name '../outside.png' leads outside the image root .*\.\. part"),
+    ({"id": 7, "file_name": "../outside.png"},
+     r"image 7: file_name '../outside.png' leads outside the image root .*\.\. part"),
     ({"id": 8, "file_name": "a/../../outside.png"}, r"image 8: file_name 'a/../../outside.png' leads outside"),
     ({"id": 9, "file_name": "/etc/outside.png"}, r"image 9: file_name '/etc/outside.png' leads outside .*absolute"),
-    ({"id": 10, "coco_url": "http://x/train2017/../outside.png"}, r"image 10: coco_url 'http://x/train2017/../outside.png' leads outside"),
+    ({"id": 10, "coco_url": "http://x/train2017/../outside.png"},
+     r"image 10: coco_url 'http://x/train2017/../outside.png' leads outside"),
 ])
 def test_image_paths_outside_the_root_are_refused_without_opening(tmp_path, monkeypatch, entry, message):
     _png(tmp_path / "outside.png", 5, 5)  # it exists: the check is on the name, before any file access

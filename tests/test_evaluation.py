@@ -233,7 +233,8 @@ def test_prediction_score_that_is_not_a_number_is_refused(score):
 @pytest.mark.parametrize("mutate,message", [
     (lambda gt: gt["images"].append(dict(gt["images"][0])), r"image id 1 appears more than once"),
     (lambda gt: gt["images"].append(7), r"image entry #3 is not an object: 7"),
-    (lambda gt: gt["annotations"][0].update(bbox=[0, 0, "40", 40]), r"annotation 1: bbox \[0, 0, '40', 40\] is not 4 finite"),
+    (lambda gt: gt["annotations"][0].update(bbox=[0, 0, "40", 40]),
+     r"annotation 1: bbox \[0, 0, '40', 40\] is not 4 finite"),
     (lambda gt: gt["annotations"].append([1, 2]), r"annotation entry #5 is not an object"),
     (lambda gt: gt["categories"].append(dict(gt["categories"][0])), r"category id 1 appears more than once"),
 ])

@@ -650,8 +650,8 @@ def generate(out_dir: str | os.PathLike, preset: str | Preset = "small", seed: i
     end, so an interrupted run leaves no ``out_dir``. The temporary directory and the rendering workers go
     away on any exit: an exception, Ctrl-C, SIGTERM or SIGHUP (turned into ``SystemExit`` while this runs
     in the main thread with the default handlers); after a SIGKILL the workers die with their parent
-    (Linux) and the next call removes the dead process's temporary directory. ``workers`` processes render images (default: up
-    to 8 CPUs); the bytes do not depend on it. Returns ``out_dir``.
+    (Linux) and the next call removes the dead process's temporary directory. ``workers`` processes
+    render images (default: up to 8 CPUs); the bytes do not depend on it. Returns ``out_dir``.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -160,7 +160,8 @@ def preflight(cfg: Any, train_ds: Any, val_ds: Any, val_indices: Any = None, dec
     """Check, before training, what the stage will read; raise :class:`PreflightError` on every process.
 
     The main process checks (others wait): the validation file as the evaluator will load it (LVIS
-    schema, ``frequency`` per category, federated lists; training counts from ``data.train_ann``) and
+    schema, ``frequency`` per category, federated lists; ``data.train_ann``, which gives the AP1..AP4
+    counts, must exist) and
     every image of ``train_ds`` and ``val_ds`` (``val_indices``: only those) with
     :func:`stepwise.data.preflight.check_images`: headers, or a full decode when ``decode`` is True or
     (``decode=None``) the two sets hold at most ``data.preflight_decode_max`` images.
@@ -184,13 +185,16 @@ def preflight_report(cfg: Any, train_ds: Any, val_ds: Any, val_indices: Any = No
                      workers: int | None = None, progress: bool = True) -> str | None:
     """The problems :func:`preflight` raises about, one ``- `` item each, or None when everything is fine."""
     from stepwise.data.preflight import check_images, format_problems
-    from stepwise.evaluation.inputs import load_gt, training_instance_counts
+    from stepwise.evaluation.inputs import load_gt
 
     sections = []
     val_ann = cfg.data.val_ann
     try:
-        gt, source, _ = load_gt(val_ann)
-        training_instance_counts(gt, cfg.data.train_ann, gt_source=source)
+        load_gt(val_ann)
+        train_ann = Path(cfg.data.train_ann)
+        if not train_ann.is_file():
+            raise FileNotFoundError(f"training annotation file {train_ann} (AP1..AP4 counts) not found")
+        # not read again here (LVIS: 1 GB): the stage has parsed it already (dataset or category map)
     except (OSError, ValueError, KeyError, TypeError) as err:
         hint = ""
         categories = getattr(train_ds, "categories", None)

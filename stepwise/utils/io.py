@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
