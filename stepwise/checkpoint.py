@@ -10,23 +10,32 @@ to a temporary name and renamed (a killed run never leaves a broken file). Its d
 first ``step_in_epoch`` batches (per process). The end of a stage also writes ``checkpoint_final.pt`` in
 the run directory, which the next stage reads. Files hold only tensors and plain Python containers, so they
 load with ``torch.load(weights_only=True)``.
+
+A checkpoint is written only when the file system has room for it (free space checked against the size
+of its tensors first); a failed write raises :class:`~stepwise.utils.io.WriteError` naming the path and
+the reason ("no space left on device") and leaves the previous file as it was. :func:`first_non_finite`
+finds a NaN/inf tensor in a state (the engine never writes such a state), and weights holding one are
+refused when loaded for ``init_from``.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
+import os
 import random
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from stepwise.utils.io import atomic_path
+from stepwise.utils.finite import first_non_finite, named_tensors
+from stepwise.utils.io import atomic_path, check_free_space, free_bytes
 
 FORMAT = "stepwise-checkpoint"
 VERSION = 1
@@ -45,13 +54,54 @@ def checkpoint_path(run_dir: str | Path, global_step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step_{global_step:08d}.pt"
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint's weights hold NaN or inf values; the message names the file and the first tensor."""
+
+
+_SPACE_MARGIN = 1 << 20  # bytes beyond the tensors' own: pickled containers, zip records
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` (plus format/version tags) to ``path`` atomically; returns ``path``."""
+    """Write ``state`` (plus format/version tags) to ``path`` atomically; returns ``path``.
+
+    Raises:
+        WriteError: (an ``OSError``) the file system lacks the room (checked before writing) or the write
+            failed; the message names ``path`` and says "no space left on device" when that is the cause.
+    """
     path = Path(path)
     state = {"format": FORMAT, "version": VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    needed = sum(t.numel() * t.element_size() for _, t in named_tensors(state)) + _SPACE_MARGIN
+    check_free_space(path, needed, "checkpoint")
+    with atomic_path(path, "checkpoint") as tmp:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as err:  # torch's C++ writer reports a failed write as "unexpected pos ..."
+            free = free_bytes(path.parent)
+            if free is not None and free < needed:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from err
+            raise OSError(errno.EIO, f"torch.save failed: {err}") from err
     return path
+
+
+def optimizer_state_names(state: dict[str, Any], param_names: Sequence[str] | None) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with its integer parameter indices replaced by parameter names (for messages)."""
+    if not param_names:
+        return state
+    named = {}
+    for index, value in state.get("state", {}).items():
+        name = param_names[index] if isinstance(index, int) and 0 <= index < len(param_names) else index
+        named[str(name)] = value
+    return {"state": named}
+
+
+def check_finite_weights(state: dict[str, Any], source: str | Path) -> None:
+    """Raise :class:`NonFiniteCheckpointError` when ``state["model"]`` (or a bare state dict) holds NaN/inf."""
+    weights = state.get("model", state) if isinstance(state, dict) else state
+    bad = first_non_finite(named_tensors(weights))
+    if bad is not None:
+        raise NonFiniteCheckpointError(
+            f"checkpoint {source}: tensor {bad!r} holds NaN or inf values (the run that wrote it diverged); "
+            f"refusing to start from it")
 
 
 def load_checkpoint(path: str | Path, required: Iterable[str] = ("model",),
@@ -142,13 +192,14 @@ def load_model_weights(model: nn.Module, source: str | Path | dict[str, Any]) ->
 
     Tensors whose shape differs from the model's are skipped and reported, like missing/unexpected keys.
     Head statistics (``head_state``) in the checkpoint are restored too. Optimizer, scheduler and progress
-    are ignored.
+    are ignored. Weights holding NaN/inf raise :class:`NonFiniteCheckpointError`.
     """
     if isinstance(source, dict):
         state, name = source, str(source.get("__source__", "<state dict>"))
     else:
         name = str(resolve_checkpoint(source))
         state = load_checkpoint(name)
+    check_finite_weights(state, name)
     weights = state.get("model", state)
     own = model.state_dict()
     usable, mismatched = {}, {}

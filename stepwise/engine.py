@@ -12,8 +12,11 @@ tests' toy models share it. What it guarantees:
 * ``resume``: continue mid-epoch from the latest checkpoint (consumed batches skipped, sampler epoch and
   every process's RNG restored) so the result equals an uninterrupted run (exactly, when data loading does
   not draw from the global RNG: see ``stepwise.stages.common.SeededDataset``);
-* a NaN/inf loss stops the run before the optimizer step, naming epoch, step and loss; the last good
-  checkpoint is left as it is;
+* a finite-state guard: a NaN/inf loss (before the backward pass), a NaN/inf gradient norm (the one
+  clipping computes, before the optimizer step), non-finite predictions found by the matcher, or a NaN/inf
+  parameter, buffer or optimizer state at checkpoint time stops every process together (a flag reduced
+  across processes), naming the epoch, step and the first offending loss/parameter; that state is never
+  written, so the newest checkpoint on disk is always finite;
 * evaluation: fixed batches are dealt out to the processes (no padding, no duplicates, the same batches
   whatever the number of processes, so the metrics do not depend on it); rank 0 scores the gathered
   predictions and writes the report.
@@ -34,9 +37,11 @@ from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
 from tqdm.auto import tqdm
 
-from stepwise.checkpoint import (FINAL_NAME, TRAINING_KEYS, checkpoint_path, find_latest, head_state,
-                                 load_checkpoint, preserved_rng, prune_checkpoints, restore_head_state,
-                                 rng_state, save_checkpoint, set_rng_state)
+from stepwise.checkpoint import (FINAL_NAME, TRAINING_KEYS, check_finite_weights, checkpoint_path, find_latest,
+                                 head_state, load_checkpoint, optimizer_state_names, preserved_rng,
+                                 prune_checkpoints, restore_head_state, rng_state, save_checkpoint, set_rng_state)
+from stepwise.utils.finite import NonFiniteCostError, first_non_finite, named_tensors
+from stepwise.utils.io import atomic_write_text, write_error
 
 ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
 PredictFn = Callable[[nn.Module, Any], list[dict[str, Any]]]
@@ -45,6 +50,10 @@ EvaluateFn = Callable[[list[dict[str, Any]], Path], dict[str, float]]
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """Gradients, predictions, parameters or optimizer state became NaN/inf; nothing of it is written."""
 
 
 @dataclass
@@ -83,6 +92,16 @@ class TrainSettings:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option."""
+        for name in ("epochs", "grad_accum", "eval_every_epochs", "checkpoint_every_steps", "keep_last", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"stage.{name} must be an integer, got {value!r}")
+        for name in ("lr", "weight_decay", "lr_gamma", "clip_max_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name in ("lr", "lr_gamma") and value == 0):
+                raise ValueError(f"stage.{name} must be a number {'> 0' if name in ('lr', 'lr_gamma') else '>= 0'}, "
+                                 f"got {value!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"stage.mixed_precision must be no, bf16 or fp16, not {self.mixed_precision!r}")
         for name in ("epochs", "grad_accum"):
@@ -182,6 +201,7 @@ class Trainer:
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
         self.val_loader = val_loader  # sharded by predict(), not by Accelerate: see shard_eval_loader
         self.progress = Progress()
+        self._last_step: tuple[int, int] | None = None  # (epoch, batch of the epoch) of the last optimizer step
         self.last_metrics: dict[str, float] | None = None
         if settings.trackers:
             accelerator.init_trackers("tensorboard")
@@ -233,13 +253,16 @@ class Trainer:
         try:
             for batch in loader:
                 with acc.accumulate(self.model):
-                    outputs, targets = self.forward_fn(self.model, batch)
-                    losses = self.criterion(outputs, targets)
-                    total = weighted_total(losses, self.weight_dict)
-                    self._check_finite(losses, total, epoch, done)
+                    try:
+                        outputs, targets = self.forward_fn(self.model, batch)
+                        losses = self.criterion(outputs, targets)
+                        total, failure = weighted_total(losses, self.weight_dict), None
+                    except NonFiniteCostError as err:  # diverged predictions, found by the matcher
+                        losses, total, failure = {}, None, f"matcher: {err}"
+                    self._check_finite(losses, total, epoch, done, failure)
                     acc.backward(total)
-                    if acc.sync_gradients and settings.clip_max_norm > 0:
-                        acc.clip_grad_norm_(self.model.parameters(), settings.clip_max_norm)
+                    if acc.sync_gradients:
+                        self._check_gradients(epoch, done)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 done += 1
@@ -251,6 +274,7 @@ class Trainer:
                     continue
                 progress.global_step += 1
                 progress.step_in_epoch = done
+                self._last_step = (epoch, done)
                 if settings.log_every and progress.global_step % settings.log_every == 0:
                     self._log_train(epoch, sums, count, bar)
                     sums, count = {}, 0
@@ -316,12 +340,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Write a training checkpoint at the current position (rank 0 writes; all ranks must call)."""
+        """Write a training checkpoint at the current position (rank 0 writes; all ranks must call).
+
+        Raises NonFiniteStateError on every process, writing nothing, when a parameter, buffer, head
+        statistic or optimizer state holds NaN/inf.
+        """
         acc = self.accelerator
         rngs = gather_object([rng_state()])
         path = checkpoint_path(self.run_dir, self.progress.global_step)
+        state = self._state(full=True) if acc.is_main_process else None
+        self._refuse_non_finite(state, path, full=True)
         if acc.is_main_process:
-            state = self._state(full=True)
             state["rng"] = rngs
             save_checkpoint(state, path)
             prune_checkpoints(self.run_dir, self.settings.keep_last)
@@ -331,19 +360,26 @@ class Trainer:
     def save_final(self) -> Path:
         """``<run_dir>/checkpoint_final.pt``: weights, head state, categories, config (what later stages read)."""
         path = self.run_dir / FINAL_NAME
+        state = self._state(full=False) if self.accelerator.is_main_process else None
+        self._refuse_non_finite(state, path, full=False)
         if self.accelerator.is_main_process:
-            save_checkpoint(self._state(full=False), path)
+            save_checkpoint(state, path)
         self.accelerator.wait_for_everyone()
         return path
 
     def resume(self) -> bool:
-        """Restore everything from the latest checkpoint of ``run_dir``; False (and a message) if there is none."""
+        """Restore everything from the latest checkpoint of ``run_dir``; False (and a message) if there is none.
+
+        ``metrics.jsonl`` is cut back to the checkpoint's step (the interrupted run's later lines would
+        otherwise appear twice).
+        """
         acc = self.accelerator
         path = find_latest(self.run_dir)
         if path is None:
             acc.print(f"stepwise: resume=true but {self.run_dir} has no checkpoint; starting from scratch")
             return False
         state = load_checkpoint(path, required=TRAINING_KEYS)
+        check_finite_weights(state, path)
         acc.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -359,6 +395,11 @@ class Trainer:
                       f"{acc.num_processes}: RNG streams reseeded, so the run will not repeat exactly")
             set_seed(self.settings.seed + state["global_step"], device_specific=True)
         self.progress = Progress(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]))
+        if acc.is_main_process:
+            dropped = truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.global_step)
+            if dropped:
+                print(f"stepwise: metrics.jsonl: dropped {dropped} line(s) logged after step "
+                      f"{self.progress.global_step} by the interrupted run (they are logged again)", flush=True)
         acc.print(f"stepwise: resumed from {path} at epoch {self.progress.epoch}, "
                   f"batch {self.progress.step_in_epoch}, global step {self.progress.global_step}")
         return True
@@ -391,25 +432,96 @@ class Trainer:
         for obj in self._epoch_aware:
             obj.set_epoch(epoch)
 
-    def _check_finite(self, losses: dict[str, torch.Tensor], total: torch.Tensor, epoch: int, done: int) -> None:
-        """Stop every process together when any process sees a NaN/inf loss (before the optimizer step)."""
-        acc = self.accelerator
+    def _check_finite(self, losses: dict[str, torch.Tensor], total: torch.Tensor | None, epoch: int, done: int,
+                      failure: str | None = None) -> None:
+        """Stop every process together when any process sees a NaN/inf loss, or ``failure`` (the matcher
+        found non-finite predictions), before the backward pass."""
         bad = [k for k, v in losses.items()
                if k in self.weight_dict and not bool(torch.isfinite(v.detach()).all())]
-        if not bad and not bool(torch.isfinite(total.detach())):
+        if failure is not None:
+            bad.append(failure)
+        elif not bad and not bool(torch.isfinite(total.detach())):
             bad = ["weighted total"]
+        names = self._agree(bad)
+        if names is None:
+            return
+        kind = NonFiniteStateError if "matcher: " in names else NonFiniteLossError
+        what = "non-finite predictions" if kind is NonFiniteStateError else "non-finite loss"
+        raise kind(f"{what} at epoch {epoch}, batch {done + 1} of the epoch (optimizer step "
+                   f"{self.progress.global_step + 1}): {names}. Training stopped before the update; "
+                   f"{self._last_good()}")
+
+    def _check_gradients(self, epoch: int, done: int) -> None:
+        """Clip (when ``clip_max_norm`` > 0) and stop every process when the gradient norm is NaN/inf.
+
+        The norm is the one clipping computes (without clipping, ``get_total_norm`` of the gradients). Under
+        fp16 loss scaling a non-finite norm is expected now and then (the scaler skips that step), so only
+        the parameters are checked there, at checkpoint time.
+        """
+        acc, settings = self.accelerator, self.settings
+        if settings.clip_max_norm > 0:
+            norm = acc.clip_grad_norm_(self.model.parameters(), settings.clip_max_norm)
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads and acc.scaler is None else None
+        if acc.scaler is not None:
+            return
+        bad = []
+        if norm is not None and not bool(torch.isfinite(torch.as_tensor(norm))):
+            model = acc.unwrap_model(self.model)
+            first = first_non_finite((n, p.grad) for n, p in model.named_parameters() if p.grad is not None)
+            bad = [f"gradient norm {float(norm)}, first non-finite gradient in parameter {first!r}"]
+        names = self._agree(bad)
+        if names is not None:
+            raise NonFiniteStateError(
+                f"non-finite gradients at epoch {epoch}, batch {done + 1} of the epoch (optimizer step "
+                f"{self.progress.global_step + 1}): {names}. Training stopped before the update; "
+                f"{self._last_good()}")
+
+    def _refuse_non_finite(self, state: dict[str, Any] | None, path: Path, full: bool) -> None:
+        """Raise NonFiniteStateError on every process when any process's model or optimizer state (rank 0:
+        the ``state`` it is about to write) holds NaN/inf; nothing is written then."""
+        acc = self.accelerator
+        if state is None:  # other ranks check their own copy (DDP keeps them equal unless something broke)
+            model = acc.unwrap_model(self.model)
+            state = {"model": model.state_dict(), "head_state": head_state(model)}
+            if full:
+                state["optimizer"] = self.optimizer.state_dict()
+        named = {"model": state["model"], "head_state": state.get("head_state")}
+        if "optimizer" in state:
+            named["optimizer"] = optimizer_state_names(state["optimizer"], self._param_names())
+        bad = first_non_finite(named_tensors(named))
+        names = self._agree([f"{bad} holds NaN or inf"] if bad is not None else [])
+        if names is None:
+            return
+        where = (f"after optimizer step {self.progress.global_step} (epoch {self._last_step[0]}, batch "
+                 f"{self._last_step[1]} of the epoch)" if self._last_step else
+                 f"at optimizer step {self.progress.global_step} (epoch {self.progress.epoch})")
+        raise NonFiniteStateError(f"non-finite values {where}: {names}. {path} was not written; "
+                                  f"{self._last_good()}")
+
+    def _param_names(self) -> list[str]:
+        """Name of each optimizer parameter, in ``optimizer.state_dict()`` index order."""
+        model = self.accelerator.unwrap_model(self.model)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        groups = getattr(self.optimizer, "optimizer", self.optimizer).param_groups
+        return [name_of.get(id(p), f"#{k}") for k, p in enumerate(p for g in groups for p in g["params"])]
+
+    def _agree(self, bad: list[str]) -> str | None:
+        """Reduce "this process found a problem" over all processes; None when none did, else every
+        process's findings (``process r: ...``)."""
+        acc = self.accelerator
         flag = torch.tensor([float(bool(bad))], device=acc.device)
         if acc.num_processes > 1:
             flag = acc.reduce(flag, reduction="sum")
         if flag.item() == 0:
-            return
-        per_rank = gather_object([(acc.process_index, bad)])
-        names = "; ".join(f"process {r}: {', '.join(b)}" for r, b in per_rank if b)
+            return None
+        per_rank = gather_object([(acc.process_index, bad)]) if acc.num_processes > 1 else [(0, bad)]
+        return "; ".join(f"process {r}: {', '.join(b)}" for r, b in per_rank if b)
+
+    def _last_good(self) -> str:
         last = find_latest(self.run_dir)
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch}, batch {done + 1} of the epoch (optimizer step "
-            f"{self.progress.global_step + 1}): {names}. Training stopped before the update; last good "
-            f"checkpoint: {last if last is not None else 'none written yet'}")
+        return f"last good checkpoint: {last if last is not None else 'none written yet'}"
 
     def _log_train(self, epoch: int, sums: dict[str, float], count: int, bar: Any) -> None:
         acc = self.accelerator
@@ -427,9 +539,38 @@ class Trainer:
     def _write_jsonl(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(record, default=_json_default) + "\n")
+        except OSError as err:
+            raise write_error(path, err, "metrics file") from err
+
+
+def truncate_metrics(path: Path, global_step: int) -> int:
+    """Drop the lines of a ``metrics.jsonl`` logged after optimizer step ``global_step``; returns how many.
+
+    Lines without a ``global_step`` and lines that are not JSON (a line cut by a kill) are dropped only
+    after the first line past ``global_step``. The file is rewritten atomically.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            step = json.loads(line).get("global_step")
+        except (json.JSONDecodeError, AttributeError):
+            step = None
+            if not line.endswith("\n"):  # the last line, half written when the run was killed
+                break
+        if step is not None and step > global_step:
+            break
+        keep.append(line)
+    if len(keep) < len(lines):
+        atomic_write_text(path, "".join(keep), "metrics file")
+    return len(lines) - len(keep)
 
 
 class ShardedBatches(torch.utils.data.Sampler):

@@ -3,8 +3,10 @@
 ``accelerate launch --config_file launch/accelerate_cpu2.yaml -m stepwise.run ...`` (accelerate's
 ``--cpu --num_processes 2`` starts a single process unless mpirun is configured).
 
-Composes the config (unknown keys are errors), lets rank 0 create ``runs/<exp>/<stage>/`` and save the
-resolved config while the other ranks wait, then runs ``stepwise.stages.<stage.name>.run(cfg)``.
+Composes the config (unknown keys, values of the wrong type or range, and a run directory holding an earlier
+run's checkpoints without ``resume=true``/``overwrite=true`` are errors naming the key or directory, before
+anything is created), lets rank 0 create ``runs/<exp>/<stage>/`` and save the resolved config while the other
+ranks wait, then runs ``stepwise.stages.<stage.name>.run(cfg)``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def stage_module(name: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> Any:
     """Compose the config from ``argv`` (default ``sys.argv[1:]``) and run its stage; returns its result."""
-    cfg = cli_config(argv)
+    cfg = cli_config(argv, validate=True)  # bad keys, values or an earlier run's checkpoints: exit 2, no directory
     module = stage_module(cfg.stage.name)
     state = PartialState(cpu=not torch.cuda.is_available())  # as make_accelerator: gloo group on CPUs
     prepare_run_dir(cfg, state.is_main_process)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -77,3 +78,82 @@ def test_recipe_sets_the_papers_lvis_run_and_command_line_still_wins():
     assert cfg.stage.finetune.rfs == cfg.stage.distill.rfs == "stepwise"
     assert load_config(["recipe=stepwise_lvis_v1", "data.root=/x", "data.batch_size=4"]).data.batch_size == 4
     assert load_config([]).loss.ce == 2.0 and load_config(["data=lvis_v1", "data.root=/x"]).data.rfs_threshold is None
+
+
+@pytest.mark.parametrize("override, named", [
+    ("stage.epochs=abc", r"stage.epochs must be an integer >= 1, got 'abc'"),
+    ("stage.lr=-1", r"stage.lr must be a number > 0, got -1"),
+    ("data.batch_size=0", r"data.batch_size must be an integer >= 1, got 0"),
+    ("stage.max_steps=2.5", r"stage.max_steps must be an integer >= 1 or null"),
+    ("stage.lr_drop=[a]", r"stage.lr_drop must be a list of integers"),
+    ("resume=maybe", r"resume must be true or false"),
+    ("stepwise.rfs.mode=sqrt", r"stepwise.rfs.mode must be one of stepwise, generic, null"),
+    ("stepwise.rfs.epoch=all", r"stepwise.rfs.epoch must be one of replay_set, repeated"),
+    ("stepwise.score=mean", r"stepwise.score must be one of class, max"),
+    ("distill.cls_layers=first", r"distill.cls_layers must be one of all, last"),
+])
+def test_bad_values_are_errors_that_name_the_key(override, named):
+    from stepwise.config import validate_config
+
+    with pytest.raises(ConfigError, match=named):
+        validate_config(load_config([override]))
+
+
+def test_stage_all_checks_each_training_step():
+    from stepwise.config import validate_config
+
+    validate_config(load_config(["stage=all"]))
+    with pytest.raises(ConfigError, match=r"stage.finetune.epochs must be an integer >= 1, got 0"):
+        validate_config(load_config(["stage=all", "stage.finetune.epochs=0"]))
+
+
+@pytest.mark.parametrize("override", ["stage.epochs=abc", "stage.lr=-1", "data.batch_size=0"])
+def test_entry_point_rejects_bad_values_before_creating_anything(tmp_path, capsys, override):
+    # Before: a traceback that did not name the key, and runs/<exp>/pretrain/ left behind.
+    from stepwise.run import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"output_root={tmp_path / 'runs'}", override])
+    assert exit_info.value.code == 2
+    assert override.split("=")[0] in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rerun_over_checkpoints_needs_resume_or_overwrite(tmp_path, capsys):
+    # Before: the second run silently overwrote the first run's checkpoints and appended to its metrics.
+    from stepwise.config import check_run_dir
+    from stepwise.run import main
+
+    cfg = load_config([f"output_root={tmp_path}", "exp=e1"])
+    run_dir = prepare_run_dir(cfg)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "step_00000004.pt").write_bytes(b"x")
+    (run_dir / "metrics.jsonl").write_text('{"type": "start"}\n')
+    (run_dir / "eval").mkdir()
+    with pytest.raises(ConfigError, match=r"e1/pretrain already holds checkpoints of an earlier run "
+                                          r"\(checkpoints/step_00000004.pt\); pass resume=true .*overwrite=true"):
+        check_run_dir(cfg)
+    with pytest.raises(SystemExit):
+        main([f"output_root={tmp_path}", "exp=e1"])
+    assert "resume=true" in capsys.readouterr().err
+    check_run_dir(load_config([f"output_root={tmp_path}", "exp=e1", "resume=true"]))  # allowed
+    prepare_run_dir(load_config([f"output_root={tmp_path}", "exp=e1", "overwrite=true"]))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+    check_run_dir(cfg)  # nothing left to protect
+
+
+def test_stage_all_restarts_a_step_it_cannot_resume(tmp_path):
+    from stepwise.stages.all import step_config
+
+    cfg = load_config(["stage=all", f"output_root={tmp_path}", "exp=e"])
+    fresh = step_config(cfg, "pretrain")
+    assert not fresh.resume
+    run_dir = Path(fresh.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint_final.pt").write_bytes(b"x")  # trained, evaluation never finished
+    again = step_config(cfg, "pretrain")
+    assert not again.resume and again.overwrite
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "step_00000002.pt").write_bytes(b"x")
+    interrupted = step_config(cfg, "pretrain")
+    assert interrupted.resume and not interrupted.overwrite

@@ -76,6 +76,66 @@ def test_image_path_rules():
         image_path({"id": 9}, "/r")
 
 
+@pytest.mark.parametrize("entry,message", [
+    ({"id": 7, "file_name": "../outside.png"},
+     r"image 7: file_name '../outside.png' leads outside the image root .*\.\. part"),
+    ({"id": 8, "file_name": "a/../../outside.png"}, r"image 8: file_name 'a/../../outside.png' leads outside"),
+    ({"id": 9, "file_name": "/etc/outside.png"}, r"image 9: file_name '/etc/outside.png' leads outside .*absolute"),
+    ({"id": 10, "coco_url": "http://x/train2017/../outside.png"},
+     r"image 10: coco_url 'http://x/train2017/../outside.png' leads outside"),
+])
+def test_image_paths_outside_the_root_are_refused_without_opening(tmp_path, monkeypatch, entry, message):
+    _png(tmp_path / "outside.png", 5, 5)  # it exists: the check is on the name, before any file access
+    data = {"images": [{**entry, "height": 5, "width": 5}], "annotations": [], "categories": CATEGORIES}
+    root = tmp_path / "root" / "images"
+    root.mkdir(parents=True)
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("an image was opened")
+
+    monkeypatch.setattr(Image, "open", no_open)
+    with pytest.raises(ValueError, match=r"ann.json: " + message):
+        LVISDetection(_write(tmp_path, data), root)
+    with pytest.raises(ValueError, match=message):
+        image_path(entry, root)
+    assert image_path(entry, root, allow_outside_root=True).name == "outside.png"  # the explicit opt-out
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+
+    grey = (np.arange(12 * 20, dtype=np.uint32).reshape(12, 20) * 270).astype(np.uint16)  # 0..64530
+    path = tmp_path / "img" / "g16.png"
+    path.parent.mkdir()
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode == "I;16"
+    data = {"images": [{"id": 1, "file_name": "g16.png", "height": 12, "width": 20}], "annotations": [],
+            "categories": CATEGORIES}
+    image = LVISDetection(_write(tmp_path, data), tmp_path / "img").load_image(0)
+    assert image.shape == (3, 12, 20) and image.dtype == torch.uint8
+    expected = torch.from_numpy(((grey.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))
+    assert torch.equal(image[0], expected) and torch.equal(image[1], expected) and torch.equal(image[2], expected)
+    assert image[0, 0, 0] == 0 and image[0, 0, 1] == 1 and image[0, -1, -1] == 251  # 270 -> 1, 64530 -> 251
+
+
+def test_other_pixel_modes(tmp_path):
+    import numpy as np
+
+    from stepwise.data.lvis_dataset import to_rgb
+
+    wide = Image.fromarray(np.array([[0, 65535], [257, 70000]], dtype=np.int32))  # mode I
+    assert wide.mode == "I"
+    with pytest.raises(ValueError, match=r"x.tif has 32-bit integer pixels outside 0..65535 .*0..70000"):
+        to_rgb(wide, "x.tif")
+    ok = to_rgb(Image.fromarray(np.array([[0, 65535], [257, 32896]], dtype=np.int32)), "y")
+    assert np.asarray(ok)[..., 0].tolist() == [[0, 255], [1, 128]]
+    with pytest.raises(ValueError, match=r"z.tif has 32-bit float pixels \(mode F\)"):
+        to_rgb(Image.fromarray(np.zeros((2, 2), dtype=np.float32)), "z.tif")
+    palette = Image.new("P", (2, 2))
+    palette.putpalette([10, 20, 30] * 256)
+    assert np.asarray(to_rgb(palette, "p"))[0, 0].tolist() == [10, 20, 30]
+
+
 def test_category_map_from_fields_and_round_trip(lvis_v1):
     ds = LVISDetection(*lvis_v1)
     cats = ds.categories
@@ -248,6 +308,31 @@ def test_degenerate_boxes_one_counted_warning(tmp_path):
         ds = LVISDetection(_write(tmp_path, data), tmp_path / "img")
     assert len([w for w in record if issubclass(w.category, DataWarning)]) == 1
     assert ds.num_degenerate_dropped == 2 and ds[0][1]["ann_ids"].tolist() == [11]
+
+
+def test_boxes_outside_the_image_one_counted_warning(tmp_path):
+    data = _lvis_v1(tmp_path)  # image 1 is 40 (h) x 80 (w)
+    data["annotations"][0]["bbox"] = [80, 4, 16, 20]  # starts at the right edge
+    data["annotations"][1]["bbox"] = [-30, 10, 30, 20]  # ends at the left edge
+    data["annotations"][2]["bbox"] = [-5, -5, 10, 10]  # partly inside: kept (the transforms clip it)
+    with pytest.warns(DataWarning, match=r"dropped 2 boxes entirely outside their image .*\[10, 11\]") as record:
+        ds = LVISDetection(_write(tmp_path, data), tmp_path / "img")
+    assert len([w for w in record if issubclass(w.category, DataWarning)]) == 1
+    assert ds.num_outside_dropped == 2 and ds.num_boxes == 2 and ds[1][1]["ann_ids"].tolist() == [12, 13]
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d["images"].append("000000000009.png"), r"image entry #3 is not an object: '000000000009.png'"),
+    (lambda d: d["images"][0].update(id="1"), r"image entry #0 has a non-integer id '1'"),
+    (lambda d: d["images"].append(dict(d["images"][0])), r"image id 1 appears more than once"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, True, 4]), r"annotation 10 has an invalid bbox"),
+    (lambda d: d["images"][1].update(height="tall"), r"image 2 has a non-integer height or width \('tall', 30\)"),
+])
+def test_bad_image_entries_are_named(tmp_path, mutate, message):
+    data = _lvis_v1(tmp_path)
+    mutate(data)
+    with pytest.raises(ValueError, match=r"ann.json: " + message):
+        LVISDetection(_write(tmp_path, data), tmp_path / "img")
 
 
 def test_missing_and_undecodable_images(lvis_v1):

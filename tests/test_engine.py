@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from stepwise.checkpoint import list_checkpoints, load_checkpoint
-from stepwise.engine import NonFiniteLossError, Trainer, TrainSettings, make_accelerator
+from stepwise.engine import NonFiniteLossError, NonFiniteStateError, Trainer, TrainSettings, make_accelerator
 from stepwise.stages.common import eval_loader, train_loader
 
 
@@ -32,20 +32,29 @@ class ToyData(torch.utils.data.Dataset):
 
 
 class ToyCriterion:
-    """Two named unweighted losses; optionally NaN on call ``nan_at`` or a simulated kill on ``kill_at``."""
+    """Two named unweighted losses; optionally NaN on call ``nan_at``, a simulated kill on ``kill_at``, a
+    finite loss with NaN gradients on ``nan_grad_at`` (d sqrt(x)/dx at 0 is inf, times 0) or the matcher's
+    non-finite-cost error on ``bad_match_at``."""
 
     weight_dict = {"loss_mse": 1.0, "loss_l1": 0.5}
 
-    def __init__(self, kill_at: int | None = None, nan_at: int | None = None) -> None:
+    def __init__(self, kill_at: int | None = None, nan_at: int | None = None, nan_grad_at: int | None = None,
+                 bad_match_at: int | None = None) -> None:
         self.calls, self.kill_at, self.nan_at = 0, kill_at, nan_at
+        self.nan_grad_at, self.bad_match_at = nan_grad_at, bad_match_at
 
     def __call__(self, outputs, targets):
         self.calls += 1
         if self.calls == self.kill_at:
             raise KeyboardInterrupt("simulated kill")
+        if self.calls == self.bad_match_at:
+            from stepwise.utils.finite import NonFiniteCostError
+            raise NonFiniteCostError("image 104: non-finite matching cost: the model's predictions are non-finite")
         l1 = (outputs - targets).abs().mean()
         if self.calls == self.nan_at:
             l1 = l1 * float("nan")
+        if self.calls == self.nan_grad_at:
+            l1 = l1 + torch.sqrt((outputs * 0).sum())
         return {"loss_mse": ((outputs - targets) ** 2).mean(), "loss_l1": l1}
 
 
@@ -115,6 +124,22 @@ def test_resume_equals_uninterrupted_run(tmp_path, grad_accum, kill_at):
     assert not list(tmp_path.rglob("*.tmp")), "a temporary checkpoint file was left behind"
 
 
+def test_resume_does_not_repeat_metrics_lines(tmp_path):
+    # Killed at step 8 with the last checkpoint at step 6: the killed run had logged step 7; before, the
+    # resumed run logged 7 again (and a kill mid-write could leave a torn last line).
+    full = make_trainer(tmp_path / "full")
+    full.fit()
+    killed = make_trainer(tmp_path / "killed", ToyCriterion(kill_at=8))
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "global_st')  # a line torn by the kill
+    make_trainer(tmp_path / "killed", resume=True).fit()
+    logged = [(r["global_step"], r["loss"]) for r in records(tmp_path / "killed", "train")]
+    assert logged == [(r["global_step"], r["loss"]) for r in records(tmp_path / "full", "train")]
+    assert [r["global_step"] for r in records(tmp_path / "killed", "start")] == [0, 6]
+
+
 def test_scheduler_steps_once_per_epoch(tmp_path):
     trainer = make_trainer(tmp_path, grad_accum=2, checkpoint_every_steps=0)
     trainer.fit()
@@ -154,6 +179,83 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in last["model"].values())
 
 
+def all_finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_nan_gradients_with_finite_loss_stop_before_the_update(tmp_path, clip):
+    # call 8 = epoch 1, batch 3: the loss is finite but every gradient is NaN. Without the guard the update
+    # made the weights NaN and step_00000008.pt was written with them.
+    trainer = make_trainer(tmp_path, ToyCriterion(nan_grad_at=8), checkpoint_every_steps=2, clip_max_norm=clip)
+    with pytest.raises(NonFiniteStateError, match=r"non-finite gradients at epoch 1, batch 3 of the epoch "
+                                                  r"\(optimizer step 8\).*first non-finite gradient in "
+                                                  r"parameter '0.weight'.*step_00000006.pt"):
+        trainer.fit()
+    assert all_finite(weights(trainer))
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4, 5, 6]
+    assert all(all_finite(load_checkpoint(p)["model"]) for _, p in list_checkpoints(tmp_path))
+    assert not (tmp_path / "checkpoint_final.pt").exists()
+
+
+def test_nan_parameter_from_an_optimizer_step_is_never_written(tmp_path):
+    # A hooked optimizer step turns a weight NaN at step 4 (finite loss and gradients throughout): the
+    # checkpoint of step 4 is refused on every process, naming the step and the parameter.
+    trainer = make_trainer(tmp_path, checkpoint_every_steps=2)
+    optimizer = trainer.optimizer.optimizer
+    steps = []
+
+    def poison(opt, args, kwargs):
+        steps.append(1)
+        if len(steps) == 4:
+            with torch.no_grad():
+                trainer.accelerator.unwrap_model(trainer.model)[3].bias[1] = float("nan")
+
+    optimizer.register_step_post_hook(poison)
+    with pytest.raises(NonFiniteStateError, match=r"after optimizer step 4 \(epoch 0, batch 4 of the epoch\): "
+                                                  r"process 0: model.3.bias holds NaN or inf.*step_00000004.pt was not "
+                                                  r"written.*last good checkpoint: .*step_00000002.pt"):
+        trainer.fit()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
+    assert all_finite(load_checkpoint(list_checkpoints(tmp_path)[-1][1])["model"])
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_non_finite_optimizer_state_is_named(tmp_path):
+    trainer = make_trainer(tmp_path, checkpoint_every_steps=0, epochs=1)
+    optimizer = trainer.optimizer.optimizer
+
+    def poison(opt, args, kwargs):
+        first = opt.param_groups[0]["params"][2]  # "3.weight" of the Sequential
+        opt.state[first]["exp_avg_sq"].fill_(float("inf"))
+
+    optimizer.register_step_post_hook(poison)
+    with pytest.raises(NonFiniteStateError, match=r"process 0: optimizer.state.3.weight.exp_avg_sq holds NaN or inf"):
+        trainer.fit()
+    assert list_checkpoints(tmp_path) == []
+
+
+def test_non_finite_predictions_in_the_matcher_name_the_step(tmp_path):
+    trainer = make_trainer(tmp_path, ToyCriterion(bad_match_at=7), checkpoint_every_steps=2)
+    with pytest.raises(NonFiniteStateError, match=r"non-finite predictions at epoch 1, batch 2 of the epoch "
+                                                  r"\(optimizer step 7\): process 0: matcher: image 104: .*"
+                                                  r"predictions are non-finite.*step_00000006.pt"):
+        trainer.fit()
+
+
+def test_resume_refuses_a_non_finite_checkpoint(tmp_path):
+    from stepwise.checkpoint import NonFiniteCheckpointError, save_checkpoint
+
+    trainer = make_trainer(tmp_path, max_steps=2, checkpoint_every_steps=2)
+    trainer.fit()
+    path = list_checkpoints(tmp_path)[-1][1]
+    state = load_checkpoint(path)
+    state["model"]["0.weight"][0, 0] = float("nan")
+    save_checkpoint(state, path)  # as an older version of stepwise could have written it
+    with pytest.raises(NonFiniteCheckpointError, match=r"step_00000002.pt: tensor '0.weight' holds NaN"):
+        make_trainer(tmp_path, resume=True).fit()
+
+
 def test_evaluation_sees_each_image_once_and_logs(tmp_path):
     trainer = make_trainer(tmp_path, val=True, epochs=2, checkpoint_every_steps=0, trackers=("tensorboard",))
     metrics = trainer.fit()
@@ -190,6 +292,10 @@ def test_settings_from_config_and_validation():
     assert settings.lr_drop == (3, 5) and settings.mixed_precision == "bf16" and settings.resume
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainSettings(mixed_precision="fp8").validate()
+    with pytest.raises(ValueError, match=r"stage.epochs must be an integer, got 'abc'"):
+        TrainSettings(epochs="abc").validate()
+    with pytest.raises(ValueError, match=r"stage.lr must be a number > 0, got -1"):
+        TrainSettings(lr=-1).validate()
 
 
 @pytest.mark.slow

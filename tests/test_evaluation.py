@@ -221,6 +221,30 @@ def test_unknown_image_or_category_is_an_error_naming_it():
         evaluate_lvis(hand_gt(), [det(1, 77, P, 0.5)])
 
 
+@pytest.mark.parametrize("score", ["0.9", True, None])
+def test_prediction_score_that_is_not_a_number_is_refused(score):
+    with pytest.raises(ValueError, match=r"1 invalid prediction\(s\): prediction #1 \(image 1\): bbox must be 4 "
+                                         r"numbers and score a number"):
+        evaluate_lvis(hand_gt(), [det(1, 1, P, 0.9), det(1, 1, P, score)])
+    with pytest.raises(ValueError, match=r"prediction #0 \(image 1\): bbox must be"):
+        evaluate_lvis(hand_gt(), [det(1, 1, [0.0, "1", 40.0, 40.0], 0.5)])
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda gt: gt["images"].append(dict(gt["images"][0])), r"image id 1 appears more than once"),
+    (lambda gt: gt["images"].append(7), r"image entry #3 is not an object: 7"),
+    (lambda gt: gt["annotations"][0].update(bbox=[0, 0, "40", 40]),
+     r"annotation 1: bbox \[0, 0, '40', 40\] is not 4 finite"),
+    (lambda gt: gt["annotations"].append([1, 2]), r"annotation entry #5 is not an object"),
+    (lambda gt: gt["categories"].append(dict(gt["categories"][0])), r"category id 1 appears more than once"),
+])
+def test_ground_truth_schema_errors_name_the_item(mutate, message):
+    gt = hand_gt()
+    mutate(gt)
+    with pytest.raises(ValueError, match=message):
+        evaluate_lvis(gt, [])
+
+
 def test_degenerate_box_is_a_counted_warning_and_a_false_positive(caplog):
     dets = copy.deepcopy(HAND_DETS) + [det(3, 2, [5.0, 5.0, 0.0, 10.0], 0.99), det(3, 2, [5.0, 5.0, -3.0, 10.0], 0.98)]
     report = evaluate_lvis(hand_gt(), dets)

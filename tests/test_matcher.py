@@ -97,6 +97,20 @@ def test_non_finite_cost_names_the_image():
         HungarianMatcher()(scores, boxes, [{**targets[0], "image_id": torch.tensor(77)}])
 
 
+def test_non_finite_cost_blames_the_predictions_first():
+    from stepwise.utils.finite import NonFiniteCostError
+
+    scores, boxes, targets = obvious_case()
+    nan_scores = scores.clone()
+    nan_scores[0, 2, 1] = float("nan")
+    with pytest.raises(NonFiniteCostError, match="image 77: .*predictions are non-finite .*diverged"):
+        HungarianMatcher()(nan_scores, boxes, [{**targets[0], "image_id": 77}])
+    bad_target = {**targets[0], "boxes": targets[0]["boxes"].clone(), "image_id": 78}
+    bad_target["boxes"][1, 2] = float("inf")
+    with pytest.raises(NonFiniteCostError, match="image 78: .*finite predictions: a target box"):
+        HungarianMatcher()(scores, boxes, [bad_target])
+
+
 class InvertedHead(SigmoidFocalHead):
     """A head whose scores are not the sigmoid: proves matching goes through ``head.scores``."""
 

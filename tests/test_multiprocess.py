@@ -53,6 +53,28 @@ def toy_evaluate(records, out_dir):
     return {"num_images": len(records), "mean": float(preds.mean()), "max": float(preds.max())}
 
 
+def poisoned_run(out: Path) -> None:
+    """Process 1 alone turns a weight NaN in optimizer step 2: the checkpoint of step 2 must be refused on
+    both processes (each raises, neither hangs) and never written."""
+    from stepwise.engine import Trainer, TrainSettings, make_accelerator
+    from stepwise.stages.common import train_loader
+
+    settings = TrainSettings(epochs=1, lr=1e-2, seed=3, checkpoint_every_steps=1, log_every=0)
+    acc = make_accelerator(settings, out)
+    trainer = Trainer(acc, toy_model(), ToyCriterion(), train_loader(ToyData(10, 1), 2, seed=3), settings, out,
+                      forward_fn=lambda m, b: (m(b[0]), b[1]))
+    steps = []
+
+    def poison(opt, args, kwargs):
+        steps.append(1)
+        if acc.process_index == 1 and len(steps) == 2:
+            with torch.no_grad():
+                acc.unwrap_model(trainer.model)[2].bias[0] = float("nan")
+
+    trainer.optimizer.optimizer.register_step_post_hook(poison)
+    trainer.fit()
+
+
 def main(out: str, checkpoint: str) -> None:
     from stepwise.checkpoint import load_model_weights
     from stepwise.engine import Trainer, TrainSettings, make_accelerator
@@ -116,5 +138,24 @@ def test_two_processes_match_one(tmp_path):
     assert len(json.loads(final.read_text())) == N_VAL
 
 
+@pytest.mark.multiprocess
+def test_non_finite_state_on_one_process_stops_both(tmp_path):
+    out = tmp_path / "poisoned"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29611", __file__, str(out), "poison"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    # both ranks raise the same agreed error (rank 0's own state is finite)
+    assert text.count("NonFiniteStateError: non-finite values after optimizer step 2 (epoch 0, batch 2 of the "
+                      "epoch): process 1: model.2.bias holds NaN or inf") == 2, text[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001.pt"]
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[2] == "poison":
+        poisoned_run(Path(sys.argv[1]))
+    else:
+        main(*sys.argv[1:3])

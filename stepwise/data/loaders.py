@@ -2,8 +2,8 @@
 
 Config keys read (``configs/data/*.yaml``): ``train_ann``, ``val_ann``, ``train_image_root``,
 ``val_image_root``, the transform sizes of :func:`~stepwise.data.transforms.build_transforms`,
-``batch_size``, ``num_workers``, ``rfs_threshold`` (null: every image once per epoch, shuffled) and
-``size_divisibility``.
+``batch_size``, ``num_workers``, ``rfs_threshold`` (null: every image once per epoch, shuffled),
+``size_divisibility`` and ``allow_outside_root`` (image paths outside the image root; default false).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def build_dataset(cfg_data: Any, split: str, train_transforms: bool | None = Non
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     train = split == "train" if train_transforms is None else train_transforms
     return LVISDetection(ann_file or cfg_data[f"{split}_ann"], cfg_data[f"{split}_image_root"],
-                         transforms=build_transforms(train, cfg_data), categories=categories)
+                         transforms=build_transforms(train, cfg_data), categories=categories,
+                         allow_outside_root=bool(cfg_data.get("allow_outside_root", False)))
 
 
 def _loader_kwargs(cfg_data: Any) -> dict[str, Any]:

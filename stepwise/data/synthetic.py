@@ -24,14 +24,22 @@ Layout of a generated directory::
 from __future__ import annotations
 
 import colorsys
+import ctypes
+import glob
 import math
+import multiprocessing
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -593,6 +601,22 @@ def _default_workers() -> int:
     return max(1, min(8, cpus))
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _init_worker() -> None:
+    """Rendering worker: leave Ctrl-C to the parent (which terminates the pool), and on Linux die with the
+    parent even when it is killed with SIGKILL (a worker would otherwise block forever on its queue)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # no libc prctl: the parent's terminate() still covers other exits
+            pass
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
 def _write_dataset(root: Path, plan: DatasetPlan, workers: int) -> None:
     for folder in SPLIT_FOLDERS.values():
         (root / "images" / folder).mkdir(parents=True, exist_ok=True)
@@ -604,8 +628,10 @@ def _write_dataset(root: Path, plan: DatasetPlan, workers: int) -> None:
         for job in jobs:
             _render_batch(job)
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(_render_batch, jobs):
+        # multiprocessing.Pool: leaving the with-block (normally or by any exception, a signal turned into
+        # SystemExit included) terminates the workers at once instead of letting queued jobs finish.
+        with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
+            for _ in pool.imap_unordered(_render_batch, jobs):
                 pass
     train = lvis_json(plan, "train")
     atomic_write_json(root / "annotations" / "train.json", train)
@@ -621,26 +647,77 @@ def generate(out_dir: str | os.PathLike, preset: str | Preset = "small", seed: i
     """Render the (preset, seed) data set into ``out_dir``, which must not exist yet (or be empty).
 
     Everything is written into a temporary sibling directory that is renamed onto ``out_dir`` at the
-    end, so an interrupted run leaves no ``out_dir``. ``workers`` processes render images (default: up
-    to 8 CPUs); the bytes do not depend on it. Returns ``out_dir``.
+    end, so an interrupted run leaves no ``out_dir``. The temporary directory and the rendering workers go
+    away on any exit: an exception, Ctrl-C, SIGTERM or SIGHUP (turned into ``SystemExit`` while this runs
+    in the main thread with the default handlers); after a SIGKILL the workers die with their parent
+    (Linux) and the next call removes the dead process's temporary directory. ``workers`` processes
+    render images (default: up to 8 CPUs); the bytes do not depend on it. Returns ``out_dir``.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"synthetic data output {out} already exists and is not empty")
     plan = plan_dataset(preset, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _write_dataset(tmp, plan, _default_workers() if workers is None else workers)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temporaries(out)
+    with _exit_on_signals():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        try:
+            _write_dataset(tmp, plan, _default_workers() if workers is None else workers)
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.rename(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"wrote {out}\n{format_summary(plan.summary())}", flush=True)
     return out
+
+
+_TEMP_PID = re.compile(r"\.tmp-(\d+)-")
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete the temporary siblings of ``out`` left by generating processes that no longer exist."""
+    removed = []
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        match = _TEMP_PID.search(tmp.name[len(out.name) + 1:])
+        if match and tmp.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+@contextmanager
+def _exit_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise ``SystemExit(128 + signum)`` so ``finally`` clauses run
+    (only where they have their default handler, and only in the main thread); restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, _raise_exit)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def read_meta(root: str | os.PathLike) -> dict | None:

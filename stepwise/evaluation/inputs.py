@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+import numpy as np
 
 from stepwise.utils.io import read_json
 
@@ -26,6 +29,11 @@ _MAX_NAMED = 5  # how many offending items an error or warning lists by name
 
 def _source(obj: Any, default: str) -> str:
     return os.fspath(obj) if isinstance(obj, (str, os.PathLike)) else default
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (int, float, numpy scalar), but not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _examples(items: list[str]) -> str:
@@ -51,9 +59,13 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
             raise ValueError(f"{src}: missing or non-list key '{key}'")
 
     cat_ids = set()
-    for cat in data["categories"]:
+    for k, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict):
+            raise ValueError(f"{src}: category entry #{k} is not an object: {cat!r:.80}")
         if "id" not in cat:
             raise ValueError(f"{src}: a category has no 'id': {cat}")
+        if cat["id"] in cat_ids:
+            raise ValueError(f"{src}: category id {cat['id']} appears more than once")
         if cat.get("frequency") not in FREQUENCIES:
             raise ValueError(
                 f"{src}: category {cat['id']} ({cat.get('name', '?')}) has frequency "
@@ -61,16 +73,23 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
             )
         cat_ids.add(cat["id"])
     img_ids = set()
-    for img in data["images"]:
+    for k, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            raise ValueError(f"{src}: image entry #{k} is not an object: {img!r:.80}")
         if "id" not in img:
             raise ValueError(f"{src}: an image has no 'id': {img}")
+        if img["id"] in img_ids:
+            raise ValueError(f"{src}: image id {img['id']} appears more than once")
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             if not isinstance(img.get(key), list):
                 raise ValueError(f"{src}: image {img['id']} has no list '{key}' (needed for LVIS's federated rules)")
         img_ids.add(img["id"])
 
     bad = []
-    for ann in data["annotations"]:
+    for k, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            bad.append(f"annotation entry #{k} is not an object: {ann!r:.60}")
+            continue
         aid = ann.get("id", "?")
         if ann.get("image_id") not in img_ids:
             bad.append(f"annotation {aid}: unknown image_id {ann.get('image_id')}")
@@ -78,6 +97,8 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
             bad.append(f"annotation {aid}: unknown category_id {ann.get('category_id')}")
         elif not (isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4) or "area" not in ann or "id" not in ann:
             bad.append(f"annotation {aid}: needs 'id', 'bbox' [x, y, w, h] and 'area'")
+        elif not all(_is_number(v) and math.isfinite(v) for v in ann["bbox"]):
+            bad.append(f"annotation {aid}: bbox {ann['bbox']!r} is not 4 finite numbers")
     if bad:
         raise ValueError(f"{src}: {len(bad)} invalid annotation(s): {_examples(bad)}")
     degenerate = [
@@ -150,12 +171,13 @@ def load_predictions(predictions: PathOrList, gt: dict, max_dets: int = 300, gt_
         if cat_id not in cat_ids:
             bad.append(f"prediction #{i} (image {img_id}): category_id {cat_id} is not a category of {gt_source}")
             continue
-        try:
-            x, y, w, h = (float(v) for v in box)
-            score = float(score)
-        except (TypeError, ValueError):
-            bad.append(f"prediction #{i} (image {img_id}): bbox must be 4 numbers and score a number")
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)
+                and _is_number(score)):
+            bad.append(f"prediction #{i} (image {img_id}): bbox must be 4 numbers and score a number "
+                       f"(not a string or boolean), got bbox {box!r:.60} and score {score!r:.20}")
             continue
+        x, y, w, h = (float(v) for v in box)
+        score = float(score)
         if not all(math.isfinite(v) for v in (x, y, w, h, score)):
             bad.append(f"prediction #{i} (image {img_id}): non-finite bbox or score")
             continue

@@ -12,6 +12,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from stepwise.utils.finite import NonFiniteCostError
+
 Match = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -58,8 +60,12 @@ class HungarianMatcher(nn.Module):
         if not torch.isfinite(cost).all():
             image = target.get("image_id", b)
             image = image.item() if isinstance(image, torch.Tensor) else image
-            raise ValueError(f"image {image}: non-finite matching cost (NaN/inf in the predictions, or a "
-                             f"degenerate target box)")
+            if not (torch.isfinite(scores).all() and torch.isfinite(boxes).all()):
+                raise NonFiniteCostError(
+                    f"image {image}: non-finite matching cost: the model's predictions are non-finite (NaN/inf "
+                    f"class scores or boxes), i.e. training diverged (lower the lr; check the last checkpoint)")
+            raise NonFiniteCostError(f"image {image}: non-finite matching cost with finite predictions: a target "
+                                     f"box is degenerate or non-finite ({tgt_boxes.tolist()[:5]})")
         query_idx, target_idx = linear_sum_assignment(cost.cpu().numpy())
         return (torch.as_tensor(query_idx, dtype=torch.long), torch.as_tensor(target_idx, dtype=torch.long))
 

@@ -4,7 +4,8 @@ table (``runs/<exp>/all/steps.md``, ``steps.json``) and the AP-by-frequency plot
 Each step gets the current config with ``stage`` set to its own node ``stage.<step>`` (composed from
 ``configs/stage/<step>.yaml``; override e.g. ``stage.finetune.epochs=2``). A step whose outputs exist is
 skipped (training steps: ``checkpoint_final.pt`` and ``eval/metrics.json``; select: both replay sets); a
-training step that was interrupted resumes from its last checkpoint. Root ``init_from``/``checkpoint``
+training step that was interrupted resumes from its last checkpoint (one without a step checkpoint to
+resume from starts again: ``overwrite`` is set for it). Root ``init_from``/``checkpoint``
 apply to pretrain only: the later steps read the earlier steps' directories.
 """
 
@@ -35,6 +36,9 @@ def step_config(cfg: DictConfig, step: str) -> DictConfig:
             sub.init_from = None
             sub.checkpoint = None
         sub.resume = find_latest(Path(sub.run_dir)) is not None  # an interrupted step continues
+        # a step with a final checkpoint but no step checkpoint to resume from (stopped by max_steps, then
+        # interrupted in its evaluation) is run again from its start
+        sub.overwrite = bool(cfg.get("overwrite")) or not sub.resume
     OmegaConf.set_struct(sub, True)
     return sub
 

@@ -1,6 +1,10 @@
 """What every training stage builds the same way: data (synthetic generated once), deterministic loaders,
 the detector and its criterion, and the prediction/evaluation callables the engine runs.
 
+Before any loader is built, :func:`preflight` checks what the stage will read (``data.preflight``): the
+validation file as the evaluator will load it, and every train/val image (header, size; full decode for
+small sets), so a bad file stops the stage at minute one instead of after training.
+
 Loaders here are built for exact resume: :class:`SeededDataset` gives sample ``i`` of epoch ``e`` its own
 RNG seed (so augmentations do not depend on worker assignment, skipped batches or prefetching), the
 sampler is ``RepeatFactorSampler`` (deterministic per ``(seed, epoch)``; all factors 1 without RFS), and
@@ -114,7 +118,7 @@ def build_datasets(cfg: Any, train_ann: str | None = None) -> tuple[Any, Any]:
 def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Tensor | None = None,
                   epoch_length: int | None = None) -> tuple[DataLoader, DataLoader]:
     """Training loader and evaluation loader (``stage.eval_batch_size``; first ``stage.max_eval_images``
-    images when set).
+    images when set). First refuses an empty training set and (with ``data.preflight``) runs :func:`preflight`.
 
     ``repeat_factors`` (len(train_ds),): the sampler's per-image factors (a replay stage's step-wise RFS);
     None: generic RFS with ``data.rfs_threshold`` (every image once per epoch when that is null).
@@ -122,6 +126,10 @@ def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Te
     """
     from stepwise.data import repeat_factors_from_dataset
 
+    check_not_empty(train_ds)
+    limit = cfg.stage.get("max_eval_images")
+    if cfg.data.get("preflight", True):
+        preflight(cfg, train_ds, val_ds, val_indices=None if limit is None else range(min(int(limit), len(val_ds))))
     threshold = cfg.data.get("rfs_threshold")
     if repeat_factors is None and threshold is not None:
         repeat_factors = repeat_factors_from_dataset(train_ds, float(threshold))
@@ -129,11 +137,94 @@ def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Te
     collate = collate_fn(cfg.data)
     train = train_loader(train_ds, int(cfg.data.batch_size), int(cfg.seed), collate, workers, repeat_factors,
                          epoch_length)
-    limit = cfg.stage.get("max_eval_images")
     if limit is not None:
         val_ds = torch.utils.data.Subset(val_ds, range(min(int(limit), len(val_ds))))
     eval_bs = cfg.stage.get("eval_batch_size") or cfg.data.batch_size
     return train, eval_loader(val_ds, int(eval_bs), collate, workers)
+
+
+class PreflightError(ValueError):
+    """What the stage would read is broken; the message lists every problem found, naming files and images."""
+
+
+def check_not_empty(train_ds: Any) -> None:
+    """ValueError naming the file when a training set has no image or no usable box (nothing to learn)."""
+    source = getattr(train_ds, "ann_file", "the training set")
+    if len(train_ds) == 0:
+        raise ValueError(f"training annotation file {source} has no images: nothing to train on")
+    boxes = getattr(train_ds, "num_boxes", None)
+    if boxes == 0:
+        dropped = {name: getattr(train_ds, attr, 0) for name, attr in (
+            ("crowd", "num_crowd_skipped"), ("width or height <= 0", "num_degenerate_dropped"),
+            ("outside the image", "num_outside_dropped"), ("ignore", "num_ignored"))}
+        why = ", ".join(f"{n} {name}" for name, n in dropped.items() if n)
+        raise ValueError(f"training annotation file {source} has no usable boxes in its {len(train_ds)} images"
+                         f"{f' (skipped: {why})' if why else ''}: nothing to train on")
+
+
+def preflight(cfg: Any, train_ds: Any, val_ds: Any, val_indices: Any = None, decode: bool | None = None,
+              workers: int | None = None) -> None:
+    """Check, before training, what the stage will read; raise :class:`PreflightError` on every process.
+
+    The main process checks (others wait): the validation file as the evaluator will load it (LVIS
+    schema, ``frequency`` per category, federated lists; ``data.train_ann``, which gives the AP1..AP4
+    counts, must exist) and
+    every image of ``train_ds`` and ``val_ds`` (``val_indices``: only those) with
+    :func:`stepwise.data.preflight.check_images`: headers, or a full decode when ``decode`` is True or
+    (``decode=None``) the two sets hold at most ``data.preflight_decode_max`` images.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    message = None
+    if state.is_main_process:
+        message = preflight_report(cfg, train_ds, val_ds, val_indices, decode, workers)
+        if message:
+            message = f"preflight found problems before training (data.preflight=false skips these checks):\n{message}"
+    if state.num_processes > 1:
+        message = broadcast_object_list([message])[0]
+    if message:
+        raise PreflightError(message)
+
+
+def preflight_report(cfg: Any, train_ds: Any, val_ds: Any, val_indices: Any = None, decode: bool | None = None,
+                     workers: int | None = None, progress: bool = True) -> str | None:
+    """The problems :func:`preflight` raises about, one ``- `` item each, or None when everything is fine."""
+    from stepwise.data.preflight import check_images, format_problems
+    from stepwise.evaluation.inputs import load_gt
+
+    sections = []
+    val_ann = cfg.data.val_ann
+    try:
+        load_gt(val_ann)
+        train_ann = Path(cfg.data.train_ann)
+        if not train_ann.is_file():
+            raise FileNotFoundError(f"training annotation file {train_ann} (AP1..AP4 counts) not found")
+        # not read again here (LVIS: 1 GB): the stage has parsed it already (dataset or category map)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        hint = ""
+        categories = getattr(train_ds, "categories", None)
+        if "frequency" in str(err) and categories is not None and categories.has_frequency:
+            hint = (f" (the training file {getattr(train_ds, 'ann_file', cfg.data.train_ann)} gives every category "
+                    f"a frequency; the validation file needs them too)")
+        sections.append(f"validation annotation file {val_ann} cannot be evaluated: {err}{hint}")
+    val_indices = range(len(val_ds)) if val_indices is None else val_indices
+    total = len(train_ds) + len(val_indices)
+    if decode is None:
+        decode = total <= int(cfg.data.get("preflight_decode_max", 0) or 0)
+    problems = []
+    for name, dataset, indices in (("train", train_ds, None), ("val", val_ds, val_indices)):
+        found = check_images(dataset, indices, decode=decode, workers=workers, progress=progress, desc=name)
+        if found:
+            problems.append(f"{len(found)} bad {name} image(s) ({dataset.ann_file}, image root {dataset.image_root}):\n"
+                            f"{format_problems(found)}")
+    sections.extend(problems)
+    if not sections:
+        print(f"stepwise: preflight: {total} images ({'decoded' if decode else 'headers'}) and {val_ann} are fine",
+              flush=True)
+        return None
+    return "- " + "\n- ".join(sections)
 
 
 # ------------------------------------------------------------------------------------------------ model

@@ -1,40 +1,100 @@
-"""Atomic writes: a killed process never leaves a half-written checkpoint, annotation or report."""
+"""Atomic writes: a killed process never leaves a half-written checkpoint, annotation or report.
+
+A failed write (disk full, quota, read-only file system, I/O error) raises :class:`WriteError`, an
+``OSError`` with the same ``errno`` whose message names the target path and says the reason in words
+("no space left on device"); the previous file at that path, if any, is left as it was.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class WriteError(OSError):
+    """Writing a file failed; ``str(err)`` names the path and the reason, ``err.errno`` is the OS's."""
+
+    def __init__(self, code: int | None, message: str, path: str | os.PathLike) -> None:
+        super().__init__(code, message)
+        self.filename = os.fspath(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def write_error(path: str | os.PathLike, err: OSError, what: str = "file") -> WriteError:
+    """A :class:`WriteError` for a failed write of ``path`` (``err``: the OS error that stopped it)."""
+    if isinstance(err, WriteError):
+        return err
+    path = Path(path)
+    code = err.errno
+    reason = "no space left on device" if code in _NO_SPACE else (err.strerror or str(err) or type(err).__name__)
+    free = free_bytes(path.parent) if code in _NO_SPACE else None
+    where = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
+    return WriteError(code, f"cannot write {what} {path}: {reason}{where}; a previous {path.name}, if any, "
+                            f"is unchanged", path)
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes available to this user on the file system holding ``folder`` (its nearest existing parent)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_free_space(path: str | os.PathLike, needed: int, what: str = "file") -> None:
+    """Raise :class:`WriteError` (ENOSPC) when the file system of ``path`` has less than ``needed`` bytes free."""
+    free = free_bytes(Path(path).parent)
+    if free is not None and free < needed:
+        raise WriteError(errno.ENOSPC, f"cannot write {what} {path}: no space left on device (it needs about "
+                                       f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free there)", path)
+
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
+def atomic_path(path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
+
+    An ``OSError`` raised while writing (or renaming) becomes a :class:`WriteError` naming ``path``
+    (``what`` says what it is, e.g. "checkpoint").
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        raise write_error(path, err, what) from err
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+def atomic_write_text(path: str | os.PathLike, text: str, what: str = "file") -> None:
+    """Write ``text`` to ``path`` atomically (:class:`WriteError` naming ``path`` on failure)."""
+    with atomic_path(path, what) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
-    """Serialise ``obj`` as JSON to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None, what: str = "JSON file") -> None:
+    """Serialise ``obj`` as JSON to ``path`` atomically (:class:`WriteError` naming ``path`` on failure)."""
+    with atomic_path(path, what) as tmp:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=indent)
 
