@@ -139,7 +139,7 @@ find_python312() {
 # The image's own packages that the wheels need (manifest.json 'from_image'), in a cached Python 3.12
 # venv, so that the dry run can import the carried wheels as the GPU machine will.
 image_standin_python() {
-  local py312="$1" venv="${GPU_CHECK_CACHE:-$HOME/.cache/stepwise_gpu_check}/py312-image" pkgs
+  local py312="$1" venv="${GPU_CHECK_CACHE:-${TMPDIR:-/tmp}/stepwise_gpu_check_cache}/py312-image" pkgs
   if [ ! -x "$venv/bin/python" ]; then
     pkgs=$("$PY" -c "import json; m = json.load(open('$WHEELS/manifest.json'))
 print(' '.join(k.split(' (as ')[-1].rstrip(')') for k in m['from_image']))") || return 1
@@ -243,7 +243,8 @@ assert _library.built_with_cuda(), f"the build has no CUDA kernel ({_library.loa
 devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 for device in devices:
     inputs = make_inputs(SHAPE_SETS["four_levels"], n=2, lq=5, m=2, d=8, p=2, device=device, seed=0)
-    torch.testing.assert_close(ms_deform_attn_compiled(*inputs), ms_deform_attn_reference(*inputs))
+    torch.testing.assert_close(ms_deform_attn_compiled(*inputs), ms_deform_attn_reference(*inputs), rtol=1e-4,
+                               atol=1e-4)
 print(f"loads with built_with_cuda=True; matches the reference on {', '.join(devices)}")
 EOF
   echo "summary: built in ${seconds}s (MAX_JOBS=$MAX_JOBS, CUDA_HOME=$cuda_home), $arch, loads, matches the reference"
@@ -273,7 +274,7 @@ step_throughput() {
       --boxes 2 --device cpu --dtype bf16 --impls ours,ours-lowp,hf --json "$WORK/throughput.json"
   else
     "$PY" bench/train_throughput.py --model deformable_detr_r50 --batch 2 --size 800 1066 --device cuda \
-      --dtype fp32,bf16 --iters 10 --warmup 3 --json "$WORK/throughput.json"
+      --dtype fp32,bf16 --iters 8 --warmup 2 --json "$WORK/throughput.json"
   fi
 }
 
