@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats must be >= 1")
     if args.bandwidth <= 0:
         parser.error("--bandwidth must be > 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     result = run(shapes, args.device, args.repeats, args.bandwidth)
     if args.json is not None:
         from stepwise.utils.io import atomic_write_json
