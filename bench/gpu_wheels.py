@@ -31,7 +31,6 @@ import hashlib
 import importlib
 import importlib.metadata
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -45,13 +44,11 @@ try:  # the GPU image has `packaging`; a bare Python has pip's copy
     from packaging.requirements import Requirement
     from packaging.tags import compatible_tags, cpython_tags
     from packaging.utils import canonicalize_name, parse_wheel_filename
-    from packaging.version import Version
 except ImportError:  # pragma: no cover - depends on the interpreter
     from pip._vendor.packaging.markers import Marker  # type: ignore[no-redef]
     from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
     from pip._vendor.packaging.tags import compatible_tags, cpython_tags  # type: ignore[no-redef]
     from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename  # type: ignore[no-redef]
-    from pip._vendor.packaging.version import Version  # type: ignore[no-redef]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
