@@ -1,7 +1,7 @@
 """Multi-scale deformable attention: each implementation against the pure-PyTorch reference.
 
     python bench/msda.py --device cpu --repeats 3 --shapes encoder,decoder
-    python bench/msda.py --device cuda --repeats 20
+    python bench/msda.py --device cuda --repeats 20 --json msda.json
 
 Shapes (Deformable DETR): batch 2, levels (100,167),(50,84),(25,42),(13,21), 8 heads x 32 channels,
 4 levels x 4 points; encoder queries = all 22,223 pixels, decoder = 300 queries; sampling points
@@ -10,6 +10,14 @@ Times are medians over --repeats after one warm-up. Peak memory above the inputs
 torch.cuda.max_memory_allocated; on the CPU the resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs; ru_maxrss where that is not allowed), each implementation in a fresh process.
 Ratios: speed = reference time / time (higher is faster), memory = peak / reference peak.
+
+Bandwidth floor (CUDA): the least bytes any implementation must move through device memory for these
+inputs in its dtype, divided by --bandwidth (default 4.3 TB/s, the device-to-device copy rate measured
+on the H200, bytes read + written). Forward: the value rows the sampling points touch (unique
+(batch, pixel, head) corners inside the maps, x channels), locations, weights, output. Backward adds
+grad_output, those value rows, locations and weights read again, and grad_value (whole tensor),
+grad_locations, grad_weights written. "floor" = that time / measured time (1.00 = bandwidth bound).
+--json PATH writes every row (times, memory, ratios, floors) for bench/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ import multiprocessing
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 HEADS, CHANNELS, POINTS, BATCH = 8, 32, 4, 2
 SHAPES = {"encoder": sum(h * w for h, w in LEVELS), "decoder": 300}
+BANDWIDTH = 4.3e12  # bytes/s: the H200's measured device-to-device copy rate (read + written)
 
 
 def implementations(device: str) -> list[tuple[str, str, torch.dtype]]:
@@ -71,6 +81,43 @@ def make_inputs(queries: int, dtype: torch.dtype, device: str):
     attn = attn.view(BATCH, queries, HEADS, n_levels, POINTS).to(dtype)
     grad = torch.randn(BATCH, queries, HEADS * CHANNELS, generator=g, device=device, dtype=dtype)
     return value, spatial, starts, loc, attn, grad
+
+
+def touched_value_rows(loc: torch.Tensor, spatial: torch.Tensor, starts: torch.Tensor) -> int:
+    """Unique (batch, flattened pixel, head) value rows that bilinear sampling at ``loc`` reads.
+
+    loc (N, Lq, M, L, P, 2) in [0, 1], x first; spatial (L, 2) (H, W); starts (L,). Pixel = loc * size - 0.5
+    (the op's convention); of each sample's four corners those inside the map count."""
+    n, _, m, levels, _, _ = loc.shape
+    keys = []
+    batch = torch.arange(n, device=loc.device).view(n, 1, 1, 1)
+    head = torch.arange(m, device=loc.device).view(1, 1, m, 1)
+    for lvl in range(levels):
+        h, w = int(spatial[lvl, 0]), int(spatial[lvl, 1])
+        x = loc[:, :, :, lvl, :, 0].double() * w - 0.5
+        y = loc[:, :, :, lvl, :, 1].double() * h - 0.5
+        x0, y0 = x.floor().long(), y.floor().long()
+        for dy in (0, 1):
+            for dx in (0, 1):
+                xi, yi = x0 + dx, y0 + dy
+                inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+                pixel = int(starts[lvl]) + yi * w + xi
+                key = (batch * int(spatial.prod(1).sum()) + pixel) * m + head
+                keys.append(key[inside])
+    return int(torch.unique(torch.cat(keys)).numel())
+
+
+def bytes_moved(shape: str, dtype: torch.dtype, touched_rows: int) -> tuple[int, int]:
+    """(forward, forward + backward) least bytes through device memory for the bench's ``shape`` in
+    ``dtype``, given the value rows the sampling reads (``touched_value_rows``); see the module docstring."""
+    e = torch.empty(0, dtype=dtype).element_size()
+    queries, levels = SHAPES[shape], len(LEVELS)
+    value = BATCH * sum(h * w for h, w in LEVELS) * HEADS * CHANNELS
+    samples = BATCH * queries * HEADS * levels * POINTS
+    read_value, loc, attn, out = touched_rows * CHANNELS, 2 * samples, samples, BATCH * queries * HEADS * CHANNELS
+    forward = read_value + loc + attn + out
+    backward = out + read_value + loc + attn + value + loc + attn
+    return e * forward, e * (forward + backward)
 
 
 def _proc_status_kib(key: str) -> int:
@@ -144,6 +191,7 @@ def measure(shape: str, backend: str, dtype: torch.dtype, device: str, repeats: 
     memory = PeakMemory(device)
     result["fwdbwd_s"] = timed(forward_backward)
     result["fwdbwd_mem"] = memory.peak()
+    result["fwd_bytes"], result["fwdbwd_bytes"] = bytes_moved(shape, dtype, touched_value_rows(loc, spatial, starts))
     return result
 
 
@@ -151,48 +199,73 @@ def _measure_in_child(args) -> dict:
     return measure(*args)
 
 
-def run(shapes: list[str], device: str, repeats: int) -> None:
+def run(shapes: list[str], device: str, repeats: int, bandwidth: float = BANDWIDTH) -> dict:
+    """Measure every implementation on every shape, print the table; returns the rows (see --json)."""
     torch.set_grad_enabled(True)
     impls = implementations(device)
+    cuda = device.startswith("cuda")
     print(f"device {device}, repeats {repeats}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"peak memory from {PeakMemory(device).method}")
+          f"peak memory from {PeakMemory(device).method}"
+          + (f", bandwidth floor at {bandwidth / 1e12:g} TB/s" if cuda else ""))
     header = f"{'shape':8} {'implementation':16} {'fwd ms':>9} {'speed':>6} {'f+b ms':>9} {'speed':>6} " \
              f"{'fwd MiB':>8} {'ratio':>6} {'f+b MiB':>8} {'ratio':>6}"
-    print(header)
+    print(header + (f" {'fwd floor':>9} {'f+b floor':>9}" if cuda else ""))
     ctx = multiprocessing.get_context("spawn")
+    rows = []
     for shape in shapes:
         ref = None
         for label, backend, dtype in impls:
             args = (shape, backend, dtype, device, repeats)
-            if device.startswith("cuda"):
+            if cuda:
                 r = measure(*args)
             else:  # a fresh process: the RSS high-water mark is per process
                 with ctx.Pool(1) as pool:
                     r = pool.apply(_measure_in_child, (args,))
             ref = ref or r
+            row = {"shape": shape, "implementation": label, "backend": backend, "dtype": str(dtype).split(".")[-1],
+                   **r, "fwd_speed": ref["fwd_s"] / r["fwd_s"], "fwdbwd_speed": ref["fwdbwd_s"] / r["fwdbwd_s"],
+                   "fwd_mem_ratio": r["fwd_mem"] / max(ref["fwd_mem"], 1),
+                   "fwdbwd_mem_ratio": r["fwdbwd_mem"] / max(ref["fwdbwd_mem"], 1),
+                   "fwd_floor": r["fwd_bytes"] / bandwidth / r["fwd_s"],
+                   "fwdbwd_floor": r["fwdbwd_bytes"] / bandwidth / r["fwdbwd_s"]}
+            rows.append(row)
             mib = 2.0**20
             print(
-                f"{shape:8} {label:16} {r['fwd_s'] * 1e3:9.1f} {ref['fwd_s'] / r['fwd_s']:5.1f}x "
-                f"{r['fwdbwd_s'] * 1e3:9.1f} {ref['fwdbwd_s'] / r['fwdbwd_s']:5.1f}x "
-                f"{r['fwd_mem'] / mib:8.1f} {r['fwd_mem'] / max(ref['fwd_mem'], 1):6.2f} "
-                f"{r['fwdbwd_mem'] / mib:8.1f} {r['fwdbwd_mem'] / max(ref['fwdbwd_mem'], 1):6.2f}",
+                f"{shape:8} {label:16} {r['fwd_s'] * 1e3:9.1f} {row['fwd_speed']:5.1f}x "
+                f"{r['fwdbwd_s'] * 1e3:9.1f} {row['fwdbwd_speed']:5.1f}x "
+                f"{r['fwd_mem'] / mib:8.1f} {row['fwd_mem_ratio']:6.2f} "
+                f"{r['fwdbwd_mem'] / mib:8.1f} {row['fwdbwd_mem_ratio']:6.2f}"
+                + (f" {row['fwd_floor']:9.2f} {row['fwdbwd_floor']:9.2f}" if cuda else ""),
                 flush=True,
             )
+    return {"device": device, "torch": torch.__version__, "repeats": repeats, "bandwidth": bandwidth,
+            "gpu": torch.cuda.get_device_name(device) if cuda else None, "rows": rows}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes", default="encoder,decoder", help="comma-separated: encoder, decoder")
-    args = parser.parse_args()
+    parser.add_argument("--bandwidth", type=float, default=BANDWIDTH,
+                        help="bytes/s for the bandwidth floor (default: the H200's measured 4.3e12)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    run(shapes, args.device, args.repeats)
+    if args.bandwidth <= 0:
+        parser.error("--bandwidth must be > 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    result = run(shapes, args.device, args.repeats, args.bandwidth)
+    if args.json is not None:
+        from stepwise.utils.io import atomic_write_json
+
+        atomic_write_json(args.json, result, indent=1)
 
 
 if __name__ == "__main__":

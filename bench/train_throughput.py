@@ -3,7 +3,7 @@ DeformableDetrForObjectDetection on the same architecture, weights, batch and ta
 
     python bench/train_throughput.py --model tiny --batch 4 --size 160 160 --iters 10 --device cpu
     python bench/train_throughput.py --model deformable_detr_r50 --batch 2 --size 800 1066 --device cuda \
-        --dtype fp32,bf16 --iters 20
+        --dtype fp32,bf16 --iters 20 --json throughput.json
 
 One training step = forward, loss (ours: SetCriterion with aux losses; HF: its own loss from ``labels``
 with ``auxiliary_loss``), backward, gradient clipping, AdamW step. The HF model is built from the
@@ -21,7 +21,10 @@ in a fresh process, what its first two steps add above the model weights (gradie
 activations): on CUDA torch.cuda.max_memory_allocated, on the CPU the process's resident-set
 high-water mark (VmHWM, as bench/msda.py). Ratios are ours / HF: speed > 1 is faster, memory < 1 is
 smaller. Where the compiled deformable attention op exists, ours runs both with it and with the
-pure-PyTorch reference op (issue 4: the training step with the compiled op vs the reference).
+pure-PyTorch reference op (issue 4: the training step with the compiled op vs the reference), and under
+bf16/fp16 autocast also with ``model.msda_low_precision=true`` ("ours (low-prec. op)": the op's
+half-precision kernels instead of float32; ops/README.md). --json PATH writes the rows for
+bench/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from msda import PeakMemory  # bench/ is on sys.path when this file runs as a sc
 
 PRESETS = ("tiny", "deformable_detr_r50")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLS = ("ours", "ours-reference", "hf")
-LABELS = {"ours": "ours (compiled op)", "ours-reference": "ours (reference op)", "hf": "HF transformers"}
+IMPLS = ("ours", "ours-lowp", "ours-reference", "hf")
+LABELS = {"ours": "ours (compiled op)", "ours-lowp": "ours (low-prec. op)", "ours-reference": "ours (reference op)",
+          "hf": "HF transformers"}
 CHECK_SIZE = (128, 128)  # image size of the equal-outputs check (eval mode, one image)
 MEMORY_STEPS = 2  # the second step is the first with AdamW state and activations together
 
@@ -189,6 +193,8 @@ def make_trainer(impl: str, spec: dict, state: dict) -> tuple[Callable[[], float
 
     cfg, device, classes = spec["cfg"], spec["device"], spec["classes"]
     dtype = DTYPES[spec["dtype"]]
+    if impl == "ours-lowp":  # the op in the autocast dtype (model.msda_low_precision)
+        cfg = {**cfg, "model": {**cfg["model"], "msda_low_precision": True}}
     model = build_hf(cfg, classes, state) if impl == "hf" else build_ours(cfg, classes, state)
     model.to(device).train()
     images, targets = make_batch(spec["batch"], spec["size"], spec["boxes"], classes, device)
@@ -206,7 +212,7 @@ def make_trainer(impl: str, spec: dict, state: dict) -> tuple[Callable[[], float
         optimizer = torch.optim.AdamW(param_groups(model, cfg["stage"]))
         criterion = build_criterion(OmegaConf.create(cfg["loss"]), model.class_embed[-1],
                                     num_layers=cfg["model"]["dec_layers"], two_stage=cfg["model"]["two_stage"])
-        backend = "reference" if impl == "ours-reference" else "compiled"
+        backend = "reference" if impl == "ours-reference" else "compiled"  # ours-lowp: compiled too
 
         def loss_fn():
             stepwise_ops.set_backend(backend)  # a process may hold both variants of ours
@@ -285,12 +291,17 @@ def implementations(device: str, wanted: list[str]) -> list[str]:
 
     reason = stepwise_ops.compiled_unavailable_reason(device)
     impls = [i for i in IMPLS if i in wanted]
-    if reason is not None and "ours" in impls:
+    if reason is not None and ("ours" in impls or "ours-lowp" in impls):
         print(f"compiled deformable attention unavailable on {device} ({reason}); ours uses the reference op")
-        impls = [i for i in impls if i != "ours"]
+        impls = [i for i in impls if i not in ("ours", "ours-lowp")]
         if "ours-reference" not in impls:
             impls.insert(0, "ours-reference")
     return impls
+
+
+def implementations_for(impls: list[str], dtype: str) -> list[str]:
+    """``impls`` for one autocast dtype: the low-precision op variant only where there is autocast."""
+    return [i for i in impls if not (i == "ours-lowp" and dtype == "fp32")]
 
 
 def measure_all(spec: dict, impls: list[str]) -> list[dict]:
@@ -299,23 +310,34 @@ def measure_all(spec: dict, impls: list[str]) -> list[dict]:
     return [{"times": times[impl], **in_fresh_process(peak_memory, spec, impl)} for impl in impls]
 
 
-def print_table(impls: list[str], results: list[dict], batch: int, dtype: str, header: bool = True) -> None:
-    """One row per implementation: images/s, speed ratio to HF, median step, peak memory and its ratio."""
-    mib = 2.0**20
+def summarize(impls: list[str], results: list[dict], batch: int, dtype: str) -> list[dict]:
+    """One row per implementation: images/s, speed vs HF, median step, peak memory and its ratio to HF."""
     ips = {i: batch / statistics.median(r["times"]) for i, r in zip(impls, results)}
     peak = {i: r["peak"] for i, r in zip(impls, results)}
+    return [{"dtype": dtype, "impl": impl, "label": LABELS[impl], "images_per_s": ips[impl],
+             "speed_vs_hf": ips[impl] / ips["hf"] if "hf" in ips else None,
+             "step_ms": statistics.median(r["times"]) * 1e3, "peak_mib": peak[impl] / 2.0**20,
+             "memory_vs_hf": peak[impl] / max(peak["hf"], 1) if "hf" in peak else None,
+             "trainable": r["trainable"], "memory_method": r["method"]} for impl, r in zip(impls, results)]
+
+
+def print_table(rows: list[dict], header: bool = True) -> None:
+    """The rows of ``summarize``, then the compiled op vs the reference op (and vs the low-precision op)."""
     if header:
-        print(f"peak memory: above the weights, from {results[0]['method']}; ratios ours / HF")
+        print(f"peak memory: above the weights, from {rows[0]['memory_method']}; ratios ours / HF")
         print(f"{'dtype':5} {'implementation':20} {'img/s':>8} {'vs HF':>6} {'step ms':>9} {'peak MiB':>9} "
               f"{'vs HF':>6} {'trainable':>10}")
-    for impl, r in zip(impls, results):
-        speed = f"{ips[impl] / ips['hf']:5.2f}x" if "hf" in ips else f"{'-':>6}"
-        mem = f"{peak[impl] / max(peak['hf'], 1):6.2f}" if "hf" in peak else f"{'-':>6}"
-        print(f"{dtype:5} {LABELS[impl]:20} {ips[impl]:8.2f} {speed} {statistics.median(r['times']) * 1e3:9.1f} "
-              f"{peak[impl] / mib:9.1f} {mem} {r['trainable']:10d}", flush=True)
-    if "ours" in ips and "ours-reference" in ips:
-        print(f"{dtype:5} training step, compiled op vs reference op: {ips['ours'] / ips['ours-reference']:.2f}x "
-              f"speed, {peak['ours'] / max(peak['ours-reference'], 1):.2f} memory")
+    for r in rows:
+        speed = f"{r['speed_vs_hf']:5.2f}x" if r["speed_vs_hf"] is not None else f"{'-':>6}"
+        mem = f"{r['memory_vs_hf']:6.2f}" if r["memory_vs_hf"] is not None else f"{'-':>6}"
+        print(f"{r['dtype']:5} {r['label']:20} {r['images_per_s']:8.2f} {speed} {r['step_ms']:9.1f} "
+              f"{r['peak_mib']:9.1f} {mem} {r['trainable']:10d}", flush=True)
+    by = {r["impl"]: r for r in rows}
+    for impl, other in (("ours", "ours-reference"), ("ours-lowp", "ours")):
+        if impl in by and other in by:
+            print(f"{rows[0]['dtype']:5} training step, {by[impl]['label']} vs {by[other]['label']}: "
+                  f"{by[impl]['images_per_s'] / by[other]['images_per_s']:.2f}x speed, "
+                  f"{by[impl]['peak_mib'] / max(by[other]['peak_mib'], 1e-9):.2f} memory")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -335,6 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--two-stage", action=argparse.BooleanOptionalAction, default=None,
                         help="override the preset's two_stage (HF needs --box-refine with it)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     args.dtypes = [d for d in (args.dtype or ("fp32,bf16" if args.device.startswith("cuda") else "fp32")).split(",")
                    if d]
@@ -380,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {args.device}, batch {args.batch}, size {args.size[0]}x{args.size[1]}, {args.warmup} warm-up + "
           f"{args.iters} measured steps, interleaved in one process (memory: a fresh process each), "
           f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="stepwise_bench_") as tmp:
         state_path = str(Path(tmp) / "hf_state.pt")
         torch.save(state, state_path)
@@ -388,8 +412,18 @@ def main(argv: list[str] | None = None) -> int:
             spec = dict(cfg=cfg, device=args.device, dtype=dtype, classes=args.classes, batch=args.batch,
                         size=tuple(args.size), boxes=args.boxes, warmup=args.warmup, iters=args.iters,
                         state_path=state_path)
-            results = measure_all(spec, impls)
-            print_table(impls, results, args.batch, dtype, header=dtype == args.dtypes[0])
+            these = implementations_for(impls, dtype)
+            table = summarize(these, measure_all(spec, these), args.batch, dtype)
+            print_table(table, header=dtype == args.dtypes[0])
+            rows += table
+    if args.json is not None:
+        from stepwise.utils.io import atomic_write_json
+
+        gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
+        atomic_write_json(args.json, {
+            "model": args.model, "device": args.device, "gpu": gpu, "batch": args.batch, "size": list(args.size),
+            "iters": args.iters, "warmup": args.warmup, "torch": torch.__version__,
+            "transformers": transformers.__version__, "equal_weights_max_diff": diff, "rows": rows}, indent=1)
     return 0
 
 

@@ -101,6 +101,32 @@ def test_deformable_attention_runs_in_float32_under_autocast():
     assert out.shape == (2, 3, 32) and torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize("low_precision, autocast, expected", [
+    (False, True, torch.float32),    # the default: the op runs in float32 under autocast
+    (True, True, torch.bfloat16),    # model.msda_low_precision: the op gets the autocast dtype
+    (True, False, torch.float32),    # no autocast: nothing changes
+])
+def test_msda_low_precision_switch_reaches_the_op(monkeypatch, low_precision, autocast, expected):
+    from stepwise.models import deformable_transformer
+    from stepwise_ops import ms_deform_attn_reference
+
+    seen = []
+
+    def recording_op(value, spatial_shapes, level_start_index, locations, weights):
+        seen.append((value.dtype, locations.dtype, weights.dtype, torch.is_autocast_enabled("cpu")))
+        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, locations, weights)
+
+    monkeypatch.setattr(deformable_transformer, "ms_deform_attn", recording_op)
+    model = _tiny(f"model.msda_low_precision={low_precision}").eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(torch.randn(1, 3, 64, 64))
+    layers = model.transformer.encoder.num_layers + model.transformer.decoder.num_layers
+    assert len(seen) == layers == 4
+    # float32 runs with autocast off inside the op; the bf16 path keeps autocast as it was
+    assert set(seen) == {(expected, expected, expected, autocast and expected == torch.bfloat16)}
+    assert all(torch.isfinite(x.float()).all() for x in out.logits + out.boxes)
+
+
 def test_frozen_batchnorm_stem_and_layer1():
     # the paper's setting (pretrained backbones): frozen BN, stem and layer1 frozen
     body = _tiny("model.backbone_frozen_prefixes=null", "model.backbone_freeze_bn=true").backbone.body

@@ -13,16 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import stepwise_ops
 from stepwise_ops import ms_deform_attn
-
-
-def op_supports_dtype(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``stepwise_ops.ms_deform_attn`` can run in ``dtype`` on ``device`` (else we use float32)."""
-    if dtype == torch.float32:
-        return True
-    supports = getattr(stepwise_ops, "supports_dtype", None)
-    return bool(supports(device, dtype)) if supports is not None else False
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -41,14 +32,21 @@ def _activation(name: str):
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention: each query samples n_points per head and level around its reference.
 
-    Args: d_model, n_levels, n_heads, n_points as in the paper.
+    Args:
+        d_model, n_levels, n_heads, n_points: as in the paper.
+        low_precision: under autocast (value in float16/bfloat16), run the op in that dtype (the compiled
+            op's half-precision CUDA kernels; sampling locations and weights are rounded to it too).
+            False (default): the op always runs in at least float32, autocast off. See ops/README.md
+            ("Half precision in the detector") for the evidence needed before turning it on.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+                 low_precision: bool = False):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.low_precision = bool(low_precision)
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -107,15 +105,18 @@ class MSDeformAttn(nn.Module):
         out = self._attend(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(out)
 
-    @staticmethod
-    def _attend(value, spatial_shapes, level_start_index, locations, weights) -> torch.Tensor:
-        """Run the op in value's dtype if supported, else in float32 with autocast off; returns value's dtype."""
+    def _attend(self, value, spatial_shapes, level_start_index, locations, weights) -> torch.Tensor:
+        """The op on value (N, S, M, D), locations (N, Lq, M, L, P, 2), weights (N, Lq, M, L, P) ->
+        (N, Lq, M * D) in value's dtype. With ``low_precision`` and a float16/bfloat16 value (autocast),
+        all three inputs go to the op in value's dtype; otherwise in float32 (float64 stays float64)
+        with autocast off."""
         dtype = value.dtype
-        if op_supports_dtype(value.device, dtype):
+        if self.low_precision and dtype in (torch.float16, torch.bfloat16):
             return ms_deform_attn(value, spatial_shapes, level_start_index, locations.to(dtype), weights.to(dtype))
+        compute = torch.promote_types(dtype, torch.float32)
         with torch.autocast(device_type=value.device.type, enabled=False):
-            out = ms_deform_attn(value.float(), spatial_shapes, level_start_index, locations.float(),
-                                 weights.float())
+            out = ms_deform_attn(value.to(compute), spatial_shapes, level_start_index, locations.to(compute),
+                                 weights.to(compute))
         return out.to(dtype)
 
 
@@ -123,9 +124,9 @@ class DeformableTransformerEncoderLayer(nn.Module):
     """Deformable self-attention + FFN, post-norm. (N, S, C) -> (N, S, C)."""
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, activation="relu", n_levels=4, n_heads=8,
-                 n_points=4):
+                 n_points=4, msda_low_precision=False):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, low_precision=msda_low_precision)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -179,9 +180,9 @@ class DeformableTransformerDecoderLayer(nn.Module):
     """Self-attention over queries, deformable cross-attention into the memory, FFN; post-norm."""
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, activation="relu", n_levels=4, n_heads=8,
-                 n_points=4):
+                 n_points=4, msda_low_precision=False):
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, low_precision=msda_low_precision)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
@@ -257,19 +258,20 @@ class DeformableTransformer(nn.Module):
         d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, activation,
         num_feature_levels, dec_n_points, enc_n_points: as in the paper.
         two_stage: queries come from the top-k encoder proposals; two_stage_num_proposals = k.
+        msda_low_precision: every deformable attention runs in the autocast dtype (see ``MSDeformAttn``).
     """
 
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=1024,
                  dropout=0.1, activation="relu", num_feature_levels=4, dec_n_points=4, enc_n_points=4,
-                 two_stage=False, two_stage_num_proposals=300):
+                 two_stage=False, two_stage_num_proposals=300, msda_low_precision=False):
         super().__init__()
         self.d_model, self.nhead = d_model, nhead
         self.two_stage, self.two_stage_num_proposals = two_stage, two_stage_num_proposals
         enc_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
-                                                      num_feature_levels, nhead, enc_n_points)
+                                                      num_feature_levels, nhead, enc_n_points, msda_low_precision)
         self.encoder = DeformableTransformerEncoder(enc_layer, num_encoder_layers)
         dec_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, activation,
-                                                      num_feature_levels, nhead, dec_n_points)
+                                                      num_feature_levels, nhead, dec_n_points, msda_low_precision)
         self.decoder = DeformableTransformerDecoder(dec_layer, num_decoder_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:

@@ -153,7 +153,8 @@ def build_detector(cfg_model, cfg_head, categories_or_num_classes: Any) -> Defor
         num_decoder_layers=cfg_model.dec_layers, dim_feedforward=cfg_model.dim_feedforward,
         dropout=cfg_model.dropout, activation=cfg_model.get("activation", "relu"), num_feature_levels=levels,
         dec_n_points=cfg_model.dec_n_points, enc_n_points=cfg_model.enc_n_points, two_stage=two_stage,
-        two_stage_num_proposals=cfg_model.num_queries)
+        two_stage_num_proposals=cfg_model.num_queries,
+        msda_low_precision=bool(cfg_model.get("msda_low_precision", False)))
     head = build_head(cfg_head, cfg_model.d_model, num_classes, **context)
     return DeformableDETR(backbone, transformer, head, num_queries=cfg_model.num_queries,
                           num_feature_levels=levels, with_box_refine=bool(cfg_model.with_box_refine),
