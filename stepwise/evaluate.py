@@ -55,9 +55,10 @@ def _run_predictions(args: dict[str, str]) -> int:
     except ValueError:
         raise UsageError(f"max_dets must be an integer, got {args['max_dets']!r}") from None
     evaluator = args.get("evaluator", "auto")
-    if evaluator not in ("auto", "lvis", "faster"):
-        raise UsageError(f"evaluator must be auto, lvis or faster, got {evaluator!r}")
-    report = evaluate_lvis(args["gt"], args["predictions"], train_gt=args.get("train_gt"), max_dets=max_dets, evaluator=evaluator)
+    if evaluator not in ("auto", "hotcoco", "lvis"):
+        raise UsageError(f"evaluator must be auto, hotcoco or lvis, got {evaluator!r}")
+    report = evaluate_lvis(args["gt"], args["predictions"], train_gt=args.get("train_gt"), max_dets=max_dets,
+                           evaluator=evaluator, progress=True)
     print(report.table(), end="")
     if "out" in args:
         metrics_path, csv_path = report.save(args["out"])
@@ -250,7 +251,7 @@ MODES: dict[str, Mode] = {
         required=("gt", "predictions"),
         optional=("train_gt", "out", "evaluator", "max_dets"),
         run=_run_predictions,
-        usage="gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto|lvis|faster] [max_dets=300]",
+        usage="gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto|hotcoco|lvis] [max_dets=300]",
     ),
     "checkpoint": Mode(
         key="checkpoint",
