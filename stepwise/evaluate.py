@@ -1,12 +1,14 @@
 """Entry point: LVIS metrics of a prediction file or of a trained checkpoint.
 
-    python -m stepwise.evaluate gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto] [max_dets=300]
+    python -m stepwise.evaluate gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto|hotcoco|lvis] [max_dets=300]
     python -m stepwise.evaluate checkpoint=PATH [gt=VAL_ANN] [image_root=DIR] [train_gt=TRAIN_ANN] [out=DIR]
         [max_dets=300] [tau=0,0.5,1] [knn=true] [config overrides, e.g. stage.eval_batch_size=4]
     accelerate launch [--config_file launch/...] -m stepwise.evaluate checkpoint=PATH ...   (several processes)
 
 ``predictions=`` prints the metric table and, with ``out=DIR``, writes ``DIR/metrics.json`` and
-``DIR/per_class.csv``. ``checkpoint=`` rebuilds the model from the checkpoint's saved config, predicts the
+``DIR/per_class.csv``; timed progress lines go to stderr. The results file is read piece by piece into
+arrays and evaluated by hotcoco (``evaluator=auto``; ``lvis`` = the reference LVIS API): LVIS v1 val
+with 300 detections per image (5.9M) takes about half a minute and 2.3 GB on 2 CPU cores. ``checkpoint=`` rebuilds the model from the checkpoint's saved config, predicts the
 val set of that config (or ``gt=`` with images under ``image_root=``) on every process exactly as the
 training-time evaluation does, and writes ``predictions.json``, ``metrics.json`` and ``per_class.csv``
 into ``out`` (default ``<run dir of the checkpoint>/evaluate/<checkpoint name>``).
