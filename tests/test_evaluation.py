@@ -343,6 +343,10 @@ def test_results_file_round_trip_is_exact_and_read_in_pieces(tmp_path, monkeypat
     back = inputs.load_predictions(path, gt, max_dets=300).detections
     for key in ("image_id", "category_id", "bbox", "score"):
         np.testing.assert_array_equal(getattr(back, key), getattr(dets, key))
+    # a diverged model's NaN is written as json.dump writes it, and the reader names that prediction
+    nan = Detections.from_columns(dets.image_id, dets.category_id, dets.bbox, np.where(np.arange(len(dets)) == 1500, np.nan, dets.score))
+    with pytest.raises(ValueError, match=r"1 invalid prediction\(s\): prediction #1500 .*non-finite"):
+        inputs.load_predictions(write_results(tmp_path / "nan.json", nan), gt)
 
 
 def test_bad_prediction_deep_in_a_file_is_named_by_its_index(tmp_path, monkeypatch):

@@ -7,18 +7,17 @@ itself would only fail an ``assert`` or a ``KeyError`` deep inside.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-import msgspec
 import numpy as np
 from tqdm.auto import tqdm
 
 from stepwise.evaluation.detections import Detections
+from stepwise.evaluation.results_file import ResultRow, decode_results, row_columns
 from stepwise.utils.io import read_json
 from stepwise.utils.json_stream import JsonListReader
 
@@ -128,35 +127,6 @@ class _Problems:
     def text(self) -> str:
         more = f" (and {self.count - len(self.examples)} more)" if self.count > len(self.examples) else ""
         return "; ".join(self.examples) + more
-
-
-class _Det(msgspec.Struct, gc=False):
-    """One well-formed detection as msgspec decodes it (other keys, e.g. ``segmentation``, are skipped)."""
-
-    image_id: int
-    category_id: int
-    bbox: tuple[float, float, float, float]
-    score: float
-
-
-_TYPED_DECODER = msgspec.json.Decoder(list[_Det])
-
-
-def decode_detections(text: bytes) -> list:
-    """The elements of the JSON list ``text``: ``_Det`` structs when every element is a well-formed
-    detection (msgspec's typed decoder, ~7x faster than ``json.loads`` and lighter than dicts), else
-    whatever ``json.loads`` makes of it (so that a malformed element is named, and invalid JSON raises
-    ``json.JSONDecodeError`` with its position)."""
-    try:
-        return _TYPED_DECODER.decode(text)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        return json.loads(text)
-
-
-def _struct_columns(items: list[_Det]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    n = len(items)
-    return (np.fromiter((d.image_id for d in items), np.int64, n), np.fromiter((d.category_id for d in items), np.int64, n),
-            np.array([d.bbox for d in items], dtype=np.float64).reshape(n, 4), np.fromiter((d.score for d in items), np.float64, n))
 
 
 def _integral_ids(values: list) -> np.ndarray | None:
@@ -273,7 +243,7 @@ def load_predictions(predictions: PathOrList | Detections, gt: dict, max_dets: i
             bar = tqdm(total=os.path.getsize(predictions) if os.path.isfile(predictions) else None, unit="B",
                        unit_scale=True, desc="reading predictions", disable=not progress, dynamic_ncols=True)
             chunks: Iterable[tuple[int, list]] = JsonListReader(predictions, "predictions file", READ_BLOCK_BYTES, bar.update,
-                                                                    decode=decode_detections)
+                                                                    decode=decode_results)
         elif isinstance(predictions, list):
             bar, chunks = None, [(0, predictions)]
         else:
@@ -281,7 +251,7 @@ def load_predictions(predictions: PathOrList | Detections, gt: dict, max_dets: i
         kept, num_input = [], 0
         try:
             for offset, items in chunks:
-                cols = (_struct_columns(items) if type(items[0]) is _Det else _fast_columns(items)) if items else None
+                cols = (row_columns(items) if type(items[0]) is ResultRow else _fast_columns(items)) if items else None
                 if cols is None:
                     cols, rows = _checked_columns(items, offset, problems)
                 else:
