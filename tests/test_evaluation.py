@@ -284,6 +284,16 @@ def test_auto_falls_back_to_lvis_api_for_ignored_annotations():
         choose_evaluator(gt, "faster")
 
 
+def test_evaluation_parameters_are_the_lvis_apis():
+    from stepwise.evaluation.backends import AREA_LABELS, AREA_RNG, IOU_THRS, REC_THRS
+    from stepwise.evaluation.lvis_compat import Params
+
+    params = Params(iou_type="bbox")
+    np.testing.assert_array_equal(IOU_THRS, params.iou_thrs)  # bit for bit: summarize() looks 0.5 and 0.75 up by ==
+    np.testing.assert_array_equal(REC_THRS, params.rec_thrs)
+    assert [list(r) for r in AREA_RNG] == params.area_rng and list(AREA_LABELS) == params.area_rng_lbl
+
+
 def test_numpy_aliases_restored_only_for_lvis():
     import lvis.eval
 

@@ -23,18 +23,14 @@ import hotcoco
 import numpy as np
 
 from stepwise.evaluation.detections import Detections
-from stepwise.evaluation.lvis_compat import LVISEval, LVISResults, Params, lvis_from_dict
 
 EVALUATORS = ("hotcoco", "lvis")
 AREA_LABELS = ("all", "small", "medium", "large")  # the LVIS API's order of area ranges
-
-
-def lvis_params(gt: dict) -> Params:
-    """The LVIS API's evaluation parameters (IoU/recall thresholds, area ranges) for ``gt``'s categories."""
-    params = Params(iou_type="bbox")
-    params.cat_ids = sorted(cat["id"] for cat in gt["categories"])
-    params.img_ids = sorted(img["id"] for img in gt["images"])
-    return params
+# lvis.eval.Params for iou_type "bbox", value for value (tests/test_evaluation.py checks): IoU thresholds
+# 0.50:0.05:0.95, 101 recall points, area ranges [0, 1e10], [0, 32^2], [32^2, 96^2], [96^2, 1e10].
+IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
+REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
+AREA_RNG = ((0 ** 2, 1e5 ** 2), (0 ** 2, 32 ** 2), (32 ** 2, 96 ** 2), (96 ** 2, 1e5 ** 2))
 
 
 def empty_precision(gt: dict) -> np.ndarray:
@@ -42,16 +38,16 @@ def empty_precision(gt: dict) -> np.ndarray:
 
     A category/area cell with at least one non-ignored GT box has precision 0, every other cell -1.
     """
-    params = lvis_params(gt)
-    cat_index = {cid: k for k, cid in enumerate(params.cat_ids)}
-    has_gt = np.zeros((len(params.cat_ids), len(params.area_rng)), dtype=bool)
+    cat_ids = sorted(cat["id"] for cat in gt["categories"])
+    cat_index = {cid: k for k, cid in enumerate(cat_ids)}
+    has_gt = np.zeros((len(cat_ids), len(AREA_RNG)), dtype=bool)
     for ann in gt["annotations"]:
         if ann.get("ignore", 0):
             continue
-        for a, (lo, hi) in enumerate(params.area_rng):
+        for a, (lo, hi) in enumerate(AREA_RNG):
             if lo <= ann["area"] <= hi:
                 has_gt[cat_index[ann["category_id"]], a] = True
-    precision = -np.ones((len(params.iou_thrs), len(params.rec_thrs), *has_gt.shape))
+    precision = -np.ones((len(IOU_THRS), len(REC_THRS), *has_gt.shape))
     precision[:, :, has_gt] = 0.0
     return precision
 
@@ -62,6 +58,8 @@ def run_lvis_api(gt: dict, dets: Detections) -> np.ndarray:
     Works on dicts (one per detection) and fresh copies of the annotations, since it writes flags into
     them: use it on what fits in memory (it needs > 20 GB for LVIS v1 val with 300 detections per image).
     """
+    from stepwise.evaluation.lvis_compat import LVISEval, LVISResults, lvis_from_dict  # 2 s of imports: only here
+
     if len(dets) == 0:
         return empty_precision(gt)
     lvis_gt = lvis_from_dict({**gt, "annotations": [dict(a) for a in gt["annotations"]]})
