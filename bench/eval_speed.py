@@ -60,7 +60,8 @@ def run_measured(gt: Path, preds: Path, evaluator: str, out: Path, mem_limit_gb:
               "peak_gb": usage.ru_maxrss / 2**20, "stderr": stderr,
               "read": times.get("read"), "eval": (times["done"] - times["evaluating"]) if {"done", "evaluating"} <= times.keys() else None}
     if proc.returncode != 0:
-        oom = "MemoryError" in stderr or "memory allocation" in stderr or "out of memory" in stderr.lower() or proc.returncode in (-9, 137)
+        signs = ("memoryerror", "memory allocation", "out of memory", "cannot allocate memory", "failed to map segment")
+        oom = any(sign in stderr.lower() for sign in signs) or proc.returncode in (-9, 137)
         result["failure"] = (f"out of memory (address-space limit {mem_limit_gb:g} GB)" if oom
                              else f"failed (exit code {proc.returncode}): {stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
     return result
