@@ -3,14 +3,15 @@
     python bench/eval_speed.py [--images 1000 5000] [--categories 300] [--dets 300] [--lvis-scale]
                                [--evaluators lvis hotcoco] [--mem-limit-gb 16] [--workdir DIR] [--seed 0]
 
-For each case, ``stepwise.evaluation.synthetic.write_eval_case`` writes an LVIS-format GT file (long-tailed
-categories with frequency, instance counts and federated lists) and a results file (``--dets`` detections
-per image: noisy copies of GT plus random boxes, tied scores). Each evaluator then runs as its own
-process, exactly as a user runs it: ``python -m stepwise.evaluate gt=... predictions=... evaluator=NAME``.
-The table shows wall time (process start to exit), CPU time (user + system: steadier than wall time on a
-shared machine), the part spent reading the results file and the part spent evaluating (wall, from the
-CLI's progress lines), peak resident memory of that process (``wait4``), and ratios against the LVIS API:
-end to end ("speed-up", wall) and of the evaluation alone ("eval speed-up", the same inputs in memory). Every metric and per-class AP of each evaluator is compared with the LVIS
+For each case, ``stepwise.evaluation.synthetic.write_eval_case`` writes an LVIS-format GT file (long-
+tailed categories with frequency, instance counts and federated lists) and a results file (``--dets``
+detections per image: noisy copies of GT plus random boxes, tied scores). Each evaluator then runs as its
+own process, exactly as a user runs it: ``python -m stepwise.evaluate gt=... predictions=...
+evaluator=NAME``. The table shows wall time (process start to exit), CPU time (user + system: steadier
+than wall time on a shared machine), the part spent reading the results file and the part spent
+evaluating (wall, from the CLI's progress lines), peak resident memory of that process (``wait4``), and
+ratios against the LVIS API: end to end ("speed-up", wall) and of the evaluation alone ("eval speed-up",
+the same inputs in memory). Every metric and per-class AP of each evaluator is compared with the LVIS
 API's (exit code 1 if any differs by more than 1e-9).
 
 ``--lvis-scale`` adds LVIS v1 val's size (19,809 images, 1,203 categories, 300 detections per image =

@@ -7,11 +7,12 @@
 
 ``predictions=`` prints the metric table and, with ``out=DIR``, writes ``DIR/metrics.json`` and
 ``DIR/per_class.csv``; timed progress lines go to stderr. The results file is read piece by piece into
-arrays and evaluated by hotcoco (``evaluator=auto``; ``lvis`` = the reference LVIS API): LVIS v1 val
-with 300 detections per image (5.9M) takes about half a minute and 2.3 GB on 2 CPU cores. ``checkpoint=`` rebuilds the model from the checkpoint's saved config, predicts the
-val set of that config (or ``gt=`` with images under ``image_root=``) on every process exactly as the
-training-time evaluation does, and writes ``predictions.json``, ``metrics.json`` and ``per_class.csv``
-into ``out`` (default ``<run dir of the checkpoint>/evaluate/<checkpoint name>``).
+arrays and evaluated by hotcoco (``evaluator=auto``; ``lvis`` = the reference LVIS API): LVIS v1 val with
+300 detections per image (5.9M) takes about half a minute and 2.3 GB on 2 CPU cores. ``checkpoint=``
+rebuilds the model from the checkpoint's saved config, predicts the val set of that config (or ``gt=``
+with images under ``image_root=``) on every process exactly as the training-time evaluation does, and
+writes ``predictions.json``, ``metrics.json`` and ``per_class.csv`` into ``out`` (default ``<run dir of
+the checkpoint>/evaluate/<checkpoint name>``).
 Inference-time variants of one checkpoint (see :func:`model_variants`): ``tau=`` (comma-separated) scores
 one tau-normalised model per value into ``out/tau_<value>``; ``knn=true`` adds ``out/knn`` (k-NN over the
 class centres of a metric-learning head). With variants, a table of AP/APr/APc/APf/AP1..AP4 per variant is

@@ -1,10 +1,10 @@
-"""Read a JSON file whose top level is a list, a few megabytes at a time, with the C ``json`` decoder.
+"""Read a JSON file whose top level is a list, a few megabytes at a time, with a C JSON decoder.
 
 Why: ``json.load`` of an LVIS results file (5.9M detections, ~0.5 GB) holds every element as a Python
-object at once (3.6 GB and 36 s here). ``JsonListReader`` instead cuts the file at commas between top-level
-elements and decodes one piece at a time (with ``json.loads`` or a faster typed decoder), so a caller that turns each piece into arrays keeps only
-one piece's objects alive. The file must still be valid JSON as a whole; any error names the file, the
-line, the column and the byte offset.
+object at once (3.6 GB and 36 s here). ``JsonListReader`` instead cuts the file at commas between top-
+level elements and decodes one piece at a time (with ``json.loads`` or a faster typed decoder), so a
+caller that turns each piece into arrays keeps only one piece's objects alive. The file must still be
+valid JSON as a whole; any error names the file, the line, the column and the byte offset.
 
 How a cut is found: outside strings and at nesting depth 0 (relative to the list), a comma separates two
 elements. The fast path tries the last ``}`` followed by a comma in the buffer and lets the decoder
