@@ -3,10 +3,10 @@
     python bench/eval_speed.py [--images 1000 5000] [--categories 300] [--dets 300] [--lvis-scale]
                                [--evaluators lvis hotcoco] [--mem-limit-gb 16] [--workdir DIR] [--seed 0]
 
-For each case, ``stepwise.evaluation.synthetic.write_eval_case`` writes an LVIS-format GT file (long-
-tailed categories with frequency, instance counts and federated lists) and a results file (``--dets``
-detections per image: noisy copies of GT plus random boxes, tied scores). Each evaluator then runs as its
-own process, exactly as a user runs it: ``python -m stepwise.evaluate gt=... predictions=...
+For each case, ``stepwise.evaluation.synthetic.write_eval_case`` writes an LVIS-format GT file
+(long-tailed categories with frequency, instance counts and federated lists) and a results file
+(``--dets`` detections per image: noisy copies of GT plus random boxes, tied scores). Each evaluator then
+runs as its own process, exactly as a user runs it: ``python -m stepwise.evaluate gt=... predictions=...
 evaluator=NAME``. The table shows wall time (process start to exit), CPU time (user + system: steadier
 than wall time on a shared machine), the part spent reading the results file and the part spent
 evaluating (wall, from the CLI's progress lines), peak resident memory of that process (``wait4``), and

@@ -1,8 +1,8 @@
 """Read a JSON file whose top level is a list, a few megabytes at a time, with a C JSON decoder.
 
 Why: ``json.load`` of an LVIS results file (5.9M detections, ~0.5 GB) holds every element as a Python
-object at once (3.6 GB and 36 s here). ``JsonListReader`` instead cuts the file at commas between top-
-level elements and decodes one piece at a time (with ``json.loads`` or a faster typed decoder), so a
+object at once (3.6 GB and 36 s here). ``JsonListReader`` instead cuts the file at commas between
+top-level elements and decodes one piece at a time (with ``json.loads`` or a faster typed decoder), so a
 caller that turns each piece into arrays keeps only one piece's objects alive. The file must still be
 valid JSON as a whole; any error names the file, the line, the column and the byte offset.
 
