@@ -377,6 +377,38 @@ def test_bad_prediction_deep_in_a_file_is_named_by_its_index(tmp_path, monkeypat
     assert "image_id 99999" in text and "needs image_id, category_id" in text and "non-finite" in text
 
 
+def test_gt_file_is_read_without_polygons_and_scores_as_the_dict(tmp_path):
+    from stepwise.evaluation.gt_file import read_box_annotations
+    from stepwise.evaluation.synthetic import add_polygons
+
+    gt, dets = make_eval_arrays(num_images=30, num_categories=10, dets_per_image=20, seed=6)
+    add_polygons(gt, 12)
+    gt["annotations"][3]["iscrowd"] = 1
+    gt["annotations"][4]["ignore"] = 0
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    read = read_box_annotations(tmp_path / "gt.json")
+    assert read["images"] == gt["images"] and read["categories"] == gt["categories"]
+    assert read["annotations"] == [{k: v for k, v in a.items() if k != "segmentation"} for a in gt["annotations"]]
+    train = {"annotations": [{"id": i, "category_id": c, "segmentation": [[0, 0, 1, 1, 1, 0]]}
+                             for i, c in enumerate([gt["categories"][0]["id"]] * 12 + [gt["categories"][2]["id"]] * 3)]}
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    from_files = evaluate_lvis(tmp_path / "gt.json", dets, train_gt=tmp_path / "train.json")
+    from_dicts = evaluate_lvis(gt, dets, train_gt=train)
+    assert from_files.metrics == from_dicts.metrics and from_files.per_class == from_dicts.per_class
+    assert [r.train_instances for r in from_files.per_class][:3] == [12, 0, 3]
+
+
+def test_gt_file_of_another_shape_is_named_by_the_full_checks(tmp_path):
+    gt = hand_gt()
+    del gt["annotations"][2]["bbox"]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match=r"gt.json: 1 invalid annotation\(s\): annotation 3: needs 'id', 'bbox'"):
+        evaluate_lvis(tmp_path / "gt.json", [])
+    (tmp_path / "train.json").write_text(json.dumps({"annotations": [{"id": 7}]}))
+    with pytest.raises(ValueError, match="train.json: annotation 7 has no category_id"):
+        evaluate_lvis(hand_gt(), [], train_gt=tmp_path / "train.json")
+
+
 def test_gt_without_federated_fields_is_an_error_naming_the_image():
     gt = hand_gt()
     del gt["images"][1]["neg_category_ids"]

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stepwise.evaluation.detections import Detections
+from stepwise.evaluation.gt_file import read_box_annotations, read_category_ids
 from stepwise.evaluation.results_file import ResultRow, decode_results, row_columns
 from stepwise.utils.io import read_json
 from stepwise.utils.json_stream import JsonListReader
@@ -43,6 +44,7 @@ def _examples(items: list[str]) -> str:
 def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
     """Load and check an LVIS-format annotation file or dict.
 
+    A file is read by ``gt_file.read_box_annotations`` (segmentation polygons skipped while decoding).
     Returns ``(dataset, source, warnings)`` where ``source`` names it in messages. Checks the keys the LVIS
     API needs (``frequency`` per category, ``neg_category_ids`` / ``not_exhaustive_category_ids`` per image,
     ``bbox`` and ``area`` per annotation) and that every annotation's image and category exist. GT boxes
@@ -50,7 +52,7 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
     reported in a counted warning.
     """
     src = _source(gt, "ground-truth dict")
-    data = read_json(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
+    data = read_box_annotations(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
     if not isinstance(data, dict):
         raise ValueError(f"{src}: expected an LVIS annotation object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -286,10 +288,17 @@ def training_instance_counts(gt: dict, train_gt: PathOrDict | None = None, gt_so
     """
     if train_gt is not None:
         tsrc = _source(train_gt, "training annotation dict")
+        counts = {cat["id"]: 0 for cat in gt["categories"]}
+        if isinstance(train_gt, (str, os.PathLike)):
+            ids = read_category_ids(train_gt, "training annotation file")  # LVIS train: 1 GB, only ids built
+            if ids is not None:
+                for cid, n in zip(*np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)):
+                    if int(cid) in counts:
+                        counts[int(cid)] = int(n)
+                return counts, f"annotations of {tsrc}"
         train = read_json(train_gt, "training annotation file") if isinstance(train_gt, (str, os.PathLike)) else train_gt
         if not isinstance(train, dict) or not isinstance(train.get("annotations"), list):
             raise ValueError(f"{tsrc}: expected an annotation object with a list 'annotations'")
-        counts = {cat["id"]: 0 for cat in gt["categories"]}
         for ann in train["annotations"]:
             if "category_id" not in ann:
                 raise ValueError(f"{tsrc}: annotation {ann.get('id', '?')} has no category_id")

@@ -17,7 +17,7 @@ from stepwise.evaluation.results_file import write_results
 from stepwise.utils.io import atomic_write_json
 
 
-def _ground_truth(rng: np.random.Generator, num_images: int, cat_ids: np.ndarray) -> tuple[dict, dict]:
+def _ground_truth(rng: np.random.Generator, num_images: int, cat_ids: np.ndarray, max_boxes: int = 12) -> tuple[dict, dict]:
     """GT dict plus its columns (for the detection generator): per-annotation image index, category,
     box, and per image the first annotation, annotation count and listed (positive + negative) categories."""
     num_categories = len(cat_ids)
@@ -25,7 +25,7 @@ def _ground_truth(rng: np.random.Generator, num_images: int, cat_ids: np.ndarray
     popularity /= popularity.sum()
     width = rng.integers(320, 1024, num_images)
     height = rng.integers(320, 1024, num_images)
-    count = rng.integers(1, 13, num_images)  # GT boxes per image
+    count = rng.integers(1, max_boxes + 1, num_images)  # GT boxes per image
     first = np.r_[0, np.cumsum(count)[:-1]]
     img_of = np.repeat(np.arange(num_images), count)
     cat_of = cat_ids[rng.choice(num_categories, len(img_of), p=popularity)]
@@ -69,10 +69,10 @@ def _ground_truth(rng: np.random.Generator, num_images: int, cat_ids: np.ndarray
 
 
 def make_eval_arrays(num_images: int = 200, num_categories: int = 50, dets_per_image: int = 300,
-                     seed: int = 0) -> tuple[dict, Detections]:
+                     seed: int = 0, max_boxes: int = 12) -> tuple[dict, Detections]:
     """A long-tailed LVIS-format GT dict and ``dets_per_image`` detections per image as ``Detections``.
 
-    GT: Zipf-like category popularity, 1-12 boxes per image of all sizes (small/medium/large), every
+    GT: Zipf-like category popularity, 1-``max_boxes`` boxes per image of all sizes (small/medium/large), every
     frequency r/c/f present, per-image ``neg_category_ids`` and ``not_exhaustive_category_ids``,
     categories with ``instance_count``. Detections of image i (with n GT boxes), row j: for j < 3n a
     noisy copy of GT box j mod n (noise growing with j // n; 20% with a random category), else a random
@@ -81,7 +81,7 @@ def make_eval_arrays(num_images: int = 200, num_categories: int = 50, dets_per_i
     """
     rng = np.random.default_rng(seed)
     cat_ids = rng.choice(np.arange(1, 4 * num_categories), num_categories, replace=False).astype(np.int64)
-    gt, col = _ground_truth(rng, num_images, cat_ids)
+    gt, col = _ground_truth(rng, num_images, cat_ids, max_boxes)
     n_img, D = num_images, dets_per_image
     img = np.repeat(np.arange(n_img), D)
     j = np.tile(np.arange(D), n_img)
@@ -113,10 +113,33 @@ def make_eval_case(num_images: int = 200, num_categories: int = 50, dets_per_ima
     return gt, dets.to_records()
 
 
+def add_polygons(gt: dict, points: int, seed: int = 0) -> None:
+    """Give every annotation of ``gt`` a ``segmentation``: one polygon of ``points`` vertices on a noisy
+    ellipse inscribed in its box, coordinates rounded to 2 decimals (LVIS v1 files spend most of their
+    bytes on polygons: about 800 bytes per annotation, i.e. ~40 vertices)."""
+    anns = gt["annotations"]
+    if not anns or points < 3:
+        return
+    rng = np.random.default_rng(seed)
+    box = np.array([a["bbox"] for a in anns])
+    angle = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    radius = rng.uniform(0.8, 1.0, (len(anns), points)) / 2
+    x = box[:, :1] + box[:, 2:3] * (0.5 + radius * np.cos(angle))
+    y = box[:, 1:2] + box[:, 3:4] * (0.5 + radius * np.sin(angle))
+    coords = np.round(np.stack([x, y], 2).reshape(len(anns), 2 * points), 2).tolist()
+    for ann, poly in zip(anns, coords):
+        ann["segmentation"] = [poly]
+
+
 def write_eval_case(out_dir: str | os.PathLike, num_images: int, num_categories: int, dets_per_image: int = 300,
-                    seed: int = 0) -> tuple[Path, Path]:
-    """Write ``make_eval_arrays``'s case as ``out_dir/gt.json`` and ``out_dir/predictions.json``; returns both."""
+                    seed: int = 0, max_boxes: int = 12, polygon_points: int = 0) -> tuple[Path, Path]:
+    """Write ``make_eval_arrays``'s case as ``out_dir/gt.json`` and ``out_dir/predictions.json``; returns both.
+
+    ``polygon_points`` > 0 adds a segmentation polygon of that many vertices to every GT annotation
+    (``add_polygons``), for files of LVIS's size in bytes; box evaluation ignores them.
+    """
     out_dir = Path(out_dir)
-    gt, dets = make_eval_arrays(num_images, num_categories, dets_per_image, seed)
+    gt, dets = make_eval_arrays(num_images, num_categories, dets_per_image, seed, max_boxes)
+    add_polygons(gt, polygon_points, seed)
     atomic_write_json(out_dir / "gt.json", gt)
     return out_dir / "gt.json", write_results(out_dir / "predictions.json", dets)

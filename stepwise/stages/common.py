@@ -20,8 +20,6 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from stepwise.utils.io import read_json
-
 
 class SeededDataset(Dataset):
     """Wraps a dataset so item ``i`` is produced under RNG seeds derived from ``(seed, epoch, i)``.
@@ -238,13 +236,14 @@ def lvis_evaluator(val_ann: str | Path, train_ann: str | Path | None = None, max
     ``metrics.json`` and ``per_class.csv`` into ``out_dir``. When only some val images were predicted
     (``max_eval_images``), the ground truth is restricted to them."""
     from stepwise.evaluation import evaluate_lvis
+    from stepwise.evaluation.gt_file import read_box_annotations
     from stepwise.evaluation.results_file import write_results
 
     def evaluate(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
         detections = records_to_detections(records)
         out_dir = Path(out_dir)
         write_results(out_dir / "predictions.json", detections)
-        gt = read_json(val_ann, "val annotation file")
+        gt = read_box_annotations(val_ann, "val annotation file")  # polygons skipped while decoding
         seen = {record["image_id"] for record in records}
         if len(seen) < len(gt["images"]):
             gt["images"] = [im for im in gt["images"] if im["id"] in seen]
