@@ -22,7 +22,7 @@ def test_tiny_case_prints_both_evaluators_and_their_agreement(tmp_path):
     out = result.stdout
     assert "lvis (LVIS API 0.5.3)" in out and "hotcoco (default)" in out
     assert "hotcoco vs LVIS API: max |difference| over 13 metrics and 12 per-class APs = 0.00e+00 (equal to 1e-9)" in out
-    assert (tmp_path / "case_30x12x20_s0" / "predictions.json").is_file()  # kept for reuse
+    assert (tmp_path / "case_30x12x20_b12_p0_s0" / "predictions.json").is_file()  # kept for reuse
 
 
 def test_an_evaluator_that_runs_out_of_memory_is_a_line_not_a_crash(tmp_path):
