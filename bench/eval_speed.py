@@ -97,7 +97,7 @@ def bench_case(images: int, categories: int, dets: int, evaluators: list[str], a
         made = "reused"
     polygons = f", {polygon_points}-vertex polygons" if polygon_points else ""
     print(f"\ncase: {images:,} images (1-{max_boxes} GT boxes each{polygons}), {categories:,} categories, {dets} detections/image"
-          f" = {images * dets:,} detections; GT {gt.stat().st_size / 2**20:.0f} MB, results {preds.stat().st_size / 2**20:.0f} MB"
+          f" = {images * dets:,} detections; GT {gt.stat().st_size / 2**20:.0f} MiB, results {preds.stat().st_size / 2**20:.0f} MiB"
           f" ({made})", flush=True)
     results, reports = {}, {}
     for name in evaluators:
