@@ -8,7 +8,7 @@
 ``predictions=`` prints the metric table and, with ``out=DIR``, writes ``DIR/metrics.json`` and
 ``DIR/per_class.csv``; timed progress lines go to stderr. The results file is read piece by piece into
 arrays and evaluated by hotcoco (``evaluator=auto``; ``lvis`` = the reference LVIS API): LVIS v1 val with
-300 detections per image (5.9M) takes about half a minute and 2.3 GB on 2 CPU cores. ``checkpoint=``
+300 detections per image (5.9M) takes about half a minute and 2.4 GB on 2 CPU cores. ``checkpoint=``
 rebuilds the model from the checkpoint's saved config, predicts the val set of that config (or ``gt=``
 with images under ``image_root=``) on every process exactly as the training-time evaluation does, and
 writes ``predictions.json``, ``metrics.json`` and ``per_class.csv`` into ``out`` (default ``<run dir of
