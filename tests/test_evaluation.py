@@ -359,6 +359,24 @@ def test_results_file_round_trip_is_exact_and_read_in_pieces(tmp_path, monkeypat
         inputs.load_predictions(write_results(tmp_path / "nan.json", nan), gt)
 
 
+def test_default_path_never_builds_a_dict_per_detection(tmp_path, monkeypatch):
+    # From a results file to the report, the detections stay columns (only the LVIS API gets dicts).
+    from stepwise.evaluation import results_file
+    from stepwise.evaluation.results_file import write_results
+
+    gt, dets = make_eval_arrays(num_images=20, num_categories=8, dets_per_image=30, seed=9)
+    path = write_results(tmp_path / "predictions.json", dets)
+    expected = evaluate_lvis(gt, dets)
+
+    def no_dicts(*args, **kwargs):
+        raise AssertionError("per-detection dicts built")
+
+    monkeypatch.setattr(Detections, "to_records", no_dicts)
+    monkeypatch.setattr(results_file.json, "loads", no_dicts)  # the typed decoder, never the dict fallback
+    report = evaluate_lvis(gt, path)
+    assert report.meta["evaluator"] == "hotcoco" and report.metrics == expected.metrics
+
+
 def test_bad_prediction_deep_in_a_file_is_named_by_its_index(tmp_path, monkeypatch):
     import stepwise.evaluation.inputs as inputs
 
