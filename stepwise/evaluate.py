@@ -1,15 +1,18 @@
 """Entry point: LVIS metrics of a prediction file or of a trained checkpoint.
 
-    python -m stepwise.evaluate gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto] [max_dets=300]
+    python -m stepwise.evaluate gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto|hotcoco|lvis] [max_dets=300]
     python -m stepwise.evaluate checkpoint=PATH [gt=VAL_ANN] [image_root=DIR] [train_gt=TRAIN_ANN] [out=DIR]
         [max_dets=300] [tau=0,0.5,1] [knn=true] [config overrides, e.g. stage.eval_batch_size=4]
     accelerate launch [--config_file launch/...] -m stepwise.evaluate checkpoint=PATH ...   (several processes)
 
 ``predictions=`` prints the metric table and, with ``out=DIR``, writes ``DIR/metrics.json`` and
-``DIR/per_class.csv``. ``checkpoint=`` rebuilds the model from the checkpoint's saved config, predicts the
-val set of that config (or ``gt=`` with images under ``image_root=``) on every process exactly as the
-training-time evaluation does, and writes ``predictions.json``, ``metrics.json`` and ``per_class.csv``
-into ``out`` (default ``<run dir of the checkpoint>/evaluate/<checkpoint name>``).
+``DIR/per_class.csv``; timed progress lines go to stderr. The results file is read piece by piece into
+arrays and evaluated by hotcoco (``evaluator=auto``; ``lvis`` = the reference LVIS API): LVIS v1 val with
+300 detections per image (5.9M) takes about half a minute and 2.4 GB on 2 CPU cores. ``checkpoint=``
+rebuilds the model from the checkpoint's saved config, predicts the val set of that config (or ``gt=``
+with images under ``image_root=``) on every process exactly as the training-time evaluation does, and
+writes ``predictions.json``, ``metrics.json`` and ``per_class.csv`` into ``out`` (default ``<run dir of
+the checkpoint>/evaluate/<checkpoint name>``).
 Inference-time variants of one checkpoint (see :func:`model_variants`): ``tau=`` (comma-separated) scores
 one tau-normalised model per value into ``out/tau_<value>``; ``knn=true`` adds ``out/knn`` (k-NN over the
 class centres of a metric-learning head). With variants, a table of AP/APr/APc/APf/AP1..AP4 per variant is
@@ -55,9 +58,10 @@ def _run_predictions(args: dict[str, str]) -> int:
     except ValueError:
         raise UsageError(f"max_dets must be an integer, got {args['max_dets']!r}") from None
     evaluator = args.get("evaluator", "auto")
-    if evaluator not in ("auto", "lvis", "faster"):
-        raise UsageError(f"evaluator must be auto, lvis or faster, got {evaluator!r}")
-    report = evaluate_lvis(args["gt"], args["predictions"], train_gt=args.get("train_gt"), max_dets=max_dets, evaluator=evaluator)
+    if evaluator not in ("auto", "hotcoco", "lvis"):
+        raise UsageError(f"evaluator must be auto, hotcoco or lvis, got {evaluator!r}")
+    report = evaluate_lvis(args["gt"], args["predictions"], train_gt=args.get("train_gt"), max_dets=max_dets,
+                           evaluator=evaluator, progress=True)
     print(report.table(), end="")
     if "out" in args:
         metrics_path, csv_path = report.save(args["out"])
@@ -250,7 +254,7 @@ MODES: dict[str, Mode] = {
         required=("gt", "predictions"),
         optional=("train_gt", "out", "evaluator", "max_dets"),
         run=_run_predictions,
-        usage="gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto|lvis|faster] [max_dets=300]",
+        usage="gt=FILE predictions=FILE [train_gt=FILE] [out=DIR] [evaluator=auto|hotcoco|lvis] [max_dets=300]",
     ),
     "checkpoint": Mode(
         key="checkpoint",

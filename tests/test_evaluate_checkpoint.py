@@ -112,3 +112,24 @@ def test_two_processes_give_the_same_report(trained, tmp_path):
         assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
         assert a["score"] == pytest.approx(b["score"], abs=1e-6)
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-4)
+
+
+def test_gathered_records_are_arrays_holding_the_lvis_results():
+    """What the engine gathers per image (arrays) holds exactly the LVIS results the dict path made."""
+    import numpy as np
+
+    from stepwise.models.postprocess import to_lvis_results
+    from stepwise.stages.common import detection_columns, records_to_detections
+
+    gen = torch.Generator().manual_seed(0)
+    dets = []
+    for k in (5, 0, 7):
+        xy = torch.rand(k, 2, generator=gen) * 300
+        dets.append({"scores": torch.rand(k, generator=gen), "labels": torch.randint(0, 4, (k,), generator=gen),
+                     "boxes": torch.cat([xy, xy + torch.rand(k, 2, generator=gen) * 50], 1)})
+    ids, cat_ids = [11, 12, 13], [3, 17, 40, 41]
+    records = [detection_columns(d, i, np.array(cat_ids)) for d, i in zip(dets, ids)]
+    assert all(isinstance(r["bbox"], np.ndarray) and r["bbox"].dtype == np.float32 for r in records)
+    assert records_to_detections(records).to_records() == to_lvis_results(dets, ids, cat_ids)
+    with pytest.raises(ValueError, match="image 12: class index 4"):
+        detection_columns({**dets[0], "labels": torch.tensor([0, 4, 1, 1, 1])}, 12, np.array(cat_ids))

@@ -12,10 +12,10 @@ import pytest
 
 from stepwise.evaluate import main
 from stepwise.evaluation import EvalReport, choose_evaluator, evaluate_lvis, instance_bin
-from stepwise.evaluation.backends import empty_precision, run_lvis_api
-from stepwise.evaluation.inputs import limit_dets_per_image
+from stepwise.evaluation.backends import empty_precision, run_hotcoco, run_lvis_api
+from stepwise.evaluation.detections import Detections
 from stepwise.evaluation.lvis_compat import LVISEval, LVISResults, lvis_from_dict
-from stepwise.evaluation.synthetic import make_eval_case
+from stepwise.evaluation.synthetic import make_eval_arrays, make_eval_case
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4")
 
@@ -107,7 +107,7 @@ def test_hand_made_case_matches_hand_computed_values():
 
 def test_both_evaluators_agree_on_hand_case_and_with_lvis_api_summary():
     lvis = evaluate_lvis(hand_gt(), copy.deepcopy(HAND_DETS), evaluator="lvis")
-    fast = evaluate_lvis(hand_gt(), copy.deepcopy(HAND_DETS), evaluator="faster")
+    fast = evaluate_lvis(hand_gt(), copy.deepcopy(HAND_DETS), evaluator="hotcoco")
     for key in METRICS:
         assert (lvis.metrics[key] is None) == (fast.metrics[key] is None), key
         if lvis.metrics[key] is not None:
@@ -156,51 +156,142 @@ def test_perfect_predictions_score_one():
     assert all(r.ap is None or r.ap == pytest.approx(1.0) for r in report.per_class)
 
 
+def federated_case(max_dets: int) -> tuple[dict, Detections]:
+    """A synthetic case with every rule the LVIS API applies, each checked to be present below.
+
+    150 images x 80 detections (``make_eval_arrays``: noisy copies of GT, wrong classes, random boxes of
+    positive, negative and unlisted categories, non-exhaustive categories, scores rounded to 3 decimals)
+    plus 5 images without any GT box (only negative categories: every detection there is dropped or a
+    false positive) and 3 categories without GT: one nobody detects, one detected only on images that
+    list it as negative or not at all, one without GT or detections whose frequency is "f".
+    """
+    gt, dets = make_eval_arrays(num_images=150, num_categories=40, dets_per_image=80, seed=11)
+    base_cats = [c["id"] for c in gt["categories"]]
+    e1, e2, e3 = (max(base_cats) + k for k in (1, 2, 3))
+    gt["categories"] += [{"id": e, "name": f"empty_{e}", "frequency": f, "instance_count": n, "image_count": 1}
+                         for e, f, n in ((e1, "r", 3), (e2, "c", 40), (e3, "f", 5000))]
+    rng = np.random.default_rng(5)
+    extra_img, extra_cat, extra_box, extra_score = [], [], [], []
+    for img_id in range(151, 156):
+        neg = [e2, *map(int, rng.choice(base_cats, 3, replace=False))]
+        gt["images"].append({"id": img_id, "width": 640, "height": 480, "neg_category_ids": neg,
+                             "not_exhaustive_category_ids": []})
+        for _ in range(30):  # negatives (false positives) and unlisted categories (dropped)
+            extra_img.append(img_id)
+            extra_cat.append(int(rng.choice(neg)) if rng.random() < 0.5 else int(rng.choice(base_cats)))
+            extra_box.append([float(v) for v in np.round(rng.uniform([0, 0, 5, 5], [300, 200, 300, 250]), 2)])
+            extra_score.append(round(float(rng.random()), 2))
+    on_gt_images = rng.choice(150, 40) + 1  # e2 detected where it is unlisted: dropped
+    extra_img += on_gt_images.tolist()
+    extra_cat += [e2] * 40
+    extra_box += [[10.0, 10.0, 50.0, 50.0]] * 40
+    extra_score += [0.9] * 40
+    dets = Detections.concat([dets, Detections.from_columns(extra_img, extra_cat, extra_box, extra_score)])
+    return gt, dets
+
+
 @pytest.mark.parametrize("max_dets", [300, 20])
-def test_default_evaluator_equals_lvis_api(max_dets):
-    # 120 images x 60 detections = 7,200 detections: noisy copies of GT, wrong classes, random boxes with
-    # present, negative and unlisted categories, non-exhaustive categories, rounded scores (ties).
-    gt, dets = make_eval_case(num_images=120, num_categories=40, dets_per_image=60, seed=7)
-    assert choose_evaluator(gt) == "faster"
-    fast = evaluate_lvis(gt, copy.deepcopy(dets), max_dets=max_dets)
-    ref = evaluate_lvis(gt, copy.deepcopy(dets), max_dets=max_dets, evaluator="lvis")
-    assert fast.meta["evaluator"] == "faster" and ref.meta["evaluator"] == "lvis"
+def test_default_evaluator_equals_lvis_api_on_every_federated_rule(max_dets):
+    gt, dets = federated_case(max_dets)
+    # The case holds every rule (so that this test would catch an evaluator that got one wrong):
+    img = {im["id"]: im for im in gt["images"]}
+    gt_cats = {(a["image_id"], a["category_id"]) for a in gt["annotations"]}
+    pairs = list(zip(dets.image_id.tolist(), dets.category_id.tolist()))
+    neg = [c in img[i]["neg_category_ids"] for i, c in pairs]
+    not_exh = [c in img[i]["not_exhaustive_category_ids"] for i, c in pairs]
+    unlisted = [(i, c) not in gt_cats and c not in img[i]["neg_category_ids"] for i, c in pairs]
+    assert sum(neg) > 100 and sum(not_exh) > 100 and sum(unlisted) > 100
+    keys = np.stack([dets.image_id, dets.category_id, np.round(dets.score * 1000)], 1)
+    assert len(np.unique(keys, axis=0)) < len(keys)  # tied scores within an (image, category)
+    areas = np.array([a["area"] for a in gt["annotations"]])
+    assert (areas < 32**2).any() and ((areas >= 32**2) & (areas < 96**2)).any() and (areas >= 96**2).any()
+    per_image = np.bincount(dets.image_id)
+    if max_dets < 80:
+        assert (per_image > max_dets).any()  # the per-image cut, with ties at the cut
+
+    ref = evaluate_lvis(gt, dets, max_dets=max_dets, evaluator="lvis")
+    new = evaluate_lvis(gt, dets, max_dets=max_dets)
+    assert new.meta["evaluator"] == "hotcoco" and ref.meta["evaluator"] == "lvis"
     for key in METRICS:
-        assert ref.metrics[key] is not None, key  # every slice and bin is populated here
-        assert abs(fast.metrics[key] - ref.metrics[key]) <= 1e-6, key
-    assert [r.id for r in fast.per_class] == [r.id for r in ref.per_class]
-    for a, b in zip(fast.per_class, ref.per_class):
+        assert ref.metrics[key] is not None, key  # every area range, frequency and instance bin populated
+        assert abs(new.metrics[key] - ref.metrics[key]) <= 1e-9, key
+    assert [r.id for r in new.per_class] == [r.id for r in ref.per_class]
+    for a, b in zip(new.per_class, ref.per_class):
         assert (a.ap is None) == (b.ap is None), a.id
         if a.ap is not None:
-            assert abs(a.ap - b.ap) <= 1e-6, a.id
+            assert abs(a.ap - b.ap) <= 1e-9, a.id
+    empty = [r for r in ref.per_class if r.name.startswith("empty_")]
+    assert len(empty) == 3 and all(r.ap is None for r in empty)
+    assert sum(r.ap is not None for r in ref.per_class) >= 35
 
     if max_dets == 300:
         # Our summary of the precision array is the LVIS API's own summarize(), value for value.
         lvis_gt = lvis_from_dict(copy.deepcopy(gt))
-        ev = LVISEval(lvis_gt, LVISResults(lvis_gt, copy.deepcopy(dets)), iou_type="bbox")
+        ev = LVISEval(lvis_gt, LVISResults(lvis_gt, dets.to_records()), iou_type="bbox")
         ev.run()
         for key in METRICS[:9]:
             assert ref.metrics[key] == pytest.approx(float(ev.results[key]), abs=1e-12), key
 
 
+def test_crowd_flag_is_disregarded_as_the_lvis_api_does():
+    # The LVIS API evaluates an ``iscrowd`` box as an ordinary box; hotcoco gets every box with
+    # iscrowd = 0 and must give the same numbers (left to itself it would treat them as crowd regions).
+    gt, dets = make_eval_arrays(num_images=60, num_categories=20, dets_per_image=40, seed=2)
+    for ann in gt["annotations"][::4]:
+        ann["iscrowd"] = 1
+    assert choose_evaluator(gt) == "hotcoco"
+    np.testing.assert_allclose(run_hotcoco(gt, dets), run_lvis_api(gt, dets), rtol=0, atol=1e-12)
+
+
 def test_top_k_per_image_keeps_highest_scores():
-    dets = [det(1, 1, P, s) for s in (0.1, 0.9, 0.5)] + [det(2, 1, P, 0.2)]
-    kept = limit_dets_per_image(dets, 2)
-    assert sorted((d["image_id"], d["score"]) for d in kept) == [(1, 0.5), (1, 0.9), (2, 0.2)]
+    dets = Detections.from_records([det(1, 1, P, s) for s in (0.1, 0.9, 0.5)] + [det(2, 1, P, 0.2)])
+    kept = dets.top_k(2)
+    assert list(zip(kept.image_id.tolist(), kept.score.tolist())) == [(1, 0.9), (1, 0.5), (2, 0.2)]  # file order
+
+
+def test_top_k_keeps_what_lvis_results_keeps_with_ties():
+    # Image 1: six detections with tied scores, cut to 3; the earlier row wins a tie, as in LVISResults.
+    scores = [0.5, 0.7, 0.5, 0.7, 0.5, 0.9]
+    records = [det(1, 1 + k % 2, [k, k, 10.0, 10.0], s) for k, s in enumerate(scores)] + [det(2, 1, P, 0.1)]
+    lvis_gt = lvis_from_dict(hand_gt())
+    expected = LVISResults(lvis_gt, copy.deepcopy(records), max_dets=3).dataset["annotations"]
+    kept = Detections.from_records(records).top_k(3)
+    assert sorted((d["image_id"], d["bbox"][0], d["score"]) for d in expected) == sorted(
+        zip(kept.image_id.tolist(), kept.bbox[:, 0].tolist(), kept.score.tolist()))
+    assert kept.bbox[:, 0].tolist() == [1.0, 3.0, 5.0, 0.0]  # 0.7, 0.7, 0.9 of image 1 in file order, then image 2
 
 
 def test_no_detections_gives_zero_like_lvis_api():
     # A lone detection of an unlisted category is dropped by the LVIS API, which then evaluates nothing.
     gt = hand_gt()
-    np.testing.assert_array_equal(run_lvis_api(gt, [det(3, 3, P, 0.5)]), empty_precision(gt))
+    lone = Detections.from_records([det(3, 3, P, 0.5)])
+    np.testing.assert_array_equal(run_lvis_api(gt, lone), empty_precision(gt))
+    np.testing.assert_array_equal(run_hotcoco(gt, lone), empty_precision(gt))
+    np.testing.assert_array_equal(run_hotcoco(gt, Detections.empty()), empty_precision(gt))
     m = evaluate_lvis(gt, []).metrics
     assert m["AP"] == 0.0 and m["APr"] == 0.0 and m["APs"] is None
 
 
-def test_auto_falls_back_to_lvis_api_for_crowd_annotations():
+def test_auto_falls_back_to_lvis_api_for_ignored_annotations():
     gt = hand_gt()
     gt["annotations"][0]["iscrowd"] = 1
+    assert choose_evaluator(gt) == "hotcoco"  # handled exactly (see the crowd test above)
+    gt["annotations"][2]["ignore"] = 1
     assert choose_evaluator(gt) == "lvis"
+    with pytest.raises(ValueError, match="id 3.*'ignore'"):
+        choose_evaluator(gt, "hotcoco")
+    with pytest.raises(ValueError, match="replaced by hotcoco"):
+        choose_evaluator(gt, "faster")
+
+
+def test_evaluation_parameters_are_the_lvis_apis():
+    from stepwise.evaluation.backends import AREA_LABELS, AREA_RNG, IOU_THRS, REC_THRS
+    from stepwise.evaluation.lvis_compat import Params
+
+    params = Params(iou_type="bbox")
+    np.testing.assert_array_equal(IOU_THRS, params.iou_thrs)  # bit for bit: summarize() looks 0.5 and 0.75 up by ==
+    np.testing.assert_array_equal(REC_THRS, params.rec_thrs)
+    assert [list(r) for r in AREA_RNG] == params.area_rng and list(AREA_LABELS) == params.area_rng_lbl
 
 
 def test_numpy_aliases_restored_only_for_lvis():
@@ -272,6 +363,94 @@ def test_missing_and_invalid_files_are_named(tmp_path):
         evaluate_lvis(hand_gt(), bad)
 
 
+def test_results_file_round_trip_is_exact_and_read_in_pieces(tmp_path, monkeypatch):
+    import stepwise.evaluation.inputs as inputs
+    from stepwise.evaluation.results_file import write_results
+
+    gt, dets = make_eval_arrays(num_images=40, num_categories=10, dets_per_image=50, seed=4)
+    # float32 model outputs: written as the float64 numbers they are, read back bit for bit
+    dets = Detections.from_columns(dets.image_id, dets.category_id, (dets.bbox * 1.37).astype(np.float32),
+                                   np.float32(dets.score) / 3)
+    path = write_results(tmp_path / "predictions.json", dets)
+    assert json.loads(path.read_text()) == dets.to_records()  # what json.dump of the dicts would hold
+    monkeypatch.setattr(inputs, "READ_BLOCK_BYTES", 4096)  # ~40 pieces
+    back = inputs.load_predictions(path, gt, max_dets=300).detections
+    for key in ("image_id", "category_id", "bbox", "score"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(dets, key))
+    # a diverged model's NaN is written as json.dump writes it, and the reader names that prediction
+    nan = Detections.from_columns(dets.image_id, dets.category_id, dets.bbox, np.where(np.arange(len(dets)) == 1500, np.nan, dets.score))
+    with pytest.raises(ValueError, match=r"1 invalid prediction\(s\): prediction #1500 .*non-finite"):
+        inputs.load_predictions(write_results(tmp_path / "nan.json", nan), gt)
+
+
+def test_default_path_never_builds_a_dict_per_detection(tmp_path, monkeypatch):
+    # From a results file to the report, the detections stay columns (only the LVIS API gets dicts).
+    from stepwise.evaluation import results_file
+    from stepwise.evaluation.results_file import write_results
+
+    gt, dets = make_eval_arrays(num_images=20, num_categories=8, dets_per_image=30, seed=9)
+    path = write_results(tmp_path / "predictions.json", dets)
+    expected = evaluate_lvis(gt, dets)
+
+    def no_dicts(*args, **kwargs):
+        raise AssertionError("per-detection dicts built")
+
+    monkeypatch.setattr(Detections, "to_records", no_dicts)
+    monkeypatch.setattr(results_file.json, "loads", no_dicts)  # the typed decoder, never the dict fallback
+    report = evaluate_lvis(gt, path)
+    assert report.meta["evaluator"] == "hotcoco" and report.metrics == expected.metrics
+
+
+def test_bad_prediction_deep_in_a_file_is_named_by_its_index(tmp_path, monkeypatch):
+    import stepwise.evaluation.inputs as inputs
+
+    gt, dets = make_eval_arrays(num_images=40, num_categories=10, dets_per_image=50, seed=4)
+    records = dets.to_records()
+    records[1234]["image_id"] = 99999
+    records[1500] = {"image_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}
+    records[1700]["score"] = float("nan")
+    records[1800]["category_id"] = "cat"
+    (tmp_path / "preds.json").write_text(json.dumps(records, indent=1))
+    monkeypatch.setattr(inputs, "READ_BLOCK_BYTES", 4096)
+    with pytest.raises(ValueError, match="4 invalid") as err:
+        evaluate_lvis(gt, tmp_path / "preds.json")
+    text = str(err.value)
+    assert "preds.json" in text and text.index("#1234") < text.index("#1500") < text.index("#1700") < text.index("#1800")
+    assert "image_id 99999" in text and "needs image_id, category_id" in text and "non-finite" in text
+
+
+def test_gt_file_is_read_without_polygons_and_scores_as_the_dict(tmp_path):
+    from stepwise.evaluation.gt_file import read_box_annotations
+    from stepwise.evaluation.synthetic import add_polygons
+
+    gt, dets = make_eval_arrays(num_images=30, num_categories=10, dets_per_image=20, seed=6)
+    add_polygons(gt, 12)
+    gt["annotations"][3]["iscrowd"] = 1
+    gt["annotations"][4]["ignore"] = 0
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    read = read_box_annotations(tmp_path / "gt.json")
+    assert read["images"] == gt["images"] and read["categories"] == gt["categories"]
+    assert read["annotations"] == [{k: v for k, v in a.items() if k != "segmentation"} for a in gt["annotations"]]
+    train = {"annotations": [{"id": i, "category_id": c, "segmentation": [[0, 0, 1, 1, 1, 0]]}
+                             for i, c in enumerate([gt["categories"][0]["id"]] * 12 + [gt["categories"][2]["id"]] * 3)]}
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    from_files = evaluate_lvis(tmp_path / "gt.json", dets, train_gt=tmp_path / "train.json")
+    from_dicts = evaluate_lvis(gt, dets, train_gt=train)
+    assert from_files.metrics == from_dicts.metrics and from_files.per_class == from_dicts.per_class
+    assert [r.train_instances for r in from_files.per_class][:3] == [12, 0, 3]
+
+
+def test_gt_file_of_another_shape_is_named_by_the_full_checks(tmp_path):
+    gt = hand_gt()
+    del gt["annotations"][2]["bbox"]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match=r"gt.json: 1 invalid annotation\(s\): annotation 3: needs 'id', 'bbox'"):
+        evaluate_lvis(tmp_path / "gt.json", [])
+    (tmp_path / "train.json").write_text(json.dumps({"annotations": [{"id": 7}]}))
+    with pytest.raises(ValueError, match="train.json: annotation 7 has no category_id"):
+        evaluate_lvis(hand_gt(), [], train_gt=tmp_path / "train.json")
+
+
 def test_gt_without_federated_fields_is_an_error_naming_the_image():
     gt = hand_gt()
     del gt["images"][1]["neg_category_ids"]
@@ -291,7 +470,7 @@ def test_cli_writes_metrics_and_per_class(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "APr" in printed and "AP4" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["AP3"] == pytest.approx(0.5) and metrics["meta"]["evaluator"] == "faster"
+    assert metrics["AP3"] == pytest.approx(0.5) and metrics["meta"]["evaluator"] == "hotcoco"
     with open(out / "per_class.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == ["apple", "bird", "cup", "drum", "eel"]

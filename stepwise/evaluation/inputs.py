@@ -6,17 +6,23 @@ itself would only fail an ``assert`` or a ``KeyError`` deep inside.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import numbers
 import os
-from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from stepwise.evaluation.detections import Detections
+from stepwise.evaluation.gt_file import read_box_annotations, read_category_ids
+from stepwise.evaluation.results_file import ResultRow, decode_results, row_columns
 from stepwise.utils.io import read_json
+from stepwise.utils.json_stream import JsonListReader
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +31,7 @@ PathOrList = Union[str, "os.PathLike[str]", list]
 
 FREQUENCIES = ("r", "c", "f")
 _MAX_NAMED = 5  # how many offending items an error or warning lists by name
+READ_BLOCK_BYTES = 1 << 24  # a results file is decoded this many bytes at a time (~170k detections)
 
 
 def _source(obj: Any, default: str) -> str:
@@ -44,6 +51,7 @@ def _examples(items: list[str]) -> str:
 def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
     """Load and check an LVIS-format annotation file or dict.
 
+    A file is read by ``gt_file.read_box_annotations`` (segmentation polygons skipped while decoding).
     Returns ``(dataset, source, warnings)`` where ``source`` names it in messages. Checks the keys the LVIS
     API needs (``frequency`` per category, ``neg_category_ids`` / ``not_exhaustive_category_ids`` per image,
     ``bbox`` and ``area`` per annotation) and that every annotation's image and category exist. GT boxes
@@ -51,7 +59,7 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
     reported in a counted warning.
     """
     src = _source(gt, "ground-truth dict")
-    data = read_json(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
+    data = read_box_annotations(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
     if not isinstance(data, dict):
         raise ValueError(f"{src}: expected an LVIS annotation object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -115,85 +123,178 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
 
 @dataclass
 class Predictions:
-    """Checked detections in the LVIS results format, at most ``max_dets`` per image.
+    """Checked detections in the LVIS results format, at most ``max_dets`` per image, as arrays.
 
-    ``detections``: list of fresh dicts ``{image_id, category_id, bbox [x, y, w, h], score}``.
+    ``detections``: the kept detections (``Detections`` columns, in file order).
     ``warnings``: human-readable notes (degenerate boxes, truncation) to show with the report.
     """
 
-    detections: list[dict]
+    detections: Detections
     num_input: int
     num_degenerate: int = 0
     num_truncated: int = 0
     warnings: list[str] = field(default_factory=list)
 
 
-def limit_dets_per_image(dets: list[dict], max_dets: int) -> list[dict]:
-    """Keep the ``max_dets`` highest-scoring detections of each image.
+class _Problems:
+    """A count of problems and the first ``_MAX_NAMED`` messages (an LVIS-size file may have millions)."""
 
-    Exactly ``lvis.results.LVISResults.limit_dets_per_image``: grouped by image in first-seen order, a
-    stable sort by descending score only for images over the limit. Both evaluators then see the same list.
+    def __init__(self) -> None:
+        self.count, self.examples = 0, []
+
+    def add(self, messages: Iterable[str], count: int) -> None:
+        self.examples.extend(itertools.islice(messages, max(0, _MAX_NAMED - len(self.examples))))
+        self.count += count
+
+    def text(self) -> str:
+        more = f" (and {self.count - len(self.examples)} more)" if self.count > len(self.examples) else ""
+        return "; ".join(self.examples) + more
+
+
+def _integral_ids(values: list) -> np.ndarray | None:
+    """``values`` as int64 when every one is an integer (or an integral float), else None."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64, copy=False)
+    if arr.dtype.kind == "f" and np.isfinite(arr).all() and (arr == np.round(arr)).all() and np.abs(arr).max(initial=0) < 2**53:
+        return arr.astype(np.int64)
+    return None
+
+
+def _fast_columns(items: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Columns of well-formed items (dicts with integer ids, a 4-number bbox, a numeric score); None if
+    any item is not, so that the caller checks item by item and names it."""
+    try:
+        img = _integral_ids([d["image_id"] for d in items])
+        cat = _integral_ids([d["category_id"] for d in items])
+        boxes, scores = [d["bbox"] for d in items], [d["score"] for d in items]
+        # numpy would turn "0.9", True or None into a float: anything but a plain int/float takes the
+        # item-by-item path, which accepts numpy numbers and names the rest
+        if any(type(v) not in (int, float) for v in scores) or any(
+                type(v) not in (int, float) for b in boxes for v in b):
+            return None
+        box = np.array(boxes, dtype=np.float64)
+        score = np.array(scores, dtype=np.float64)
+    except (TypeError, KeyError, ValueError, OverflowError, IndexError):
+        return None
+    if img is None or cat is None or box.shape != (len(items), 4) or score.shape != (len(items),):
+        return None
+    return img, cat, box, score
+
+
+def _checked_columns(items: list, offset: int, problems: _Problems) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Item-by-item version of ``_fast_columns`` that names each malformed item in ``problems``.
+
+    Returns the columns of the well-formed items and their indices (``offset`` + position in ``items``)."""
+    img, cat, box, score, rows = [], [], [], [], []
+    for i, det in enumerate(items, start=offset):
+        if not isinstance(det, dict) or not {"image_id", "category_id", "bbox", "score"} <= det.keys():
+            problems.add([f"prediction #{i} needs image_id, category_id, bbox, score: {det!r:.120}"], 1)
+            continue
+        ids = _integral_ids([det["image_id"], det["category_id"]]) if all(
+            isinstance(det[k], (int, float)) and not isinstance(det[k], bool) for k in ("image_id", "category_id")) else None
+        if ids is None:
+            problems.add([f"prediction #{i}: image_id and category_id must be integers, got "
+                          f"{det['image_id']!r:.40} and {det['category_id']!r:.40}"], 1)
+            continue
+        box_ok = isinstance(det["bbox"], (list, tuple)) and len(det["bbox"]) == 4
+        if not (box_ok and all(_is_number(v) for v in det["bbox"]) and _is_number(det["score"])):
+            problems.add([f"prediction #{i} (image {det['image_id']}): bbox must be 4 numbers and score a number "
+                          f"(not a string or boolean), got bbox {det['bbox']!r:.60} and score {det['score']!r:.20}"], 1)
+            continue
+        b, s = [float(v) for v in det["bbox"]], float(det["score"])
+        img.append(ids[0])
+        cat.append(ids[1])
+        box.append(b)
+        score.append(s)
+        rows.append(i)
+    cols = (np.array(img, dtype=np.int64), np.array(cat, dtype=np.int64),
+            np.array(box, dtype=np.float64).reshape(-1, 4), np.array(score, dtype=np.float64))
+    return cols, np.array(rows, dtype=np.int64)
+
+
+def _check_chunk(cols: tuple[np.ndarray, ...], rows: np.ndarray, img_ids: np.ndarray, cat_ids: np.ndarray,
+                 gt_source: str, problems: _Problems, degenerate: _Problems) -> Detections:
+    """Check one chunk's columns (``rows``: each row's index in the whole input) against the ground truth.
+
+    Unknown image or category and non-finite numbers go to ``problems`` (one message per row, the first
+    problem found); boxes with width or height <= 0 go to ``degenerate`` and become zero-size boxes.
     """
-    if max_dets < 0:
-        return list(dets)
-    per_image: dict[Any, list[dict]] = defaultdict(list)
-    for det in dets:
-        per_image[det["image_id"]].append(det)
-    for img_id, img_dets in per_image.items():
-        if len(img_dets) > max_dets:
-            per_image[img_id] = sorted(img_dets, key=lambda d: d["score"], reverse=True)[:max_dets]
-    return [det for img_dets in per_image.values() for det in img_dets]
+    img, cat, box, score = cols
+    unknown_img = ~np.isin(img, img_ids)
+    unknown_cat = ~unknown_img & ~np.isin(cat, cat_ids)
+    non_finite = ~unknown_img & ~unknown_cat & ~(np.isfinite(box).all(1) & np.isfinite(score))
+    bad = unknown_img | unknown_cat | non_finite
+    if bad.any():
+        def messages():
+            for k in np.flatnonzero(bad):
+                if unknown_img[k]:
+                    yield f"prediction #{rows[k]}: image_id {img[k]} is not an image of {gt_source}"
+                elif unknown_cat[k]:
+                    yield f"prediction #{rows[k]} (image {img[k]}): category_id {cat[k]} is not a category of {gt_source}"
+                else:
+                    yield f"prediction #{rows[k]} (image {img[k]}): non-finite bbox or score"
+        problems.add(messages(), int(bad.sum()))
+    small = ~bad & ((box[:, 2] <= 0) | (box[:, 3] <= 0))
+    if small.any():
+        degenerate.add((f"prediction #{rows[k]} (image {img[k]}, category {cat[k]}, bbox {box[k].tolist()})"
+                        for k in np.flatnonzero(small)), int(small.sum()))
+        box = box.copy()
+        box[:, 2:] = np.maximum(box[:, 2:], 0.0)
+    return Detections(img, cat, box, score)
 
 
-def load_predictions(predictions: PathOrList, gt: dict, max_dets: int = 300, gt_source: str = "ground truth") -> Predictions:
+def load_predictions(predictions: PathOrList | Detections, gt: dict, max_dets: int = 300, gt_source: str = "ground truth",
+                     progress: bool = False) -> Predictions:
     """Load and check detections against the ground truth ``gt`` (an already checked dict).
 
-    Unknown ``image_id`` / ``category_id``, missing keys or a non-finite score are errors naming the
-    prediction. A box with width or height <= 0 is kept as a zero-size box (it can match nothing, so it
-    counts as a false positive exactly as a detector's real output would) and reported in a counted warning.
+    ``predictions``: an LVIS results file (read piece by piece into arrays, see
+    ``stepwise.utils.json_stream``; ``progress`` shows a bar over its bytes), a list of result dicts, or
+    ``Detections``. Unknown ``image_id`` / ``category_id``, missing keys or a non-finite score are errors
+    naming the prediction (its index in the input). A box with width or height <= 0 is kept as a
+    zero-size box (it can match nothing, so it counts as a false positive exactly as a detector's real
+    output would) and reported in a counted warning. Then the ``max_dets`` highest-scoring detections
+    of each image are kept (``Detections.top_k``).
     """
     src = _source(predictions, "predictions list")
-    raw = read_json(predictions, "predictions file") if isinstance(predictions, (str, os.PathLike)) else predictions
-    if not isinstance(raw, list):
-        raise ValueError(f"{src}: expected a list of detections in the LVIS results format, got {type(raw).__name__}")
-    img_ids = {img["id"] for img in gt["images"]}
-    cat_ids = {cat["id"] for cat in gt["categories"]}
+    img_ids = np.array(sorted(img["id"] for img in gt["images"]), dtype=np.int64)
+    cat_ids = np.array(sorted(cat["id"] for cat in gt["categories"]), dtype=np.int64)
+    problems, degenerate = _Problems(), _Problems()
+    if isinstance(predictions, Detections):
+        kept = [_check_chunk((predictions.image_id, predictions.category_id, predictions.bbox, predictions.score),
+                             np.arange(len(predictions)), img_ids, cat_ids, gt_source, problems, degenerate)]
+        num_input = len(predictions)
+    else:
+        if isinstance(predictions, (str, os.PathLike)):
+            bar = tqdm(total=os.path.getsize(predictions) if os.path.isfile(predictions) else None, unit="B",
+                       unit_scale=True, desc="reading predictions", disable=not progress, dynamic_ncols=True)
+            chunks: Iterable[tuple[int, list]] = JsonListReader(predictions, "predictions file", READ_BLOCK_BYTES, bar.update,
+                                                                    decode=decode_results)
+        elif isinstance(predictions, list):
+            bar, chunks = None, [(0, predictions)]
+        else:
+            raise ValueError(f"{src}: expected a list of detections in the LVIS results format, got {type(predictions).__name__}")
+        kept, num_input = [], 0
+        try:
+            for offset, items in chunks:
+                cols = (row_columns(items) if type(items[0]) is ResultRow else _fast_columns(items)) if items else None
+                if cols is None:
+                    cols, rows = _checked_columns(items, offset, problems)
+                else:
+                    rows = np.arange(offset, offset + len(items))
+                kept.append(_check_chunk(cols, rows, img_ids, cat_ids, gt_source, problems, degenerate))
+                num_input += len(items)
+        finally:
+            if bar is not None:
+                bar.close()
+    if problems.count:
+        raise ValueError(f"{src}: {problems.count} invalid prediction(s): {problems.text()}")
 
-    dets, bad, degenerate = [], [], []
-    for i, det in enumerate(raw):
-        if not isinstance(det, dict) or not {"image_id", "category_id", "bbox", "score"} <= det.keys():
-            bad.append(f"prediction #{i} needs image_id, category_id, bbox, score: {det!r:.120}")
-            continue
-        img_id, cat_id, box, score = det["image_id"], det["category_id"], det["bbox"], det["score"]
-        if img_id not in img_ids:
-            bad.append(f"prediction #{i}: image_id {img_id} is not an image of {gt_source}")
-            continue
-        if cat_id not in cat_ids:
-            bad.append(f"prediction #{i} (image {img_id}): category_id {cat_id} is not a category of {gt_source}")
-            continue
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)
-                and _is_number(score)):
-            bad.append(f"prediction #{i} (image {img_id}): bbox must be 4 numbers and score a number "
-                       f"(not a string or boolean), got bbox {box!r:.60} and score {score!r:.20}")
-            continue
-        x, y, w, h = (float(v) for v in box)
-        score = float(score)
-        if not all(math.isfinite(v) for v in (x, y, w, h, score)):
-            bad.append(f"prediction #{i} (image {img_id}): non-finite bbox or score")
-            continue
-        if w <= 0 or h <= 0:
-            degenerate.append(f"prediction #{i} (image {img_id}, category {cat_id}, bbox {list(box)})")
-            w, h = max(w, 0.0), max(h, 0.0)
-        dets.append({"image_id": img_id, "category_id": cat_id, "bbox": [x, y, w, h], "score": score})
-    if bad:
-        raise ValueError(f"{src}: {len(bad)} invalid prediction(s): {_examples(bad)}")
-
-    out = Predictions(detections=limit_dets_per_image(dets, max_dets), num_input=len(raw), num_degenerate=len(degenerate))
-    if degenerate:
-        msg = (
-            f"{src}: {len(degenerate)} prediction(s) with width or height <= 0, kept as zero-size boxes "
-            f"(false positives): {_examples(degenerate)}"
-        )
+    dets = Detections.concat(kept)
+    out = Predictions(detections=dets.top_k(max_dets), num_input=num_input, num_degenerate=degenerate.count)
+    if degenerate.count:
+        msg = (f"{src}: {degenerate.count} prediction(s) with width or height <= 0, kept as zero-size boxes "
+               f"(false positives): {degenerate.text()}")
         out.warnings.append(msg)
         logger.warning(msg)
     out.num_truncated = len(dets) - len(out.detections)
@@ -211,10 +312,17 @@ def training_instance_counts(gt: dict, train_gt: PathOrDict | None = None, gt_so
     """
     if train_gt is not None:
         tsrc = _source(train_gt, "training annotation dict")
+        counts = {cat["id"]: 0 for cat in gt["categories"]}
+        if isinstance(train_gt, (str, os.PathLike)):
+            ids = read_category_ids(train_gt, "training annotation file")  # LVIS train: 1 GB, only ids built
+            if ids is not None:
+                for cid, n in zip(*np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)):
+                    if int(cid) in counts:
+                        counts[int(cid)] = int(n)
+                return counts, f"annotations of {tsrc}"
         train = read_json(train_gt, "training annotation file") if isinstance(train_gt, (str, os.PathLike)) else train_gt
         if not isinstance(train, dict) or not isinstance(train.get("annotations"), list):
             raise ValueError(f"{tsrc}: expected an annotation object with a list 'annotations'")
-        counts = {cat["id"]: 0 for cat in gt["categories"]}
         for ann in train["annotations"]:
             if "category_id" not in ann:
                 raise ValueError(f"{tsrc}: annotation {ann.get('id', '?')} has no category_id")

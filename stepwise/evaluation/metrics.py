@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from stepwise.evaluation.backends import AREA_LABELS, lvis_params
+from stepwise.evaluation.backends import AREA_LABELS, IOU_THRS
 from stepwise.evaluation.inputs import FREQUENCIES
 
 # Training-instance bins of the BAGS paper (Li et al. 2020, eq. 3 and Sec. 4.1): category j is in bin n
@@ -33,11 +33,10 @@ def summarize(precision: np.ndarray, gt: dict) -> dict[str, float | None]:
     ``precision``: (T, R, K, A) with categories sorted by id. Each value is the mean over all cells > -1;
     ``None`` where the LVIS API reports -1 (no category with ground truth in that slice).
     """
-    params = lvis_params(gt)
-    freq_by_id = {cat["id"]: cat["frequency"] for cat in gt["categories"]}
-    groups = {f: [k for k, cid in enumerate(params.cat_ids) if freq_by_id[cid] == f] for f in FREQUENCIES}
+    cats = sorted(gt["categories"], key=lambda cat: cat["id"])
+    groups = {f: [k for k, cat in enumerate(cats) if cat["frequency"] == f] for f in FREQUENCIES}
     area = {label: AREA_LABELS.index(label) for label in AREA_LABELS}
-    at_iou = lambda thr: precision[np.where(thr == params.iou_thrs)[0]]  # noqa: E731  (LVIS's exact lookup)
+    at_iou = lambda thr: precision[np.where(thr == IOU_THRS)[0]]  # noqa: E731  (LVIS's exact lookup)
     return {
         "AP": _mean_valid(precision[..., area["all"]]),
         "AP50": _mean_valid(at_iou(0.50)[..., area["all"]]),

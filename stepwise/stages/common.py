@@ -24,8 +24,6 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from stepwise.utils.io import atomic_write_json, read_json
-
 
 class SeededDataset(Dataset):
     """Wraps a dataset so item ``i`` is produced under RNG seeds derived from ``(seed, epoch, i)``.
@@ -285,39 +283,73 @@ def optimizer_groups(cfg: Any, model: nn.Module) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- evaluation
+def detection_columns(det: dict[str, torch.Tensor], image_id: int, category_ids: np.ndarray) -> dict[str, Any]:
+    """One image's ``PostProcess`` output as compact arrays for gathering and evaluation.
+
+    ``det``: ``scores`` (K,), ``labels`` (K,) contiguous, ``boxes`` (K, 4) xyxy pixels. Returns
+    ``{"image_id", "category_id": (K,) int64 dataset ids, "bbox": (K, 4) float32 xywh, "score": (K,) float32}``
+    (float32 as the model computed them; the results file holds their exact float64 values).
+    """
+    from torchvision.ops import box_convert
+
+    labels = det["labels"].detach().cpu().numpy()
+    if labels.size and (labels.min() < 0 or labels.max() >= len(category_ids)):
+        bad = int(labels.max() if labels.max() >= len(category_ids) else labels.min())
+        raise ValueError(f"image {image_id}: class index {bad} has no category id ({len(category_ids)} known)")
+    return {"image_id": int(image_id), "category_id": category_ids[labels],
+            "bbox": box_convert(det["boxes"].detach().float().cpu(), "xyxy", "xywh").numpy(),
+            "score": det["scores"].detach().float().cpu().numpy()}
+
+
 def detection_predictor(model: nn.Module, categories: Any, num_top: int = 300) -> Any:
-    """``predict_fn(model, batch) -> [{"image_id", "results"}]`` with LVIS-format results per image."""
-    from stepwise.models.postprocess import PostProcess, to_lvis_results
+    """``predict_fn(model, batch) -> [detection_columns(...) per image]``: per image arrays, not one dict
+    per detection, so gathering LVIS-size predictions across processes stays compact."""
+    from stepwise.models.postprocess import PostProcess
 
     post = PostProcess(num_top=num_top, head=model_head(model))
+    category_ids = np.asarray(list(categories.ids), dtype=np.int64)
 
     def predict(model: nn.Module, batch: Any) -> list[dict[str, Any]]:
         outputs = model(batch.images, batch.masks)
         orig = torch.stack([t["orig_size"] for t in batch.targets]).to(batch.images.device)
         detections = post(outputs, orig)
         ids = [int(t["image_id"]) for t in batch.targets]
-        return [{"image_id": i, "results": to_lvis_results([d], [i], categories.ids)}
-                for d, i in zip(detections, ids)]
+        return [detection_columns(d, i, category_ids) for d, i in zip(detections, ids)]
 
     return predict
 
 
+def records_to_detections(records: Sequence[dict[str, Any]]) -> Any:
+    """``Detections`` of ``detection_columns`` records, in record order (the engine orders them by image id)."""
+    from stepwise.evaluation.detections import Detections
+
+    if not records:
+        return Detections.empty()
+    counts = [len(r["score"]) for r in records]
+    return Detections.from_columns(np.repeat([r["image_id"] for r in records], counts),
+                                   np.concatenate([r["category_id"] for r in records]),
+                                   np.concatenate([np.asarray(r["bbox"]).reshape(-1, 4) for r in records]),
+                                   np.concatenate([r["score"] for r in records]))
+
+
 def lvis_evaluator(val_ann: str | Path, train_ann: str | Path | None = None, max_dets: int = 300) -> Any:
-    """``evaluate_fn(records, out_dir) -> metrics``: writes ``predictions.json``, ``metrics.json`` and
-    ``per_class.csv`` into ``out_dir``. When only some val images were predicted (``max_eval_images``),
-    the ground truth is restricted to them."""
+    """``evaluate_fn(records, out_dir) -> metrics``: writes ``predictions.json`` (streaming, from arrays),
+    ``metrics.json`` and ``per_class.csv`` into ``out_dir``. When only some val images were predicted
+    (``max_eval_images``), the ground truth is restricted to them."""
     from stepwise.evaluation import evaluate_lvis
+    from stepwise.evaluation.gt_file import read_box_annotations
+    from stepwise.evaluation.results_file import write_results
 
     def evaluate(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
-        predictions = [r for record in records for r in record["results"]]
+        detections = records_to_detections(records)
         out_dir = Path(out_dir)
-        atomic_write_json(out_dir / "predictions.json", predictions)
-        gt = read_json(val_ann, "val annotation file")
+        write_results(out_dir / "predictions.json", detections)
+        gt = read_box_annotations(val_ann, "val annotation file")  # polygons skipped while decoding
         seen = {record["image_id"] for record in records}
         if len(seen) < len(gt["images"]):
             gt["images"] = [im for im in gt["images"] if im["id"] in seen]
             gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in seen]
-        report = evaluate_lvis(gt, predictions, train_gt=train_ann, max_dets=max_dets)
+        report = evaluate_lvis(gt, detections, train_gt=train_ann, max_dets=max_dets)
         report.save(out_dir)
         print(report.table(), end="")
         return dict(report.metrics)
