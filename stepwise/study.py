@@ -484,21 +484,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         print(f"stepwise: study: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     state = PartialState(cpu=not torch.cuda.is_available())
+    state.print(plan_text(study, plan))
     if _flag(options, "dry_run"):
-        state.print(plan_text(study, plan))
         return None
     out_dir = Path(plan[0].dir).parents[1]
-    state.print(plan_text(study, plan))
-    if not _flag(options, "report"):
-        run_plan(plan, state)
-    summary = None
-    if state.is_main_process:
-        command = "python -m stepwise.study " + " ".join(argv)
-        summary = write_report(study, plan, out_dir, command)
-        print(f"stepwise: study report {out_dir / 'study.md'} ({out_dir / 'study.json'}, {out_dir / 'study.png'})")
-        print((out_dir / "study.md").read_text())
-    state.wait_for_everyone()
-    return summary
+    try:
+        if not _flag(options, "report"):
+            run_plan(plan, state)
+        summary = None
+        if state.is_main_process:
+            command = "python -m stepwise.study " + " ".join(argv)
+            summary = write_report(study, plan, out_dir, command)
+            print(f"stepwise: study report {out_dir / 'study.md'} ({out_dir / 'study.json'}, "
+                  f"{out_dir / 'study.png'})")
+            print((out_dir / "study.md").read_text())
+        state.wait_for_everyone()
+        return summary
+    finally:
+        state.destroy_process_group()
 
 
 if __name__ == "__main__":

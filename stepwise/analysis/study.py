@@ -73,7 +73,8 @@ def study_markdown(summary: Mapping[str, Mapping[str, Any]], title: str, notes: 
                    columns: Sequence[str] = COLUMNS, pending: Sequence[str] = ()) -> str:
     """``study.md``: the mean ± std table, the per-seed table, then the runs not finished yet."""
     lines = [f"# {title}", ""]
-    lines += [f"{note}" for note in notes] + ([""] if notes else [])
+    for note in notes:
+        lines += [note, ""]
     lines += ["## Mean ± sample standard deviation (ddof=1) over seeds, box AP (%)", "",
               "| variant | seeds | " + " | ".join(columns) + " | steps after pretrain |",
               "|---" * (len(columns) + 3) + "|"]
