@@ -13,6 +13,9 @@ config overrides applied to every run, after the study's ``base`` and the varian
 * ``dry_run=true`` — train nothing, print the plan: every distinct run, the variants sharing it and
   whether it is done, resumable or still to do.
 
+A run that fails is reported and the rows that do not depend on it go on; the command then exits with
+status 1 after writing the report.
+
 Sharing: the runs of one seed share their common prefix. Each step's identity is a hash of its resolved
 config (without bookkeeping keys and the blocks the step does not read) in which every path to an earlier
 step of the variant is replaced by that step's identity; steps of different variants with equal identities
@@ -30,6 +33,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -44,9 +48,13 @@ from stepwise.utils.io import atomic_write_json, atomic_write_text
 STEPS = ("pretrain", "select", "finetune", "distill")
 OPTIONS = ("study", "seeds", "variants", "name", "report", "dry_run")
 RESERVED = ("seed", "exp", "stage", "run_dir", "resume")  # set by the study for each run
-BOOKKEEPING = ("run_dir", "exp", "output_root", "resume")  # keys that never change what a step computes
+# Keys that never change what a step computes (logging, checkpoint cadence, loader workers: samples are
+# seeded per item, evaluations and checkpoints leave the RNG streams alone), so changing them keeps the runs.
+BOOKKEEPING = ("run_dir", "exp", "output_root", "resume", "data.num_workers", "stage.trackers", "stage.log_every",
+               "stage.keep_last", "stage.checkpoint_every_steps", "stage.eval_every_epochs")
 NOT_READ = {"pretrain": ("stepwise", "distill"), "select": ("stepwise.rfs", "distill"),
             "finetune": ("distill",), "distill": ()}  # root blocks a step does not read (dropped from its hash)
+WALL_TIME_NAME = "wall_time.json"
 FILE_KEYS = ("description", "seeds", "base", "steps", "plot", "variants")
 VARIANT_KEYS = ("description", "from", "steps", "overrides")
 
@@ -312,7 +320,29 @@ def plan_text(study: Study, plan: Sequence[VariantRun]) -> str:
     lines.append(f"{done} of {len(runs)} runs done; still to run: " + (", ".join(
         f"{len(e)} {step}" + (f" ({sum(e)} epochs)" if step in TRAINING_STEPS else "")
         for step, e in todo.items()) or "nothing"))
+    lines += time_estimate(runs, status, todo)
     return "\n".join(lines)
+
+
+def time_estimate(runs: Sequence[StepRun], status: Mapping[Path, str], todo: Mapping[str, list[int]]) -> list[str]:
+    """Lines with the measured wall time of the finished runs and, from it, the time the rest should take
+    (seconds per epoch of each training step, seconds per selection; the same data and model assumed)."""
+    spent: dict[str, list[tuple[float, int]]] = {}
+    for run in runs:
+        seconds = wall_seconds(run.dir) if status[run.dir] == "done" else None
+        if seconds is not None:
+            spent.setdefault(run.step, []).append((seconds, int(run.config.stage.get("epochs", 1) or 1)))
+    if not spent:
+        return []
+    rate = {step: sum(s for s, _ in v) / (sum(e for _, e in v) if step in TRAINING_STEPS else len(v))
+            for step, v in spent.items()}
+    total = sum(s for v in spent.values() for s, _ in v)
+    lines = [f"measured on finished runs: {total / 60:.1f} min; " + ", ".join(
+        f"{step} {r:.0f} s/{'epoch' if step in TRAINING_STEPS else 'run'}" for step, r in rate.items())]
+    if todo and all(step in rate for step in todo):
+        left = sum(rate[step] * (sum(e) if step in TRAINING_STEPS else len(e)) for step, e in todo.items())
+        lines.append(f"estimated for the rest: {left / 60:.1f} min (runs with a checkpoint take less)")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------- execution
@@ -338,8 +368,15 @@ def link_variant(vr: VariantRun) -> None:
         "final_step": vr.variant.final_step, "overrides": list(vr.variant.overrides)}, indent=1)
 
 
+def wall_seconds(run_dir: Path) -> float | None:
+    """Seconds the study spent running this step (``wall_time.json``, summed over resumed sessions)."""
+    path = run_dir / WALL_TIME_NAME
+    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else None
+
+
 def run_step(run: StepRun, state: Any) -> None:
-    """Run one step unless its outputs exist; an interrupted step resumes from its last checkpoint."""
+    """Run one step unless its outputs exist; an interrupted step resumes from its last checkpoint. The wall
+    time of each session is added to ``<run dir>/wall_time.json``."""
     from stepwise.checkpoint import find_latest
 
     if step_done(run.config):
@@ -352,22 +389,46 @@ def run_step(run: StepRun, state: Any) -> None:
                 + (" (resuming)" if cfg.resume else ""))
     prepare_run_dir(cfg, state.is_main_process)
     state.wait_for_everyone()
+    start = time.perf_counter()
     importlib.import_module(f"stepwise.stages.{run.step}").run(cfg)
     state.wait_for_everyone()
+    if state.is_main_process:
+        atomic_write_json(run.dir / WALL_TIME_NAME, {"seconds": (wall_seconds(run.dir) or 0.0)
+                                                     + time.perf_counter() - start})
     gc.collect()
 
 
-def run_plan(plan: Sequence[VariantRun], state: Any) -> None:
-    """Every run of the plan once, seed by seed in variant order (all processes call this)."""
+def run_plan(plan: Sequence[VariantRun], state: Any) -> dict[Path, str]:
+    """Every run of the plan once, seed by seed in variant order (all processes call this).
+
+    A run that raises is recorded and the study goes on with the rows that do not depend on it (with one
+    process; with several, only a non-finite loss, which every process raises together, is survivable).
+    Returns ``{run dir: error}`` of the failed runs.
+    """
+    from stepwise.engine import NonFiniteLossError
+
     finished: set[Path] = set()
+    failed: dict[Path, str] = {}
     for vr in plan:
         if state.is_main_process:
             link_variant(vr)
         state.wait_for_everyone()
         for run in vr.runs.values():
-            if run.dir not in finished:
+            if run.dir in failed:
+                state.print(f"stepwise: study: {vr.variant.name} seed {vr.seed}: skipped, {run.key} failed")
+                break
+            if run.dir in finished:
+                continue
+            try:
                 run_step(run, state)
-                finished.add(run.dir)
+            except Exception as err:  # noqa: BLE001 - recorded, reported, and the exit status says so
+                if state.num_processes > 1 and not isinstance(err, NonFiniteLossError):
+                    raise
+                failed[run.dir] = f"{type(err).__name__}: {err}"
+                state.print(f"stepwise: study: {run.key} (seed {run.seed}) FAILED: {failed[run.dir]}")
+                break
+            finished.add(run.dir)
+    return failed
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -384,8 +445,10 @@ def optimizer_steps(run_dir: Path) -> int | None:
     return None if last is None else last.get("global_step")
 
 
-def collect(plan: Sequence[VariantRun]) -> tuple[dict[str, Any], dict[str, list[list[dict]]], list[str]]:
-    """(results for :func:`stepwise.analysis.study.summarize`, per-class tables per variant, pending rows)."""
+def collect(plan: Sequence[VariantRun], failed: Mapping[Path, str] | None = None
+            ) -> tuple[dict[str, Any], dict[str, list[list[dict]]], list[str]]:
+    """(results for :func:`stepwise.analysis.study.summarize`, per-class tables per variant, pending rows;
+    ``failed``: errors of runs that failed in this invocation, named in the pending rows)."""
     from stepwise.analysis.steps import COLUMNS, read_per_class
 
     results: dict[str, Any] = {}
@@ -397,13 +460,16 @@ def collect(plan: Sequence[VariantRun]) -> tuple[dict[str, Any], dict[str, list[
                                             "description": v.description, "per_seed": {}, "runs": {}})
         final = vr.runs[v.final_step]
         if not step_done(final.config):
+            failed = failed or {}
             pending.append(f"{v.name} seed {vr.seed}: " + ", ".join(
-                f"{r.key} {r.status()}" for r in vr.runs.values() if not step_done(r.config)))
+                f"{r.key} " + (f"FAILED ({failed[r.dir]})" if r.dir in failed else r.status())
+                for r in vr.runs.values() if not step_done(r.config)))
             continue
         with open(final.dir / "eval" / "metrics.json") as f:
             metrics = json.load(f)
         row = {c: metrics.get(c) for c in COLUMNS}
         row["optimizer_steps"] = {s: optimizer_steps(r.dir) for s, r in vr.runs.items() if s in TRAINING_STEPS}
+        row["wall_seconds"] = {s: wall_seconds(r.dir) for s, r in vr.runs.items()}
         entry["per_seed"][str(vr.seed)] = row
         entry["runs"][str(vr.seed)] = {s: r.key for s, r in vr.runs.items()}
         table = final.dir / "eval" / "per_class.csv"
@@ -412,11 +478,12 @@ def collect(plan: Sequence[VariantRun]) -> tuple[dict[str, Any], dict[str, list[
     return results, per_class, pending
 
 
-def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, command: str = "") -> dict[str, Any]:
+def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, command: str = "",
+                 failed: Mapping[Path, str] | None = None) -> dict[str, Any]:
     """``study.md``, ``study.json`` and ``study.png`` in ``out_dir`` over the finished rows; returns the summary."""
     from stepwise.analysis.study import average_per_class, plot_study, study_markdown, summarize
 
-    results, tables, pending = collect(plan)
+    results, tables, pending = collect(plan, failed)
     summary = summarize(results)
     seeds = sorted({vr.seed for vr in plan})
     notes = [f"Study file `{study.path}`; seeds {seeds}; each row's model is the final training step of its "
@@ -424,6 +491,10 @@ def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, comman
              "Values are box AP in % on val; mean ± sample standard deviation (ddof=1) over the seeds that "
              "finished (no ± with one seed). 'steps after pretrain' is the optimizer steps the row trained "
              "after its pre-training (mean over seeds)."]
+    recorded = [wall_seconds(run.dir) for run in distinct_runs(plan)]
+    wall = sum(t for t in recorded if t is not None)
+    notes.append(f"Wall time of the runs, each counted once (as recorded in their `{WALL_TIME_NAME}`): "
+                 f"{wall / 3600:.2f} h over {sum(t is not None for t in recorded)} of {len(recorded)} runs.")
     if study.description:
         notes.insert(0, study.description)
     if command:
@@ -432,7 +503,7 @@ def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, comman
     atomic_write_json(out_dir / "study.json", {
         "study": study.name, "file": str(study.path), "seeds": seeds, "units": "fraction of 1 (AP 0.315 = 31.5 %)",
         "std": "sample standard deviation over seeds (ddof=1); null with fewer than 2 seeds",
-        "variants": summary, "pending": pending}, indent=1)
+        "wall_seconds": wall, "variants": summary, "pending": pending}, indent=1)
     per_class = {v: average_per_class(tables[v]) for v in study.plot if v in tables}
     if any(entry["per_seed"] for entry in summary.values()):
         plot_study(summary, per_class, out_dir / "study.png")
@@ -480,28 +551,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         chosen = [v for v in options.get("variants", "").strip("[]").split(",") if v.strip()]
         plan = build_plan(study, range(int(seeds_opt)), overrides, options.get("name"),
                           [v.strip() for v in chosen] or None)
+        dry_run, report_only = _flag(options, "dry_run"), _flag(options, "report")
     except ConfigError as err:
         print(f"stepwise: study: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     state = PartialState(cpu=not torch.cuda.is_available())
     state.print(plan_text(study, plan))
-    if _flag(options, "dry_run"):
+    if dry_run:
         return None
     out_dir = Path(plan[0].dir).parents[1]
     try:
-        if not _flag(options, "report"):
-            run_plan(plan, state)
+        failed = {} if report_only else run_plan(plan, state)
         summary = None
         if state.is_main_process:
             command = "python -m stepwise.study " + " ".join(argv)
-            summary = write_report(study, plan, out_dir, command)
+            summary = write_report(study, plan, out_dir, command, failed)
             print(f"stepwise: study report {out_dir / 'study.md'} ({out_dir / 'study.json'}, "
                   f"{out_dir / 'study.png'})")
             print((out_dir / "study.md").read_text())
         state.wait_for_everyone()
-        return summary
     finally:
         state.destroy_process_group()
+    if failed:
+        print(f"stepwise: study: {len(failed)} run(s) failed: " + "; ".join(
+            f"{path.name}: {error}" for path, error in failed.items()), file=sys.stderr)
+        raise SystemExit(1)
+    return summary
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def test_study_end_to_end_shares_skips_resumes_and_reports(tmp_path):
         assert f"checkpoint: {links['ft']['pretrain']}" in select_cfg
         finetune_cfg = (links["ft"]["finetune"] / "config.yaml").read_text()
         assert f"init_from: {links['ft']['pretrain']}" in finetune_cfg and f"seed: {seed}" in finetune_cfg
+    assert all((run / "wall_time.json").is_file() for run in root.glob("seed*/shared/*"))
     seed_dirs = [(root / f"seed{s}" / "ft" / "pretrain").resolve() for s in (0, 1)]
     assert seed_dirs[0] != seed_dirs[1]
 
@@ -118,8 +119,12 @@ def test_study_end_to_end_shares_skips_resumes_and_reports(tmp_path):
     (run / "eval" / "metrics.json").unlink()
     from stepwise.study import build_plan, load_study, plan_text
     plan = build_plan(load_study(str(study)), range(2), args[1:])
-    assert f"{run.name} resumes at step 1" in " ".join(plan_text(load_study(str(study)), plan).split())
+    text = " ".join(plan_text(load_study(str(study)), plan).split())
+    assert f"{run.name} resumes at step 1" in text and "7 of 8 runs done; still to run: 1 finetune (1 epochs)" in text
+    assert "measured on finished runs" in text and "estimated for the rest" in text
+    seconds = json.loads((run / "wall_time.json").read_text())["seconds"]
     main(args)
+    assert json.loads((run / "wall_time.json").read_text())["seconds"] > seconds  # summed over sessions
     starts = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["type"] == "start"]
     assert [s["global_step"] for s in starts] == [0, 1]
@@ -203,11 +208,15 @@ def test_study_file_and_argument_errors(tmp_path):
     with pytest.raises(ConfigError, match="step distill reads .*finetune, but finetune is not an earlier step"):
         build_plan(bad, range(1), [f"output_root={tmp_path}"])
     good = load_study(str(study("variants: {a: {steps: [pretrain]}}")))
+    keys = [build_plan(good, range(1), [f"output_root={tmp_path}", *extra])[0].runs["pretrain"].key
+            for extra in ([], ["stage.pretrain.log_every=5", "stage.pretrain.trackers=[]"], ["stage.pretrain.lr=1e-4"])]
+    assert keys[0] == keys[1] != keys[2]  # bookkeeping keys keep a run, a training setting makes a new one
     with pytest.raises(ConfigError, match="variant 'a'.*stage.pretrain.epoch"):
         build_plan(good, range(1), ["stage.pretrain.epoch=3"])
     with pytest.raises(ConfigError, match="seed= is set by the study"):
         parse_args(["study=x", "seed=3"])
-    assert parse_args(["study=x", "seeds=2", "data.preset=tiny"]) == ({"study": "x", "seeds": "2"}, ["data.preset=tiny"])
+    options, overrides = parse_args(["study=x", "seeds=2", "data.preset=tiny"])
+    assert options == {"study": "x", "seeds": "2"} and overrides == ["data.preset=tiny"]
 
 
 def test_seed_reaches_model_init_and_sampler():
@@ -231,3 +240,36 @@ def test_seed_reaches_model_init_and_sampler():
         orders.append(next(iter(loader)))
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(12)) and orders[0] != orders[1]
     assert not torch.equal(weights[0], weights[1])
+
+
+def test_a_failed_run_skips_only_the_rows_that_depend_on_it(tmp_path, monkeypatch):
+    import stepwise.study as study_mod
+    from stepwise.study import build_plan, collect, load_study, run_plan
+
+    path = tmp_path / "s.yaml"
+    path.write_text("variants: {a: {steps: [pretrain]}, b: {steps: [pretrain, select, finetune]},\n"
+                    "           c: {from: b, overrides: [stage.finetune.lr=1e-5]}, d: {steps: [pretrain],\n"
+                    "           overrides: [data.rfs_threshold=0.001]}}")
+    plan = build_plan(load_study(str(path)), range(1), [f"output_root={tmp_path}"])
+    ran = []
+
+    class State:
+        is_main_process, num_processes = True, 1
+        print = staticmethod(lambda *a: None)
+        wait_for_everyone = staticmethod(lambda: None)
+
+    def fake_run_step(run, state):
+        if run.step == "select":
+            raise RuntimeError("scoring broke")
+        ran.append(run.key)
+
+    monkeypatch.setattr(study_mod, "run_step", fake_run_step)
+    failed = run_plan(plan, State())
+    rows = {vr.variant.name: vr.runs for vr in plan}
+    select = rows["b"]["select"].dir
+    assert list(failed) == [select] and "RuntimeError: scoring broke" in failed[select]
+    # the shared pretrain ran once, the other pretrain too; no finetune ran after the failed selection
+    assert ran == [rows["a"]["pretrain"].key, rows["d"]["pretrain"].key]
+    assert (tmp_path / "s" / "seed0" / "c" / "variant.json").is_file()
+    _, _, pending = collect(plan, failed)
+    assert any(p.startswith("c seed 0:") and "FAILED (RuntimeError: scoring broke)" in p for p in pending)
