@@ -234,7 +234,10 @@ class Trainer:
                 self.evaluate(self.run_dir / "eval", tag="final")
             return self.last_metrics
         finally:
-            self.accelerator.end_training()
+            # Trackers only: Accelerator.end_training() would also destroy the process group, which the
+            # next stage of the same process (stage=all, stepwise.study) still needs; entry points destroy it.
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
     def train_one_epoch(self, epoch: int, skip: int = 0) -> bool:
         """Run one epoch from batch ``skip``; returns True when ``max_steps`` stopped it early."""

@@ -42,7 +42,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
     state = PartialState(cpu=not torch.cuda.is_available())  # as make_accelerator: gloo group on CPUs
     prepare_run_dir(cfg, state.is_main_process)
     state.wait_for_everyone()
-    return module.run(cfg)
+    try:
+        return module.run(cfg)
+    finally:
+        state.destroy_process_group()
 
 
 if __name__ == "__main__":

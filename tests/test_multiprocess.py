@@ -92,12 +92,15 @@ def main(out: str, checkpoint: str) -> None:
     metrics = trainer.evaluate(out / "checkpoint_eval")
     gathered = trainer.num_gathered
     trainer.fit()
+    group_alive = torch.distributed.is_initialized()  # a next stage in this process (stage=all, stepwise.study)
+    acc.wait_for_everyone()                           # still synchronises after fit()
     if acc.is_main_process:
         lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
         lr = {r["epoch"]: r["lr"] for r in lines if r["type"] == "train"}
         (out / "result.json").write_text(json.dumps({
             "processes": acc.num_processes, "metrics": metrics, "gathered": gathered, "lr_by_epoch": lr,
-            "global_step": trainer.progress.global_step, "scheduler_epoch": trainer.scheduler.last_epoch}))
+            "global_step": trainer.progress.global_step, "scheduler_epoch": trainer.scheduler.last_epoch,
+            "group_alive_after_fit": group_alive}))
 
 
 def launch(tmp_path: Path, processes: int, checkpoint: Path) -> dict:
@@ -122,6 +125,7 @@ def test_two_processes_match_one(tmp_path):
     checkpoint = save_checkpoint({"model": toy_model().state_dict()}, tmp_path / "toy.pt")
     one, two = launch(tmp_path, 1, checkpoint), launch(tmp_path, 2, checkpoint)
     assert two["processes"] == 2 and one["processes"] == 1
+    assert two["group_alive_after_fit"]  # fit() leaves the process group to the entry point
 
     # evaluation of one checkpoint: nothing predicted twice, results identical
     assert one["gathered"] == two["gathered"] == N_VAL

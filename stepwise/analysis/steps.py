@@ -30,6 +30,27 @@ def read_per_class(path: str | Path) -> list[dict[str, Any]]:
                  "ap": float(row["ap"]) if row["ap"] not in ("", "nan") else None} for row in csv.DictReader(f)]
 
 
+def draw_per_class(ax: Any, per_class: Mapping[str, list[dict]]) -> None:
+    """Per-class AP (%) against the class's training instances (log x) on ``ax``: one point per class and a
+    running mean per entry of ``per_class`` (label -> rows of :func:`read_per_class`)."""
+    import numpy as np
+
+    for label, classes in per_class.items():
+        pts = sorted((c["train_instances"], 100 * c["ap"]) for c in classes if c["ap"] is not None)
+        if not pts:
+            continue
+        counts, aps = np.array(pts).T
+        line = ax.plot(counts, aps, ".", alpha=0.35)[0]
+        window = max(3, len(aps) // 8)
+        smooth = np.convolve(aps, np.ones(window) / window, mode="valid")
+        ax.plot(counts[window // 2: window // 2 + len(smooth)], smooth, "-", color=line.get_color(), label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training instances of the class")
+    ax.set_ylabel("class AP (%)")
+    ax.set_title("per-class AP (lines: running mean)")
+    ax.legend()
+
+
 def plot_ap_by_frequency(rows: Mapping[str, Mapping[str, Any]], per_class: Mapping[str, list[dict]],
                          out: str | Path) -> Path:
     """Two panels: grouped bars of APr/APc/APf/AP1..AP4 per step, and per-class AP against the number of
@@ -50,25 +71,19 @@ def plot_ap_by_frequency(rows: Mapping[str, Mapping[str, Any]], per_class: Mappi
     bars.set_ylabel("box AP (%)")
     bars.set_title("AP by frequency group / training-instance bin")
     bars.legend()
-    for step, classes in per_class.items():
-        pts = sorted((c["train_instances"], 100 * c["ap"]) for c in classes if c["ap"] is not None)
-        if not pts:
-            continue
-        counts, aps = np.array(pts).T
-        line = scatter.plot(counts, aps, ".", alpha=0.35)[0]
-        window = max(3, len(aps) // 8)
-        smooth = np.convolve(aps, np.ones(window) / window, mode="valid")
-        scatter.plot(counts[window // 2: window // 2 + len(smooth)], smooth, "-", color=line.get_color(), label=step)
-    scatter.set_xscale("log")
-    scatter.set_xlabel("training instances of the class")
-    scatter.set_ylabel("class AP (%)")
-    scatter.set_title("per-class AP (lines: running mean)")
-    scatter.legend()
+    draw_per_class(scatter, per_class)
     fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def save_figure(fig: Any, out: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure to ``out`` atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(out)
     return out

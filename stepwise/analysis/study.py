@@ -1,0 +1,138 @@
+"""The report of a study (``python -m stepwise.study``): per variant the mean +- sample standard deviation
+over seeds and the per-seed values of AP, AP50, APr, APc, APf, AP1..AP4 (``study.md``, ``study.json``),
+and a plot (``study.png``): per-variant bars with the seed spread, and per-class AP against training
+instances for a few key variants.
+
+Inputs are plain dicts, so the report can be rebuilt from ``study.json`` or from metrics files alone:
+``results[variant] = {"steps": [...], "per_seed": {seed: metrics}, ...}`` where ``metrics`` is an
+evaluation's ``metrics.json`` (fractions in [0, 1], ``None`` where a bin is empty) plus optional
+``optimizer_steps`` (step -> optimizer steps that step trained).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from stepwise.analysis.steps import COLUMNS, draw_per_class, save_figure
+
+BAR_METRICS = ("AP", "APr", "APc", "APf")
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """(mean, sample standard deviation with ddof=1, n) of the non-missing values; std is None for n < 2,
+    mean is None for n = 0."""
+    kept = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not kept:
+        return None, None, 0
+    return statistics.fmean(kept), (statistics.stdev(kept) if len(kept) > 1 else None), len(kept)
+
+
+def steps_after_pretrain(metrics: Mapping[str, Any]) -> int | None:
+    """Optimizer steps a run trained after its pre-training (0 for a pretrain-only run; None if unknown)."""
+    steps = metrics.get("optimizer_steps")
+    if steps is None:
+        return None
+    values = [v for k, v in steps.items() if k != "pretrain"]
+    return None if any(v is None for v in values) else int(sum(values))
+
+
+def summarize(results: Mapping[str, Mapping[str, Any]], columns: Sequence[str] = COLUMNS) -> dict[str, Any]:
+    """Add ``mean``, ``std`` (ddof=1) and ``n`` (seeds with a value) per column to each variant of ``results``.
+
+    Returns a new dict ``{variant: {**results[variant], "mean": {...}, "std": {...}, "n": {...}}}``; the
+    column ``steps_after_pretrain`` is summarised like the metrics.
+    """
+    out = {}
+    for variant, entry in results.items():
+        per_seed = entry.get("per_seed", {})
+        mean, std, n = {}, {}, {}
+        for column in (*columns, "steps_after_pretrain"):
+            if column == "steps_after_pretrain":
+                values = [steps_after_pretrain(m) for m in per_seed.values()]
+            else:
+                values = [m.get(column) for m in per_seed.values()]
+            mean[column], std[column], n[column] = mean_std(values)
+        out[variant] = {**entry, "mean": mean, "std": std, "n": n}
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def study_markdown(summary: Mapping[str, Mapping[str, Any]], title: str, notes: Sequence[str] = (),
+                   columns: Sequence[str] = COLUMNS, pending: Sequence[str] = ()) -> str:
+    """``study.md``: the mean ± std table, the per-seed table, then the runs not finished yet."""
+    lines = [f"# {title}", ""]
+    for note in notes:
+        lines += [note, ""]
+    lines += ["## Mean ± sample standard deviation (ddof=1) over seeds, box AP (%)", "",
+              "| variant | seeds | " + " | ".join(columns) + " | steps after pretrain |",
+              "|---" * (len(columns) + 3) + "|"]
+    for variant, entry in summary.items():
+        seeds = len(entry.get("per_seed", {}))
+        cells = [_pm(entry["mean"][c], entry["std"][c]) for c in columns]
+        steps = entry["mean"]["steps_after_pretrain"]
+        lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + f" | {'-' if steps is None else round(steps)} |")
+    lines += ["", "## Per seed, box AP (%)", "", "| variant | seed | " + " | ".join(columns) + " |",
+              "|---" * (len(columns) + 2) + "|"]
+    for variant, entry in summary.items():
+        for seed, metrics in entry.get("per_seed", {}).items():
+            lines.append(f"| {variant} | {seed} | " + " | ".join(_pct(metrics.get(c)) for c in columns) + " |")
+    if pending:
+        lines += ["", "## Not finished yet", ""] + [f"- {item}" for item in pending]
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(summary: Mapping[str, Mapping[str, Any]], per_class: Mapping[str, list[dict]],
+               out: str | Path, metrics: Sequence[str] = BAR_METRICS) -> Path:
+    """Top: per variant, bars of the mean of ``metrics`` with ± std error bars and every seed as a dot.
+    Bottom: per-class AP against training instances for the variants in ``per_class`` (seed means).
+    Writes a PNG; returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    variants = [v for v, e in summary.items() if e.get("per_seed")]
+    fig, (bars, scatter) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(variants) + 3), 9))
+    width = 0.8 / len(metrics)
+    x = np.arange(len(variants))
+    for k, metric in enumerate(metrics):
+        pos = x + (k - (len(metrics) - 1) / 2) * width
+        means = [100 * (summary[v]["mean"][metric] or 0.0) for v in variants]
+        stds = [100 * (summary[v]["std"][metric] or 0.0) for v in variants]
+        bars.bar(pos, means, width, yerr=stds, capsize=2, label=metric, alpha=0.8)
+        for p, v in zip(pos, variants):
+            seeds = [100 * m[metric] for m in summary[v]["per_seed"].values() if m.get(metric) is not None]
+            bars.plot([p] * len(seeds), seeds, "o", ms=3, color="black", alpha=0.6, zorder=3)
+    bars.set_xticks(x, variants, rotation=30, ha="right")
+    bars.set_ylabel("box AP (%)")
+    bars.set_title("mean over seeds (error bars: sample std, dots: seeds)")
+    bars.legend(ncols=len(metrics))
+    draw_per_class(scatter, per_class)
+    scatter.set_title("per-class AP, mean over seeds (lines: running mean)")
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def average_per_class(tables: Sequence[list[dict]]) -> list[dict]:
+    """Per-class rows (``read_per_class``) of several seeds -> one row per class with the mean AP over the
+    seeds where the class was evaluated (``ap`` None where it never was)."""
+    merged: dict[Any, dict] = {}
+    for table in tables:
+        for row in table:
+            entry = merged.setdefault(row["id"], {**row, "aps": []})
+            if row["ap"] is not None:
+                entry["aps"].append(row["ap"])
+    return [{**{k: v for k, v in e.items() if k != "aps"}, "ap": statistics.fmean(e["aps"]) if e["aps"] else None}
+            for e in merged.values()]

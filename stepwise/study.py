@@ -1,0 +1,583 @@
+"""Entry: ``python -m stepwise.study study=<name|file.yaml> [seeds=3] [key=value ...]`` (also under
+``accelerate launch -m stepwise.study ...``): run the variants of a study over seeds and report mean +- std.
+
+A study is ``configs/study/<name>.yaml`` (format: docs/interfaces.md, "Studies"): named variants, each a list
+of overrides on the normal ``stage=all`` config and the steps it runs. Options (the other ``key=value`` are
+config overrides applied to every run, after the study's ``base`` and the variant's own overrides):
+
+* ``seeds=N`` — seeds 0..N-1 (default: the study's ``seeds``), the root ``seed`` key of every run (model
+  initialisation, sampler order and per-sample augmentation all follow it; the data set does not);
+* ``variants=a,b`` — only these variants; ``name=dir`` — write to ``<output_root>/<dir>`` instead of the
+  study's name;
+* ``report=true`` — train nothing, write the report over the runs that have finished;
+* ``dry_run=true`` — train nothing, print the plan: every distinct run, the variants sharing it and
+  whether it is done, resumable or still to do.
+
+A run that fails is reported and the rows that do not depend on it go on; the command then exits with
+status 1 after writing the report.
+
+Sharing: the runs of one seed share their common prefix. Each step's identity is a hash of its resolved
+config (without bookkeeping keys and the blocks the step does not read) in which every path to an earlier
+step of the variant is replaced by that step's identity; steps of different variants with equal identities
+are one run. Every run lives in ``<output_root>/<study>/seed<k>/shared/<step>-<hash>/``;
+``<output_root>/<study>/seed<k>/<variant>/`` holds a link per step and ``variant.json``. A finished run is
+skipped and an interrupted one resumes, so the same command continues a study. At the end (and with
+``report=true``) rank 0 writes ``<output_root>/<study>/study.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from stepwise.config import CONFIG_DIR, ConfigError, load_config, prepare_run_dir
+from stepwise.stages.all import TRAINING_STEPS, step_config, step_done
+from stepwise.utils.io import atomic_write_json, atomic_write_text
+
+STEPS = ("pretrain", "select", "finetune", "distill")
+OPTIONS = ("study", "seeds", "variants", "name", "report", "dry_run")
+RESERVED = ("seed", "exp", "stage", "run_dir", "resume")  # set by the study for each run
+# Keys that never change what a step computes (logging, checkpoint cadence, loader workers: samples are
+# seeded per item, evaluations and checkpoints leave the RNG streams alone), so changing them keeps the runs.
+BOOKKEEPING = ("run_dir", "exp", "output_root", "resume", "data.num_workers", "stage.trackers", "stage.log_every",
+               "stage.keep_last", "stage.checkpoint_every_steps", "stage.eval_every_epochs")
+NOT_READ = {"pretrain": ("stepwise", "distill"), "select": ("stepwise.rfs", "distill"),
+            "finetune": ("distill",), "distill": ()}  # root blocks a step does not read (dropped from its hash)
+WALL_TIME_NAME = "wall_time.json"
+FILE_KEYS = ("description", "seeds", "base", "steps", "plot", "variants")
+VARIANT_KEYS = ("description", "from", "steps", "overrides")
+
+
+# ------------------------------------------------------------------------------------------ study file
+@dataclass(frozen=True)
+class Variant:
+    """One row of a study: the overrides on the ``stage=all`` config and the steps it runs, in order."""
+
+    name: str
+    steps: tuple[str, ...]
+    overrides: tuple[str, ...]
+    description: str = ""
+
+    @property
+    def final_step(self) -> str:
+        """The last training step: the model the variant's row reports."""
+        return [s for s in self.steps if s in TRAINING_STEPS][-1]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed study file."""
+
+    name: str
+    path: Path
+    description: str
+    seeds: int
+    base: tuple[str, ...]
+    variants: dict[str, Variant]
+    plot: tuple[str, ...]
+
+
+def study_path(spec: str) -> Path:
+    """``configs/study/<spec>.yaml`` for a name, ``spec`` itself for a path to a YAML file."""
+    if spec.endswith((".yaml", ".yml")) or os.sep in spec:
+        path = Path(spec)
+    else:
+        path = CONFIG_DIR / "study" / f"{spec}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "study").glob("*.yaml"))
+        raise ConfigError(f"study {spec!r}: no file {path} (studies in {CONFIG_DIR / 'study'}: {', '.join(known)})")
+    return path
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _steps(value: Any, where: str) -> tuple[str, ...]:
+    steps = _strings(value, where)
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown or len(set(steps)) != len(steps) or not any(s in TRAINING_STEPS for s in steps):
+        raise ConfigError(f"{where}: {list(steps)} must be distinct steps of {list(STEPS)} with at least one "
+                          f"training step" + (f" (unknown: {unknown})" if unknown else ""))
+    return steps
+
+
+def load_study(spec: str) -> Study:
+    """Parse and check a study file (``spec``: a name under ``configs/study/`` or a path).
+
+    Raises:
+        ConfigError: naming the file and the key that is wrong.
+    """
+    path = study_path(spec)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"study file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"study file {path}: expected a mapping with keys {list(FILE_KEYS)}")
+    unknown = sorted(set(raw) - set(FILE_KEYS))
+    if unknown:
+        raise ConfigError(f"study file {path}: unknown keys {unknown} (known: {list(FILE_KEYS)})")
+    entries = raw.get("variants")
+    if not isinstance(entries, dict) or not entries:
+        raise ConfigError(f"study file {path}: 'variants' must map variant names to their settings")
+    default_steps = _steps(raw.get("steps", list(STEPS)), f"{path}: steps")
+
+    def resolve(name: str, chain: tuple[str, ...] = ()) -> Variant:
+        where = f"{path}: variants.{name}"
+        if name in chain:
+            raise ConfigError(f"{where}: 'from' forms a cycle {' -> '.join((*chain, name))}")
+        if name not in entries:
+            raise ConfigError(f"{path}: variants.{chain[-1]}: 'from: {name}' names no variant")
+        entry = entries[name] or {}
+        if not isinstance(entry, dict) or set(entry) - set(VARIANT_KEYS):
+            raise ConfigError(f"{where}: expected a mapping with keys {list(VARIANT_KEYS)}, got {entry!r}")
+        if name == "shared" or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{where}: variant names are letters, digits, '_' and '-' (and not 'shared')")
+        parent = resolve(entry["from"], (*chain, name)) if entry.get("from") else None
+        steps = _steps(entry["steps"], f"{where}.steps") if "steps" in entry else \
+            (parent.steps if parent else default_steps)
+        overrides = (parent.overrides if parent else ()) + _strings(entry.get("overrides"), f"{where}.overrides")
+        return Variant(name, steps, overrides, str(entry.get("description", "")))
+
+    variants = {name: resolve(str(name)) for name in entries}
+    plot = _strings(raw.get("plot"), f"{path}: plot") or tuple(list(variants)[:4])
+    missing = [v for v in plot if v not in variants]
+    if missing:
+        raise ConfigError(f"{path}: plot names unknown variants {missing}")
+    seeds = raw.get("seeds", 3)
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"{path}: seeds must be a positive integer, got {seeds!r}")
+    return Study(path.stem, path, str(raw.get("description", "")).strip(), seeds,
+                 _strings(raw.get("base"), f"{path}: base"), variants, plot)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass
+class StepRun:
+    """One run of one step for one seed; every variant whose step has the same identity uses it."""
+
+    step: str
+    key: str              # "<step>-<hash>": the step's identity
+    seed: int
+    dir: Path             # <output_root>/<study>/seed<k>/shared/<key>
+    config: DictConfig    # the resolved step config, paths to earlier steps pointing at their run dirs
+    variants: list[str] = field(default_factory=list)
+
+    def status(self) -> str:
+        """``done``, ``resumes at step N`` / ``scores.jsonl exists`` (interrupted) or ``to do``."""
+        from stepwise.checkpoint import list_checkpoints
+
+        if step_done(self.config):
+            return "done"
+        if self.step == "select":
+            return "scores.jsonl exists" if (self.dir / "scores.jsonl").is_file() else "to do"
+        found = list_checkpoints(self.dir)
+        return f"resumes at step {found[-1][0]}" if found else "to do"
+
+
+@dataclass
+class VariantRun:
+    """A variant on one seed: its directory and its steps' runs in order."""
+
+    variant: Variant
+    seed: int
+    dir: Path             # <output_root>/<study>/seed<k>/<variant>
+    runs: dict[str, StepRun]
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part, {})
+    tree.pop(last, None)
+
+
+def _map_paths(obj: Any, prefix: str, fn: Any) -> Any:
+    """Replace every string ``<prefix><step>[/rest]`` in a nested container by ``fn(step, rest)``."""
+    if isinstance(obj, dict):
+        return {k: _map_paths(v, prefix, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_paths(v, prefix, fn) for v in obj]
+    if isinstance(obj, str) and obj.startswith(prefix):
+        step, _, rest = obj[len(prefix):].partition("/")
+        if step in STEPS:
+            return fn(step, rest)
+    return obj
+
+
+def plan_variant(study_dir: Path, variant: Variant, seed: int, cfg: DictConfig,
+                 shared: dict[str, StepRun]) -> VariantRun:
+    """The runs of ``variant`` on ``seed`` from its composed ``stage=all`` config ``cfg``; runs already in
+    ``shared`` (same seed, same identity) are reused, new ones added to it."""
+    seed_dir = study_dir / f"seed{seed}"
+    prefix = f"{cfg.output_root}/{cfg.exp}/"
+    runs: dict[str, StepRun] = {}
+    for step in variant.steps:
+        tree = OmegaConf.to_container(step_config(cfg, step), resolve=True)
+        tree.pop("run_dir")  # <prefix><step> itself; set to the shared run directory below
+
+        def upstream(name: str, rest: str, as_key: bool) -> str:
+            if name not in runs:
+                raise ConfigError(f"study variant {variant.name!r}: step {step} reads {prefix}{name}"
+                                  f"{'/' + rest if rest else ''}, but {name} is not an earlier step of the "
+                                  f"variant (steps: {list(variant.steps)})")
+            base = f"<{runs[name].key}>" if as_key else str(runs[name].dir)
+            return f"{base}/{rest}" if rest else base
+
+        identity = _map_paths(tree, prefix, lambda n, r: upstream(n, r, True))
+        for key in (*BOOKKEEPING, *NOT_READ[step]):
+            _drop(identity, key)
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        key = f"{step}-{digest}"
+        if key not in shared:
+            resolved = _map_paths(tree, prefix, lambda n, r: upstream(n, r, False))
+            resolved["run_dir"] = str(seed_dir / "shared" / key)
+            config = OmegaConf.create(resolved)
+            OmegaConf.set_struct(config, True)
+            shared[key] = StepRun(step, key, seed, seed_dir / "shared" / key, config)
+        shared[key].variants.append(variant.name)
+        runs[step] = shared[key]
+    return VariantRun(variant, seed, seed_dir / variant.name, runs)
+
+
+def build_plan(study: Study, seeds: Sequence[int], overrides: Sequence[str], name: str | None = None,
+               variants: Sequence[str] | None = None) -> list[VariantRun]:
+    """Every (seed, variant) of the study with its step runs, seed by seed in the study's variant order."""
+    names = list(variants) if variants else list(study.variants)
+    unknown = [v for v in names if v not in study.variants]
+    if unknown:
+        raise ConfigError(f"variants={','.join(unknown)}: not in {study.path} (has {', '.join(study.variants)})")
+    plan = []
+    for seed in seeds:
+        shared: dict[str, StepRun] = {}
+        for vname in names:
+            variant = study.variants[vname]
+            try:
+                cfg = load_config(["stage=all", *study.base, *variant.overrides, *overrides, f"seed={seed}",
+                                   f"exp={name or study.name}/seed{seed}/{vname}"])
+            except ConfigError as err:
+                raise ConfigError(f"study {study.path}, variant {vname!r}: {err}") from None
+            plan.append(plan_variant(Path(cfg.output_root) / (name or study.name), variant, seed, cfg, shared))
+    return plan
+
+
+def distinct_runs(plan: Sequence[VariantRun]) -> list[StepRun]:
+    """Each step run of the plan once, in the order the study runs them."""
+    seen: dict[Path, StepRun] = {}
+    for vr in plan:
+        for run in vr.runs.values():
+            seen.setdefault(run.dir, run)
+    return list(seen.values())
+
+
+def describe(run: StepRun) -> str:
+    """A short description of what a step run trains: epochs, max_steps, training file, sampling."""
+    stage = run.config.stage
+    if run.step == "select":
+        return f"score with {Path(str(stage.checkpoint)).name}"
+    train = stage.get("train_ann") or run.config.data.train_ann
+    train = "all" if train == run.config.data.train_ann else Path(str(train)).name
+    rfs = stage.get("rfs") if run.step != "pretrain" else run.config.data.rfs_threshold
+    rfs = "uniform" if rfs is None else rfs
+    steps = f" max_steps={stage.max_steps}" if stage.get("max_steps") else ""
+    return f"epochs={stage.epochs}{steps} lr={stage.lr:g} train={train} rfs={rfs}"
+
+
+def plan_text(study: Study, plan: Sequence[VariantRun]) -> str:
+    """The dry-run listing: per seed every distinct run, its status, what it trains and who shares it."""
+    runs = distinct_runs(plan)
+    status = {run.dir: run.status() for run in runs}
+    seeds = sorted({vr.seed for vr in plan})
+    variants = list(dict.fromkeys(vr.variant.name for vr in plan))
+    lines = [f"study {study.name} ({study.path}): {len(variants)} variants x {len(seeds)} seeds = "
+             f"{len(plan)} rows from {len(runs)} distinct runs"]
+    for seed in seeds:
+        lines.append(f"seed {seed}:")
+        for run in (r for r in runs if r.seed == seed):
+            lines.append(f"  {run.key:<19} {status[run.dir]:<20} {describe(run):<60} "
+                         f"<- {', '.join(run.variants)}")
+    todo: dict[str, list[int]] = {}
+    for run in runs:
+        if status[run.dir] != "done":
+            todo.setdefault(run.step, []).append(int(run.config.stage.get("epochs", 0) or 0))
+    done = sum(s == "done" for s in status.values())
+    lines.append(f"{done} of {len(runs)} runs done; still to run: " + (", ".join(
+        f"{len(e)} {step}" + (f" ({sum(e)} epochs)" if step in TRAINING_STEPS else "")
+        for step, e in todo.items()) or "nothing"))
+    lines += time_estimate(runs, status, todo)
+    return "\n".join(lines)
+
+
+def time_estimate(runs: Sequence[StepRun], status: Mapping[Path, str], todo: Mapping[str, list[int]]) -> list[str]:
+    """Lines with the measured wall time of the finished runs and, from it, the time the rest should take
+    (seconds per epoch of each training step, seconds per selection; the same data and model assumed)."""
+    spent: dict[str, list[tuple[float, int]]] = {}
+    for run in runs:
+        seconds = wall_seconds(run.dir) if status[run.dir] == "done" else None
+        if seconds is not None:
+            spent.setdefault(run.step, []).append((seconds, int(run.config.stage.get("epochs", 1) or 1)))
+    if not spent:
+        return []
+    rate = {step: sum(s for s, _ in v) / (sum(e for _, e in v) if step in TRAINING_STEPS else len(v))
+            for step, v in spent.items()}
+    total = sum(s for v in spent.values() for s, _ in v)
+    lines = [f"measured on finished runs: {total / 60:.1f} min; " + ", ".join(
+        f"{step} {r:.0f} s/{'epoch' if step in TRAINING_STEPS else 'run'}" for step, r in rate.items())]
+    if todo and all(step in rate for step in todo):
+        left = sum(rate[step] * (sum(e) if step in TRAINING_STEPS else len(e)) for step, e in todo.items())
+        lines.append(f"estimated for the rest: {left / 60:.1f} min (runs with a checkpoint take less)")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------- execution
+def link_variant(vr: VariantRun) -> None:
+    """``<variant dir>/<step>`` -> ``../shared/<key>`` for each step (re-pointed when the plan changed) and
+    ``variant.json`` (rank 0 only). Links are a convenience: the runs' configs hold the real paths."""
+    vr.dir.mkdir(parents=True, exist_ok=True)
+    for step, run in vr.runs.items():
+        link = vr.dir / step
+        target = os.path.relpath(run.dir, vr.dir)
+        if link.is_symlink():
+            if os.readlink(link) == target:
+                continue
+            link.unlink()
+        elif link.exists():
+            raise ConfigError(f"{link} exists and is not a link to a study run; move it away")
+        try:
+            link.symlink_to(target, target_is_directory=True)
+        except OSError:  # a file system without links: variant.json still says where each step is
+            pass
+    atomic_write_json(vr.dir / "variant.json", {
+        "variant": vr.variant.name, "seed": vr.seed, "steps": {s: str(r.dir) for s, r in vr.runs.items()},
+        "final_step": vr.variant.final_step, "overrides": list(vr.variant.overrides)}, indent=1)
+
+
+def wall_seconds(run_dir: Path) -> float | None:
+    """Seconds the study spent running this step (``wall_time.json``, summed over resumed sessions)."""
+    path = run_dir / WALL_TIME_NAME
+    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else None
+
+
+def run_step(run: StepRun, state: Any) -> None:
+    """Run one step unless its outputs exist; an interrupted step resumes from its last checkpoint. The wall
+    time of each session is added to ``<run dir>/wall_time.json``."""
+    from stepwise.checkpoint import find_latest
+
+    if step_done(run.config):
+        state.print(f"stepwise: study: {run.key} (seed {run.seed}) done, skipping")
+        return
+    cfg = run.config.copy()
+    with open_dict(cfg):
+        cfg.resume = find_latest(run.dir) is not None
+    state.print(f"stepwise: study: {run.key} (seed {run.seed}; {', '.join(run.variants)}) -> {run.dir}"
+                + (" (resuming)" if cfg.resume else ""))
+    prepare_run_dir(cfg, state.is_main_process)
+    state.wait_for_everyone()
+    start = time.perf_counter()
+    importlib.import_module(f"stepwise.stages.{run.step}").run(cfg)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        atomic_write_json(run.dir / WALL_TIME_NAME, {"seconds": (wall_seconds(run.dir) or 0.0)
+                                                     + time.perf_counter() - start})
+    gc.collect()
+
+
+def run_plan(plan: Sequence[VariantRun], state: Any) -> dict[Path, str]:
+    """Every run of the plan once, seed by seed in variant order (all processes call this).
+
+    A run that raises is recorded and the study goes on with the rows that do not depend on it (with one
+    process; with several, only a non-finite loss, which every process raises together, is survivable).
+    Returns ``{run dir: error}`` of the failed runs.
+    """
+    from stepwise.engine import NonFiniteLossError
+
+    finished: set[Path] = set()
+    failed: dict[Path, str] = {}
+    for vr in plan:
+        if state.is_main_process:
+            link_variant(vr)
+        state.wait_for_everyone()
+        for run in vr.runs.values():
+            if run.dir in failed:
+                state.print(f"stepwise: study: {vr.variant.name} seed {vr.seed}: skipped, {run.key} failed")
+                break
+            if run.dir in finished:
+                continue
+            try:
+                run_step(run, state)
+            except Exception as err:  # noqa: BLE001 - recorded, reported, and the exit status says so
+                if state.num_processes > 1 and not isinstance(err, NonFiniteLossError):
+                    raise
+                failed[run.dir] = f"{type(err).__name__}: {err}"
+                state.print(f"stepwise: study: {run.key} (seed {run.seed}) FAILED: {failed[run.dir]}")
+                break
+            finished.add(run.dir)
+    return failed
+
+
+# -------------------------------------------------------------------------------------------- report
+def optimizer_steps(run_dir: Path) -> int | None:
+    """The global step of the last record of ``metrics.jsonl`` (the optimizer steps the run trained)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                last = json.loads(line)
+    return None if last is None else last.get("global_step")
+
+
+def collect(plan: Sequence[VariantRun], failed: Mapping[Path, str] | None = None
+            ) -> tuple[dict[str, Any], dict[str, list[list[dict]]], list[str]]:
+    """(results for :func:`stepwise.analysis.study.summarize`, per-class tables per variant, pending rows;
+    ``failed``: errors of runs that failed in this invocation, named in the pending rows)."""
+    from stepwise.analysis.steps import COLUMNS, read_per_class
+
+    results: dict[str, Any] = {}
+    per_class: dict[str, list[list[dict]]] = {}
+    pending = []
+    for vr in plan:
+        v = vr.variant
+        entry = results.setdefault(v.name, {"steps": list(v.steps), "overrides": list(v.overrides),
+                                            "description": v.description, "per_seed": {}, "runs": {}})
+        final = vr.runs[v.final_step]
+        if not step_done(final.config):
+            failed = failed or {}
+            pending.append(f"{v.name} seed {vr.seed}: " + ", ".join(
+                f"{r.key} " + (f"FAILED ({failed[r.dir]})" if r.dir in failed else r.status())
+                for r in vr.runs.values() if not step_done(r.config)))
+            continue
+        with open(final.dir / "eval" / "metrics.json") as f:
+            metrics = json.load(f)
+        row = {c: metrics.get(c) for c in COLUMNS}
+        row["optimizer_steps"] = {s: optimizer_steps(r.dir) for s, r in vr.runs.items() if s in TRAINING_STEPS}
+        row["wall_seconds"] = {s: wall_seconds(r.dir) for s, r in vr.runs.items()}
+        entry["per_seed"][str(vr.seed)] = row
+        entry["runs"][str(vr.seed)] = {s: r.key for s, r in vr.runs.items()}
+        table = final.dir / "eval" / "per_class.csv"
+        if table.is_file():
+            per_class.setdefault(v.name, []).append(read_per_class(table))
+    return results, per_class, pending
+
+
+def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, command: str = "",
+                 failed: Mapping[Path, str] | None = None) -> dict[str, Any]:
+    """``study.md``, ``study.json`` and ``study.png`` in ``out_dir`` over the finished rows; returns the summary."""
+    from stepwise.analysis.study import average_per_class, plot_study, study_markdown, summarize
+
+    results, tables, pending = collect(plan, failed)
+    summary = summarize(results)
+    seeds = sorted({vr.seed for vr in plan})
+    notes = [f"Study file `{study.path}`; seeds {seeds}; each row's model is the final training step of its "
+             "variant's steps.",
+             "Values are box AP in % on val; mean ± sample standard deviation (ddof=1) over the seeds that "
+             "finished (no ± with one seed). 'steps after pretrain' is the optimizer steps the row trained "
+             "after its pre-training (mean over seeds)."]
+    recorded = [wall_seconds(run.dir) for run in distinct_runs(plan)]
+    wall = sum(t for t in recorded if t is not None)
+    notes.append(f"Wall time of the runs, each counted once (as recorded in their `{WALL_TIME_NAME}`): "
+                 f"{wall / 3600:.2f} h over {sum(t is not None for t in recorded)} of {len(recorded)} runs.")
+    if study.description:
+        notes.insert(0, study.description)
+    if command:
+        notes.append(f"Command: `{command}`")
+    atomic_write_text(out_dir / "study.md", study_markdown(summary, f"Study: {study.name}", notes, pending=pending))
+    atomic_write_json(out_dir / "study.json", {
+        "study": study.name, "file": str(study.path), "seeds": seeds, "units": "fraction of 1 (AP 0.315 = 31.5 %)",
+        "std": "sample standard deviation over seeds (ddof=1); null with fewer than 2 seeds",
+        "wall_seconds": wall, "variants": summary, "pending": pending}, indent=1)
+    per_class = {v: average_per_class(tables[v]) for v in study.plot if v in tables}
+    if any(entry["per_seed"] for entry in summary.values()):
+        plot_study(summary, per_class, out_dir / "study.png")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Split ``key=value`` arguments into study options and config overrides (reserved keys refused)."""
+    options, overrides = {}, []
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"argument {item!r} is not of the form key=value")
+        if key in OPTIONS:
+            options[key] = value
+        elif key.lstrip("+") in RESERVED:
+            raise ConfigError(f"{key}= is set by the study for every run (seeds=N, variants=..., name=...)")
+        else:
+            overrides.append(item)
+    if "study" not in options:
+        raise ConfigError("study=<name or file.yaml> is required (studies: configs/study/*.yaml)")
+    return options, overrides
+
+
+def _flag(options: Mapping[str, str], key: str) -> bool:
+    value = options.get(key, "false").lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"{key}={options[key]}: expected true or false")
+    return value in ("true", "1", "yes")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Run (or plan, or report) a study; returns the report summary on rank 0 (None for a dry run)."""
+    import torch
+    from accelerate import PartialState
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        options, overrides = parse_args(argv)
+        study = load_study(options["study"])
+        seeds_opt = options.get("seeds", study.seeds)
+        if not str(seeds_opt).isdigit() or int(seeds_opt) < 1:
+            raise ConfigError(f"seeds={seeds_opt}: expected a positive integer")
+        chosen = [v for v in options.get("variants", "").strip("[]").split(",") if v.strip()]
+        plan = build_plan(study, range(int(seeds_opt)), overrides, options.get("name"),
+                          [v.strip() for v in chosen] or None)
+        dry_run, report_only = _flag(options, "dry_run"), _flag(options, "report")
+    except ConfigError as err:
+        print(f"stepwise: study: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    state = PartialState(cpu=not torch.cuda.is_available())
+    state.print(plan_text(study, plan))
+    if dry_run:
+        return None
+    out_dir = Path(plan[0].dir).parents[1]
+    try:
+        failed = {} if report_only else run_plan(plan, state)
+        summary = None
+        if state.is_main_process:
+            command = "python -m stepwise.study " + " ".join(argv)
+            summary = write_report(study, plan, out_dir, command, failed)
+            print(f"stepwise: study report {out_dir / 'study.md'} ({out_dir / 'study.json'}, "
+                  f"{out_dir / 'study.png'})")
+            print((out_dir / "study.md").read_text())
+        state.wait_for_everyone()
+    finally:
+        state.destroy_process_group()
+    if failed:
+        print(f"stepwise: study: {len(failed)} run(s) failed: " + "; ".join(
+            f"{path.name}: {error}" for path, error in failed.items()), file=sys.stderr)
+        raise SystemExit(1)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

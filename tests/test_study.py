@@ -1,0 +1,275 @@
+"""``python -m stepwise.study``: study files, the shared-prefix plan, seeds, skip/resume and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+TINY_STUDY = """
+description: two variants that share pretrain and selection
+seeds: 2
+base:
+  - data.preset=tiny
+  - model.num_queries=20
+  - model.d_model=64
+  - model.dim_feedforward=128
+  - model.enc_layers=1
+  - model.dec_layers=1
+  - model.nheads=4
+  - data.train_scales=[64]
+  - data.crop_resize_scales=[64]
+  - data.crop_min=48
+  - data.crop_max=64
+  - data.max_size=96
+  - data.eval_scale=64
+  - stage.select.max_images=48
+  - stepwise.min_images=8
+  - stepwise.d_head.head=20
+  - stepwise.d_tail.head=6
+{stage_overrides}
+plot: [ft, ft_low_lr]
+variants:
+  ft:
+    steps: [pretrain, select, finetune]
+  ft_low_lr:
+    from: ft
+    overrides: [stage.finetune.lr=1e-5]
+"""
+
+
+def write_tiny_study(path: Path) -> Path:
+    lines = []
+    for step in ("pretrain", "finetune"):
+        lines += [f"  - stage.{step}.{kv}" for kv in ("max_steps=2", "max_eval_images=8", "trackers=[]",
+                                                        "epochs=1", "checkpoint_every_steps=1")]
+    path.write_text(TINY_STUDY.format(stage_overrides="\n".join(lines)))
+    return path
+
+
+def outputs(root: Path) -> dict[Path, float]:
+    """mtime of every file a finished run writes last (final checkpoint, metrics, scores)."""
+    names = ("checkpoint_final.pt", "metrics.json", "scores.jsonl", "d_head.json")
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.name in names and "shared" in p.parts}
+
+
+def test_study_end_to_end_shares_skips_resumes_and_reports(tmp_path):
+    from stepwise.study import main
+
+    study = write_tiny_study(tmp_path / "tiny.yaml")
+    args = [f"study={study}", f"output_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}"]
+    summary = main(args)
+    root = tmp_path / "runs" / "tiny"
+
+    # one pretrain and one selection per seed, shared by both variants; a finetune each
+    for seed in (0, 1):
+        shared = sorted(p.name.split("-")[0] for p in (root / f"seed{seed}" / "shared").iterdir())
+        assert shared == ["finetune", "finetune", "pretrain", "select"]
+        links = {v: {s: (root / f"seed{seed}" / v / s).resolve() for s in ("pretrain", "select", "finetune")}
+                 for v in ("ft", "ft_low_lr")}
+        assert links["ft"]["pretrain"] == links["ft_low_lr"]["pretrain"]
+        assert links["ft"]["select"] == links["ft_low_lr"]["select"]
+        assert links["ft"]["finetune"] != links["ft_low_lr"]["finetune"]
+        # the selection scored with this seed's pretrain; the finetune started from it
+        select_cfg = (links["ft"]["select"] / "config.yaml").read_text()
+        assert f"checkpoint: {links['ft']['pretrain']}" in select_cfg
+        finetune_cfg = (links["ft"]["finetune"] / "config.yaml").read_text()
+        assert f"init_from: {links['ft']['pretrain']}" in finetune_cfg and f"seed: {seed}" in finetune_cfg
+    assert all((run / "wall_time.json").is_file() for run in root.glob("seed*/shared/*"))
+    seed_dirs = [(root / f"seed{s}" / "ft" / "pretrain").resolve() for s in (0, 1)]
+    assert seed_dirs[0] != seed_dirs[1]
+
+    # the report: per-seed values are the runs' metrics; mean and sample std (ddof=1) are theirs
+    report = json.loads((root / "study.json").read_text())
+    assert report["seeds"] == [0, 1] and report["pending"] == []
+    for variant in ("ft", "ft_low_lr"):
+        entry = report["variants"][variant]
+        assert set(entry["per_seed"]) == {"0", "1"}
+        for seed in ("0", "1"):
+            metrics = json.loads((root / f"seed{seed}" / variant / "finetune" / "eval" / "metrics.json").read_text())
+            assert entry["per_seed"][seed]["AP"] == metrics["AP"]
+            assert entry["per_seed"][seed]["optimizer_steps"] == {"pretrain": 2, "finetune": 2}
+        for column in ("AP", "APr", "APc", "APf", "AP1"):
+            values = [entry["per_seed"][s][column] for s in ("0", "1")]
+            assert entry["mean"][column] == pytest.approx((values[0] + values[1]) / 2)
+            assert entry["std"][column] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+        assert entry["mean"]["steps_after_pretrain"] == 2
+    assert summary["ft"]["mean"]["AP"] == report["variants"]["ft"]["mean"]["AP"]
+    md = (root / "study.md").read_text()
+    ap = report["variants"]["ft"]
+    assert f"| ft | 2 | {100 * ap['mean']['AP']:.1f} ± {100 * ap['std']['AP']:.1f} |" in md
+    assert f"| ft | 1 | {100 * ap['per_seed']['1']['AP']:.1f} |" in md
+    assert (root / "study.png").stat().st_size > 10_000
+
+    # a re-run trains nothing
+    before = outputs(root)
+    assert len(before) == 2 * (2 + 2 + 2 * 2)  # per seed: pretrain, select, 2 finetunes; 2 files each
+    main(args)
+    assert outputs(root) == before
+
+    # an interrupted finetune (mid-run checkpoint at step 1, no final outputs) resumes and ends the same way
+    run = (root / "seed1" / "ft_low_lr" / "finetune").resolve()
+    first = json.loads((run / "eval" / "metrics.json").read_text())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001.pt", "step_00000002.pt"]
+    (run / "checkpoints" / "step_00000002.pt").unlink()  # killed after the step-1 checkpoint
+    (run / "checkpoint_final.pt").unlink()
+    (run / "eval" / "metrics.json").unlink()
+    from stepwise.study import build_plan, load_study, plan_text
+    plan = build_plan(load_study(str(study)), range(2), args[1:])
+    text = " ".join(plan_text(load_study(str(study)), plan).split())
+    assert f"{run.name} resumes at step 1" in text and "7 of 8 runs done; still to run: 1 finetune (1 epochs)" in text
+    assert "measured on finished runs" in text and "estimated for the rest" in text
+    seconds = json.loads((run / "wall_time.json").read_text())["seconds"]
+    main(args)
+    assert json.loads((run / "wall_time.json").read_text())["seconds"] > seconds  # summed over sessions
+    starts = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["type"] == "start"]
+    assert [s["global_step"] for s in starts] == [0, 1]
+    again = json.loads((run / "eval" / "metrics.json").read_text())
+    assert again["AP"] == pytest.approx(first["AP"], abs=1e-12)
+    changed = {p for p, t in outputs(root).items() if before.get(p) != t}
+    assert changed == {run / "checkpoint_final.pt", run / "eval" / "metrics.json"}
+
+
+def test_mean_std_is_the_sample_std():
+    from stepwise.analysis.study import mean_std, summarize
+
+    mean, std, n = mean_std([0.1, 0.2, 0.4, None])
+    assert n == 3 and mean == pytest.approx(0.7 / 3)
+    assert std == pytest.approx(math.sqrt(((0.1 - 0.7 / 3) ** 2 + (0.2 - 0.7 / 3) ** 2 + (0.4 - 0.7 / 3) ** 2) / 2))
+    assert mean_std([0.3]) == (0.3, None, 1) and mean_std([None]) == (None, None, 0)
+    out = summarize({"v": {"per_seed": {"0": {"AP": 0.2, "optimizer_steps": {"pretrain": 9, "finetune": 4}},
+                                        "1": {"AP": 0.3, "optimizer_steps": {"pretrain": 9, "finetune": 6}}}}})
+    assert out["v"]["mean"]["AP"] == pytest.approx(0.25)
+    assert out["v"]["std"]["AP"] == pytest.approx(statistics.stdev([0.2, 0.3]))
+    assert out["v"]["mean"]["steps_after_pretrain"] == 5 and out["v"]["n"]["APr"] == 0
+
+
+def test_builtin_studies_plan_the_shared_prefix(tmp_path):
+    from stepwise.study import build_plan, distinct_runs, load_study
+
+    study = load_study("stepwise")
+    plan = build_plan(study, range(2), [f"output_root={tmp_path}"])
+    rows = {(vr.variant.name, vr.seed): vr for vr in plan}
+    assert len(rows) == 2 * len(study.variants) == 28
+    for seed in (0, 1):
+        runs = [r for r in distinct_runs(plan) if r.seed == seed]
+        count = {step: sum(r.step == step for r in runs) for step in ("pretrain", "select", "finetune", "distill")}
+        # uniform + RFS pretrain; selections for M = 30, 10, 100; finetunes: continue, continue_rfs, crt,
+        # the step-wise one (shared by ft and the distill ablations), w/o RFS, M = 10, M = 100
+        assert count == {"pretrain": 2, "select": 3, "finetune": 7, "distill": 8}
+        assert all(r.dir.parent == tmp_path / "stepwise" / f"seed{seed}" / "shared" for r in runs)
+        row = {v: rows[(v, seed)].runs for v in study.variants}
+        assert row["baseline"]["pretrain"] is row["stepwise"]["pretrain"] is row["crt"]["pretrain"]
+        assert row["baseline_rfs"]["pretrain"] is not row["baseline"]["pretrain"]
+        assert row["ft"]["finetune"] is row["stepwise"]["finetune"] is row["stepwise_no_fm"]["finetune"]
+        assert row["stepwise_no_rfs"]["finetune"] is not row["stepwise"]["finetune"]
+        assert row["stepwise_m10"]["select"] is not row["stepwise"]["select"]
+        kt = row["kt"]["distill"].config.stage
+        assert kt.init_from == kt.teacher == str(row["baseline"]["pretrain"].dir)
+        cont = row["continue"]["finetune"].config
+        assert cont.stage.train_ann == cont.data.train_ann and cont.stage.rfs is None
+        assert (cont.stage.epochs, cont.stage.lr, list(cont.stage.lr_drop)) == (3, 2e-4, [2])
+        crt = row["crt"]["finetune"].config.stage
+        assert (crt.rfs, list(crt.trainable), list(crt.reinit)) == ("generic", ["class_embed"], ["class_embed"])
+        assert row["stepwise"]["finetune"].config.seed == seed
+    assert plan[0].runs["pretrain"].key != [vr for vr in plan if vr.seed == 1][0].runs["pretrain"].key
+
+    heads = build_plan(load_study("heads"), range(1), [f"output_root={tmp_path}", "data.preset=tiny"])
+    runs = {vr.variant.name: vr.runs for vr in heads}
+    assert len({r["pretrain"].dir for r in runs.values()}) == 4
+    for head in ("sigmoid", "bags", "hybrid_bags", "bacl"):
+        assert runs[head]["pretrain"] is runs[f"{head}_stepwise"]["pretrain"]
+        assert runs[f"{head}_stepwise"]["distill"].config.head.name == head
+
+
+def test_study_file_and_argument_errors(tmp_path):
+    from stepwise.config import ConfigError
+    from stepwise.study import build_plan, load_study, parse_args
+
+    def study(text: str) -> Path:
+        path = tmp_path / "s.yaml"
+        path.write_text(text)
+        return path
+
+    with pytest.raises(ConfigError, match="unknown keys \\['varaints'\\]"):
+        load_study(str(study("varaints: {a: {}}")))
+    with pytest.raises(ConfigError, match="cycle a -> b -> a"):
+        load_study(str(study("variants: {a: {from: b}, b: {from: a}}")))
+    with pytest.raises(ConfigError, match="unknown: \\['train'\\]"):
+        load_study(str(study("variants: {a: {steps: [pretrain, train]}}")))
+    with pytest.raises(ConfigError, match="no file"):
+        load_study("no_such_study")
+    # distill reads the finetune directory, but the variant has no finetune step
+    bad = load_study(str(study("variants: {a: {steps: [pretrain, select, distill]}}")))
+    with pytest.raises(ConfigError, match="step distill reads .*finetune, but finetune is not an earlier step"):
+        build_plan(bad, range(1), [f"output_root={tmp_path}"])
+    good = load_study(str(study("variants: {a: {steps: [pretrain]}}")))
+    keys = [build_plan(good, range(1), [f"output_root={tmp_path}", *extra])[0].runs["pretrain"].key
+            for extra in ([], ["stage.pretrain.log_every=5", "stage.pretrain.trackers=[]"], ["stage.pretrain.lr=1e-4"])]
+    assert keys[0] == keys[1] != keys[2]  # bookkeeping keys keep a run, a training setting makes a new one
+    with pytest.raises(ConfigError, match="variant 'a'.*stage.pretrain.epoch"):
+        build_plan(good, range(1), ["stage.pretrain.epoch=3"])
+    with pytest.raises(ConfigError, match="seed= is set by the study"):
+        parse_args(["study=x", "seed=3"])
+    options, overrides = parse_args(["study=x", "seeds=2", "data.preset=tiny"])
+    assert options == {"study": "x", "seeds": "2"} and overrides == ["data.preset=tiny"]
+
+
+def test_seed_reaches_model_init_and_sampler():
+    """The root ``seed`` is what the stages hand to model initialisation and to the training loader."""
+    import torch
+
+    from stepwise.config import load_config
+    from stepwise.engine import TrainSettings
+    from stepwise.stages.common import train_loader
+
+    orders, weights = [], []
+    for seed in (0, 1):
+        cfg = load_config([f"seed={seed}"])
+        settings = TrainSettings.from_config(cfg)
+        assert settings.seed == seed
+        from accelerate.utils import set_seed  # what make_accelerator does before the model is built
+        set_seed(settings.seed)
+        weights.append(torch.nn.Linear(4, 4).weight.detach().clone())
+        loader = train_loader(list(range(12)), 12, int(cfg.seed), collate=lambda items: items)
+        loader.sampler.set_epoch(0)
+        orders.append(next(iter(loader)))
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(12)) and orders[0] != orders[1]
+    assert not torch.equal(weights[0], weights[1])
+
+
+def test_a_failed_run_skips_only_the_rows_that_depend_on_it(tmp_path, monkeypatch):
+    import stepwise.study as study_mod
+    from stepwise.study import build_plan, collect, load_study, run_plan
+
+    path = tmp_path / "s.yaml"
+    path.write_text("variants: {a: {steps: [pretrain]}, b: {steps: [pretrain, select, finetune]},\n"
+                    "           c: {from: b, overrides: [stage.finetune.lr=1e-5]}, d: {steps: [pretrain],\n"
+                    "           overrides: [data.rfs_threshold=0.001]}}")
+    plan = build_plan(load_study(str(path)), range(1), [f"output_root={tmp_path}"])
+    ran = []
+
+    class State:
+        is_main_process, num_processes = True, 1
+        print = staticmethod(lambda *a: None)
+        wait_for_everyone = staticmethod(lambda: None)
+
+    def fake_run_step(run, state):
+        if run.step == "select":
+            raise RuntimeError("scoring broke")
+        ran.append(run.key)
+
+    monkeypatch.setattr(study_mod, "run_step", fake_run_step)
+    failed = run_plan(plan, State())
+    rows = {vr.variant.name: vr.runs for vr in plan}
+    select = rows["b"]["select"].dir
+    assert list(failed) == [select] and "RuntimeError: scoring broke" in failed[select]
+    # the shared pretrain ran once, the other pretrain too; no finetune ran after the failed selection
+    assert ran == [rows["a"]["pretrain"].key, rows["d"]["pretrain"].key]
+    assert (tmp_path / "s" / "seed0" / "c" / "variant.json").is_file()
+    _, _, pending = collect(plan, failed)
+    assert any(p.startswith("c seed 0:") and "FAILED (RuntimeError: scoring broke)" in p for p in pending)
