@@ -43,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> Any:
     prepare_run_dir(cfg, state.is_main_process)
     state.wait_for_everyone()
     try:
-        return module.run(cfg)
+        result = module.run(cfg)
+        state.wait_for_everyone()  # no process tears the group down while another is still in a collective
+        return result
     finally:
         state.destroy_process_group()
 

@@ -47,11 +47,12 @@ from stepwise.utils.io import atomic_write_json, atomic_write_text
 
 STEPS = ("pretrain", "select", "finetune", "distill")
 OPTIONS = ("study", "seeds", "variants", "name", "report", "dry_run")
-RESERVED = ("seed", "exp", "stage", "run_dir", "resume")  # set by the study for each run
+RESERVED = ("seed", "exp", "stage", "run_dir", "resume", "overwrite")  # set by the study for each run
 # Keys that never change what a step computes (logging, checkpoint cadence, loader workers: samples are
 # seeded per item, evaluations and checkpoints leave the RNG streams alone), so changing them keeps the runs.
-BOOKKEEPING = ("run_dir", "exp", "output_root", "resume", "data.num_workers", "stage.trackers", "stage.log_every",
-               "stage.keep_last", "stage.checkpoint_every_steps", "stage.eval_every_epochs")
+BOOKKEEPING = ("run_dir", "exp", "output_root", "resume", "overwrite", "data.num_workers", "data.preflight",
+               "data.preflight_decode_max", "stage.trackers", "stage.log_every", "stage.keep_last",
+               "stage.checkpoint_every_steps", "stage.eval_every_epochs")
 NOT_READ = {"pretrain": ("stepwise", "distill"), "select": ("stepwise.rfs", "distill"),
             "finetune": ("distill",), "distill": ()}  # root blocks a step does not read (dropped from its hash)
 WALL_TIME_NAME = "wall_time.json"
@@ -385,6 +386,7 @@ def run_step(run: StepRun, state: Any) -> None:
     cfg = run.config.copy()
     with open_dict(cfg):
         cfg.resume = find_latest(run.dir) is not None
+        cfg.overwrite = not cfg.resume  # a final checkpoint without a step checkpoint (interrupted eval): rerun
     state.print(f"stepwise: study: {run.key} (seed {run.seed}; {', '.join(run.variants)}) -> {run.dir}"
                 + (" (resuming)" if cfg.resume else ""))
     prepare_run_dir(cfg, state.is_main_process)

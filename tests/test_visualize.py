@@ -123,11 +123,12 @@ def test_predictions_match_the_evaluation_pipeline(trained):
         records = detection_predictor(model.model, model.categories, num_top=5)(model.model,
                                                                                collate([dataset[0]]))
     ours = Predictor(model, max_dets=5)(read_image(dataset.path(0)))
-    expected = records[0]["results"]
-    assert [r["score"] for r in expected] == pytest.approx(ours["scores"].tolist(), abs=1e-5)
-    assert [r["category_id"] for r in expected] == [model.categories.ids[int(c)] for c in ours["labels"]]
+    expected = records[0]  # per-image columns: score, category_id, bbox (x, y, w, h)
+    assert np.asarray(expected["score"]).tolist() == pytest.approx(ours["scores"].tolist(), abs=1e-5)
+    assert np.asarray(expected["category_id"]).tolist() == [model.categories.ids[int(c)] for c in ours["labels"]]
     x0, y0, x1, y1 = ours["boxes"][0].tolist()
-    assert expected[0]["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=1e-3)
+    assert np.asarray(expected["bbox"]).reshape(-1, 4)[0].tolist() == pytest.approx([x0, y0, x1 - x0, y1 - y0],
+                                                                                    abs=1e-3)
 
 
 def test_bad_checkpoint_image_and_arguments(trained, tmp_path, capsys):
