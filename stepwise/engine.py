@@ -194,8 +194,8 @@ class Trainer:
 
         if param_groups is None:
             param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-        # foreach: the multi-tensor update (the default only on CUDA) is ~2x faster on the CPU too
-        optimizer = torch.optim.AdamW(param_groups, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
+        # fused: one kernel for the whole update, 3x faster than foreach on the CPU (bench/optimizer_step.py)
+        optimizer = torch.optim.AdamW(param_groups, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
         # Not prepared: accelerate would step it once per process and per optimizer step.
         self.scheduler = MultiStepLR(optimizer, milestones=list(settings.lr_drop), gamma=settings.lr_gamma)
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)

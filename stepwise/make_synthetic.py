@@ -1,4 +1,4 @@
-"""Entry: ``python -m stepwise.make_synthetic out=DIR [preset=tiny|small|large] [seed=0] [workers=N]``.
+"""Entry: ``python -m stepwise.make_synthetic out=DIR [preset=tiny|small|study|large] [seed=0] [workers=N]``.
 
 Writes the built-in long-tailed data set (see :mod:`stepwise.data.synthetic`) into DIR and prints a
 summary. When DIR already holds the same preset and seed it only says so. Exit codes: 0 done, 1 the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = "usage: python -m stepwise.make_synthetic out=DIR [preset=tiny|small|large] [seed=0] [workers=N, 0 = auto]"
+USAGE = "usage: python -m stepwise.make_synthetic out=DIR [preset=tiny|small|study|large] [seed=0] [workers=N, 0 = auto]"
 DEFAULTS = {"out": None, "preset": "small", "seed": "0", "workers": None}
 
 

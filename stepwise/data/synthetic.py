@@ -121,6 +121,15 @@ PRESETS: dict[str, Preset] = {
         val_fraction=0.12, val_min_instances=8, neg_fraction=0.5, not_exhaustive_fraction=0.03,
         twin_fraction=0.15, required_frequencies="rcf", required_instance_bins=(0, 1, 2, 3),
     ),
+    # The ablation-study proxy (configs/data/synthetic_study.yaml, docs/study.md): ~1,800 train / ~870 val
+    # images of 72-96 px, 80 classes (32 rare, 33 common, 15 frequent), so that a CPU epoch is short, APr
+    # averages over many classes and the val split is large (>= 20 instances of every class).
+    "study": Preset(
+        name="study", num_classes=80, max_instances=600, min_instances=3, zipf_offset=20.0,
+        objects_per_image=(1, 5), image_size=(72, 96), object_size=(14, 40),
+        val_fraction=0.3, val_min_instances=20, neg_fraction=0.5, not_exhaustive_fraction=0.03,
+        twin_fraction=0.15, required_frequencies="rcf", required_instance_bins=(0, 1, 2),
+    ),
     # For GPU runs: ~30,000 train / ~3,500 val images of 160-224 px, 300 classes.
     "large": Preset(
         name="large", num_classes=300, max_instances=4000, min_instances=2, zipf_offset=150.0,
