@@ -22,7 +22,8 @@ step of the variant is replaced by that step's identity; steps of different vari
 are one run. Every run lives in ``<output_root>/<study>/seed<k>/shared/<step>-<hash>/``;
 ``<output_root>/<study>/seed<k>/<variant>/`` holds a link per step and ``variant.json``. A finished run is
 skipped and an interrupted one resumes, so the same command continues a study. At the end (and with
-``report=true``) rank 0 writes ``<output_root>/<study>/study.{md,json,png}``.
+``report=true``) rank 0 writes ``<output_root>/<study>/study.{md,json,png}`` and ``pretrain_curves.png``
+(AP and APr after every pre-training epoch, per seed: is the shared starting point converged?).
 """
 
 from __future__ import annotations
@@ -480,13 +481,42 @@ def collect(plan: Sequence[VariantRun], failed: Mapping[Path, str] | None = None
     return results, per_class, pending
 
 
+def eval_curve(run_dir: Path) -> list[dict[str, Any]]:
+    """The evaluations a training run logged in ``metrics.jsonl``, in order: ``{"epoch", "metrics"}`` per
+    evaluation (``epoch`` = epochs trained when it ran; the final one included)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    curve: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line) if line.strip() else {}
+            if record.get("type") == "eval":  # a resumed run may repeat an evaluation: the last one counts
+                epochs = int(record["epoch"]) + (1 if record.get("step_in_epoch") else 0)
+                curve[epochs] = {"epoch": epochs, "metrics": record["metrics"]}
+    return [curve[k] for k in sorted(curve)]
+
+
+def pretrain_curves(plan: Sequence[VariantRun]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{label: {seed: eval_curve}}`` of every pre-training run of the plan; a run's label is the first
+    variant (in study order) that uses it, e.g. ``baseline`` and ``baseline_rfs``."""
+    curves: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for run in distinct_runs(plan):
+        if run.step == "pretrain":
+            curve = eval_curve(run.dir)
+            if curve:
+                curves.setdefault(run.variants[0], {})[str(run.seed)] = curve
+    return curves
+
+
 def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, command: str = "",
                  failed: Mapping[Path, str] | None = None) -> dict[str, Any]:
     """``study.md``, ``study.json`` and ``study.png`` in ``out_dir`` over the finished rows; returns the summary."""
-    from stepwise.analysis.study import average_per_class, plot_study, study_markdown, summarize
+    from stepwise.analysis.study import average_per_class, plot_curves, plot_study, study_markdown, summarize
 
     results, tables, pending = collect(plan, failed)
     summary = summarize(results)
+    curves = pretrain_curves(plan)
     seeds = sorted({vr.seed for vr in plan})
     notes = [f"Study file `{study.path}`; seeds {seeds}; each row's model is the final training step of its "
              "variant's steps.",
@@ -501,14 +531,17 @@ def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, comman
         notes.insert(0, study.description)
     if command:
         notes.append(f"Command: `{command}`")
-    atomic_write_text(out_dir / "study.md", study_markdown(summary, f"Study: {study.name}", notes, pending=pending))
+    atomic_write_text(out_dir / "study.md", study_markdown(summary, f"Study: {study.name}", notes, pending=pending,
+                                                           curves=curves))
     atomic_write_json(out_dir / "study.json", {
         "study": study.name, "file": str(study.path), "seeds": seeds, "units": "fraction of 1 (AP 0.315 = 31.5 %)",
         "std": "sample standard deviation over seeds (ddof=1); null with fewer than 2 seeds",
-        "wall_seconds": wall, "variants": summary, "pending": pending}, indent=1)
+        "wall_seconds": wall, "variants": summary, "pretrain_curves": curves, "pending": pending}, indent=1)
     per_class = {v: average_per_class(tables[v]) for v in study.plot if v in tables}
     if any(entry["per_seed"] for entry in summary.values()):
         plot_study(summary, per_class, out_dir / "study.png")
+    if curves:
+        plot_curves(curves, out_dir / "pretrain_curves.png")
     return summary
 
 

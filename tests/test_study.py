@@ -103,6 +103,13 @@ def test_study_end_to_end_shares_skips_resumes_and_reports(tmp_path):
     assert f"| ft | 2 | {100 * ap['mean']['AP']:.1f} ± {100 * ap['std']['AP']:.1f} |" in md
     assert f"| ft | 1 | {100 * ap['per_seed']['1']['AP']:.1f} |" in md
     assert (root / "study.png").stat().st_size > 10_000
+    # the pre-training curve: every evaluation of each seed's pretrain (here one, after its partial epoch)
+    for seed in ("0", "1"):
+        pretrain_metrics = json.loads((root / f"seed{seed}" / "ft" / "pretrain" / "eval" / "metrics.json").read_text())
+        curve = report["pretrain_curves"]["ft"][seed]
+        assert [p["epoch"] for p in curve] == [1] and curve[0]["metrics"]["AP"] == pretrain_metrics["AP"]
+    assert "## Pre-training: box AP (%) after each epoch" in md and "| epoch | ft AP | ft APr |" in md
+    assert (root / "pretrain_curves.png").stat().st_size > 10_000
 
     # a re-run trains nothing
     before = outputs(root)
@@ -273,3 +280,23 @@ def test_a_failed_run_skips_only_the_rows_that_depend_on_it(tmp_path, monkeypatc
     assert (tmp_path / "s" / "seed0" / "c" / "variant.json").is_file()
     _, _, pending = collect(plan, failed)
     assert any(p.startswith("c seed 0:") and "FAILED (RuntimeError: scoring broke)" in p for p in pending)
+
+
+def test_eval_curve_reads_every_evaluation_and_keeps_the_last_of_a_repeated_one(tmp_path):
+    from stepwise.analysis.study import curve_table
+    from stepwise.study import eval_curve
+
+    records = [{"type": "start", "epoch": 0, "step_in_epoch": 0},
+               {"type": "eval", "tag": "epoch_1", "epoch": 1, "step_in_epoch": 0, "metrics": {"AP": 0.1, "APr": 0.0}},
+               {"type": "train", "epoch": 1, "step_in_epoch": 20},
+               {"type": "eval", "tag": "epoch_2", "epoch": 2, "step_in_epoch": 0, "metrics": {"AP": 0.2, "APr": 0.1}},
+               {"type": "eval", "tag": "epoch_2", "epoch": 2, "step_in_epoch": 0, "metrics": {"AP": 0.25, "APr": 0.1}},
+               {"type": "eval", "tag": "final", "epoch": 3, "step_in_epoch": 0, "metrics": {"AP": 0.3, "APr": None}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curve = eval_curve(tmp_path)
+    assert [(p["epoch"], p["metrics"]["AP"]) for p in curve] == [(1, 0.1), (2, 0.25), (3, 0.3)]
+    other = [{"epoch": 1, "metrics": {"AP": 0.3, "APr": 0.2}}]
+    rows = curve_table({"baseline": {"0": curve, "1": other}})
+    assert rows[0] == "| epoch | baseline AP | baseline APr |"
+    assert rows[2] == f"| 1 | 20.0 ± {100 * statistics.stdev([0.1, 0.3]):.1f} | 10.0 ± {100 * statistics.stdev([0.0, 0.2]):.1f} |"
+    assert rows[4] == "| 3 | 30.0 | - |"
