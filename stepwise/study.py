@@ -19,7 +19,9 @@ status 1 after writing the report.
 Sharing: the runs of one seed share their common prefix. Each step's identity is a hash of its resolved
 config (without bookkeeping keys and the blocks the step does not read) in which every path to an earlier
 step of the variant is replaced by that step's identity; steps of different variants with equal identities
-are one run. Every run lives in ``<output_root>/<study>/seed<k>/shared/<step>-<hash>/``;
+are one run. Every run lives in ``<output_root>/<study>/seed<k>/shared/<step>-<hash>/`` (a study file's
+``pool: <other study>`` keeps its runs in that study's ``shared/`` instead, so equal runs of two studies
+are trained once);
 ``<output_root>/<study>/seed<k>/<variant>/`` holds a link per step and ``variant.json``. A finished run is
 skipped and an interrupted one resumes, so the same command continues a study. At the end (and with
 ``report=true``) rank 0 writes ``<output_root>/<study>/study.{md,json,png}`` and ``pretrain_curves.png``
@@ -57,7 +59,7 @@ BOOKKEEPING = ("run_dir", "exp", "output_root", "resume", "overwrite", "data.num
 NOT_READ = {"pretrain": ("stepwise", "distill"), "select": ("stepwise.rfs", "distill"),
             "finetune": ("distill",), "distill": ()}  # root blocks a step does not read (dropped from its hash)
 WALL_TIME_NAME = "wall_time.json"
-FILE_KEYS = ("description", "seeds", "base", "steps", "plot", "variants")
+FILE_KEYS = ("description", "seeds", "base", "steps", "plot", "variants", "pool")
 VARIANT_KEYS = ("description", "from", "steps", "overrides")
 
 
@@ -88,6 +90,7 @@ class Study:
     base: tuple[str, ...]
     variants: dict[str, Variant]
     plot: tuple[str, ...]
+    pool: str | None = None  # the study directory whose seed<k>/shared/ holds the runs (None: its own)
 
 
 def study_path(spec: str) -> Path:
@@ -165,8 +168,11 @@ def load_study(spec: str) -> Study:
     seeds = raw.get("seeds", 3)
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"{path}: seeds must be a positive integer, got {seeds!r}")
+    pool = raw.get("pool")
+    if pool is not None and (not isinstance(pool, str) or not pool or "/" in pool or pool.startswith(".")):
+        raise ConfigError(f"{path}: pool must be the name of a study directory under output_root, got {pool!r}")
     return Study(path.stem, path, str(raw.get("description", "")).strip(), seeds,
-                 _strings(raw.get("base"), f"{path}: base"), variants, plot)
+                 _strings(raw.get("base"), f"{path}: base"), variants, plot, pool)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -224,10 +230,11 @@ def _map_paths(obj: Any, prefix: str, fn: Any) -> Any:
 
 
 def plan_variant(study_dir: Path, variant: Variant, seed: int, cfg: DictConfig,
-                 shared: dict[str, StepRun]) -> VariantRun:
+                 shared: dict[str, StepRun], pool_dir: Path | None = None) -> VariantRun:
     """The runs of ``variant`` on ``seed`` from its composed ``stage=all`` config ``cfg``; runs already in
-    ``shared`` (same seed, same identity) are reused, new ones added to it."""
-    seed_dir = study_dir / f"seed{seed}"
+    ``shared`` (same seed, same identity) are reused, new ones added to it. Runs live in
+    ``<pool_dir>/seed<k>/shared/`` (default ``pool_dir``: ``study_dir``), the variant's links in ``study_dir``."""
+    seed_dir = (pool_dir or study_dir) / f"seed{seed}"
     prefix = f"{cfg.output_root}/{cfg.exp}/"
     runs: dict[str, StepRun] = {}
     for step in variant.steps:
@@ -255,7 +262,7 @@ def plan_variant(study_dir: Path, variant: Variant, seed: int, cfg: DictConfig,
             shared[key] = StepRun(step, key, seed, seed_dir / "shared" / key, config)
         shared[key].variants.append(variant.name)
         runs[step] = shared[key]
-    return VariantRun(variant, seed, seed_dir / variant.name, runs)
+    return VariantRun(variant, seed, study_dir / f"seed{seed}" / variant.name, runs)
 
 
 def build_plan(study: Study, seeds: Sequence[int], overrides: Sequence[str], name: str | None = None,
@@ -275,7 +282,9 @@ def build_plan(study: Study, seeds: Sequence[int], overrides: Sequence[str], nam
                                    f"exp={name or study.name}/seed{seed}/{vname}"])
             except ConfigError as err:
                 raise ConfigError(f"study {study.path}, variant {vname!r}: {err}") from None
-            plan.append(plan_variant(Path(cfg.output_root) / (name or study.name), variant, seed, cfg, shared))
+            root = Path(cfg.output_root)
+            plan.append(plan_variant(root / (name or study.name), variant, seed, cfg, shared,
+                                     root / study.pool if study.pool else None))
     return plan
 
 

@@ -300,3 +300,28 @@ def test_eval_curve_reads_every_evaluation_and_keeps_the_last_of_a_repeated_one(
     assert rows[0] == "| epoch | baseline AP | baseline APr |"
     assert rows[2] == f"| 1 | 20.0 ± {100 * statistics.stdev([0.1, 0.3]):.1f} | 10.0 ± {100 * statistics.stdev([0.0, 0.2]):.1f} |"
     assert rows[4] == "| 3 | 30.0 | - |"
+
+
+def test_pool_keeps_runs_in_another_studys_shared_dir(tmp_path):
+    """``pool: <study>``: equal runs of two studies are one run dir (trained once); links and report stay apart."""
+    from stepwise.config import ConfigError
+    from stepwise.study import build_plan, load_study
+
+    first = load_study(str(write_tiny_study(tmp_path / "tiny.yaml")))
+    text = (tmp_path / "tiny.yaml").read_text().replace("variants:\n", "pool: tiny\nvariants:\n", 1)
+    (tmp_path / "other.yaml").write_text(text.replace("ft_low_lr", "ft_high_lr").replace("lr=1e-5", "lr=1e-3"))
+    second = load_study(str(tmp_path / "other.yaml"))
+    assert second.pool == "tiny" and first.pool is None
+    args = [f"output_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}"]
+    plan_a, plan_b = build_plan(first, [0], args), build_plan(second, [0], args)
+    runs_a = {vr.variant.name: vr for vr in plan_a}
+    runs_b = {vr.variant.name: vr for vr in plan_b}
+    for step in ("pretrain", "select", "finetune"):  # the same variant: the same run dirs
+        assert runs_b["ft"].runs[step].dir == runs_a["ft"].runs[step].dir
+        assert runs_a["ft"].runs[step].dir.parent == tmp_path / "runs" / "tiny" / "seed0" / "shared"
+    assert runs_b["ft_high_lr"].runs["finetune"].dir.parent == tmp_path / "runs" / "tiny" / "seed0" / "shared"
+    assert runs_b["ft_high_lr"].runs["finetune"].dir != runs_a["ft_low_lr"].runs["finetune"].dir
+    assert runs_b["ft"].dir == tmp_path / "runs" / "other" / "seed0" / "ft"  # links and report: its own dir
+    (tmp_path / "bad.yaml").write_text(text.replace("pool: tiny", "pool: ../elsewhere"))
+    with pytest.raises(ConfigError, match="pool must be the name of a study directory"):
+        load_study(str(tmp_path / "bad.yaml"))
