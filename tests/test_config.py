@@ -166,7 +166,7 @@ def test_study_proxy_scales_rfs_so_a_class_gets_its_lvis_repeat_factor():
     from stepwise.data.synthetic import plan_dataset
 
     cfg = load_config(["recipe=study_proxy", "stage=all"])
-    assert (cfg.data.preset, cfg.data.epochs, cfg.data.rfs_threshold) == ("study", 12, None)
+    assert (cfg.data.preset, cfg.data.epochs, cfg.data.rfs_threshold) == ("study", 14, None)
     lvis = load_config(["stage=all"]).stepwise.rfs
     scale = cfg.stepwise.rfs.threshold / lvis.threshold
     train_images = plan_dataset("study", 0).summary()["train"]["images"]

@@ -119,7 +119,8 @@ def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Te
     images when set). First refuses an empty training set and (with ``data.preflight``) runs :func:`preflight`.
 
     ``repeat_factors`` (len(train_ds),): the sampler's per-image factors (a replay stage's step-wise RFS);
-    None: generic RFS with ``data.rfs_threshold`` (every image once per epoch when that is null).
+    None: generic RFS with ``data.rfs_threshold`` (every image once per epoch when that is null), an epoch
+    of ``len(train_ds)`` samples with ``data.rfs_epoch=dataset`` (the whole repeated list with ``repeated``).
     ``epoch_length``: samples per epoch drawn from the shuffled repeated list (None: all of it).
     """
     from stepwise.data import repeat_factors_from_dataset
@@ -131,6 +132,8 @@ def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Te
     threshold = cfg.data.get("rfs_threshold")
     if repeat_factors is None and threshold is not None:
         repeat_factors = repeat_factors_from_dataset(train_ds, float(threshold))
+        if cfg.data.rfs_epoch == "dataset":  # RFS changes the mix of an epoch, not its number of steps
+            epoch_length = len(train_ds)
     workers = int(cfg.data.get("num_workers", 0) or 0)
     collate = collate_fn(cfg.data)
     train = train_loader(train_ds, int(cfg.data.batch_size), int(cfg.seed), collate, workers, repeat_factors,
