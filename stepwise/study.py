@@ -59,7 +59,7 @@ BOOKKEEPING = ("run_dir", "exp", "output_root", "resume", "overwrite", "data.num
 NOT_READ = {"pretrain": ("stepwise", "distill"), "select": ("stepwise.rfs", "distill"),
             "finetune": ("distill",), "distill": ()}  # root blocks a step does not read (dropped from its hash)
 WALL_TIME_NAME = "wall_time.json"
-FILE_KEYS = ("description", "seeds", "base", "steps", "plot", "variants", "pool")
+FILE_KEYS = ("description", "seeds", "base", "steps", "plot", "variants", "pool", "compare")
 VARIANT_KEYS = ("description", "from", "steps", "overrides")
 
 
@@ -91,6 +91,7 @@ class Study:
     variants: dict[str, Variant]
     plot: tuple[str, ...]
     pool: str | None = None  # the study directory whose seed<k>/shared/ holds the runs (None: its own)
+    compare: tuple[str, ...] = ()  # variants the report's paired-difference tables are taken against
 
 
 def study_path(spec: str) -> Path:
@@ -168,11 +169,14 @@ def load_study(spec: str) -> Study:
     seeds = raw.get("seeds", 3)
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"{path}: seeds must be a positive integer, got {seeds!r}")
+    compare = _strings(raw.get("compare"), f"{path}: compare")
+    if [v for v in compare if v not in variants]:
+        raise ConfigError(f"{path}: compare names unknown variants {[v for v in compare if v not in variants]}")
     pool = raw.get("pool")
     if pool is not None and (not isinstance(pool, str) or not pool or "/" in pool or pool.startswith(".")):
         raise ConfigError(f"{path}: pool must be the name of a study directory under output_root, got {pool!r}")
     return Study(path.stem, path, str(raw.get("description", "")).strip(), seeds,
-                 _strings(raw.get("base"), f"{path}: base"), variants, plot, pool)
+                 _strings(raw.get("base"), f"{path}: base"), variants, plot, pool, compare)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -541,7 +545,7 @@ def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, comman
     if command:
         notes.append(f"Command: `{command}`")
     atomic_write_text(out_dir / "study.md", study_markdown(summary, f"Study: {study.name}", notes, pending=pending,
-                                                           curves=curves))
+                                                           curves=curves, compare=study.compare))
     atomic_write_json(out_dir / "study.json", {
         "study": study.name, "file": str(study.path), "seeds": seeds, "units": "fraction of 1 (AP 0.315 = 31.5 %)",
         "std": "sample standard deviation over seeds (ddof=1); null with fewer than 2 seeds",

@@ -325,3 +325,22 @@ def test_pool_keeps_runs_in_another_studys_shared_dir(tmp_path):
     (tmp_path / "bad.yaml").write_text(text.replace("pool: tiny", "pool: ../elsewhere"))
     with pytest.raises(ConfigError, match="pool must be the name of a study directory"):
         load_study(str(tmp_path / "bad.yaml"))
+
+
+def test_paired_differences_are_per_seed_differences():
+    from stepwise.analysis.study import paired_differences, paired_table, summarize
+
+    results = {"baseline": {"per_seed": {"0": {"AP": 0.50, "APr": 0.30}, "1": {"AP": 0.60, "APr": 0.40},
+                                         "2": {"AP": 0.70, "APr": 0.50}}},
+               "method": {"per_seed": {"0": {"AP": 0.52, "APr": 0.35}, "1": {"AP": 0.63, "APr": 0.44},
+                                       "2": {"AP": 0.71, "APr": None}}},
+               "late": {"per_seed": {"1": {"AP": 0.55, "APr": 0.40}}}}
+    summary = summarize(results)
+    diffs = paired_differences(summary, "baseline", ("AP", "APr"))
+    mean, std, n = diffs["method"]["AP"]
+    assert n == 3 and mean == pytest.approx(0.02) and std == pytest.approx(statistics.stdev([0.02, 0.03, 0.01]))
+    assert diffs["method"]["APr"][0] == pytest.approx(0.045) and diffs["method"]["APr"][2] == 2  # seed 2 has no APr
+    assert diffs["late"]["AP"] == (pytest.approx(-0.05), None, 1)
+    rows = paired_table(summary, "baseline", ("AP", "APr"))
+    assert rows[2] == "| method | 3 | +2.0 ± 1.0 | +4.5 ± 0.7 |"  # 2.0 = 2 x 1.0: not marked
+    assert rows[3] == "| late | 1 | -5.0 | +0.0 |"

@@ -70,6 +70,41 @@ def _pm(mean: float | None, std: float | None) -> str:
 
 
 CURVE_METRICS = ("AP", "APr")
+PAIRED_METRICS = ("AP", "APr", "APc", "APf")
+
+
+def paired_differences(summary: Mapping[str, Mapping[str, Any]], reference: str,
+                       columns: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, tuple]]:
+    """Per variant, ``(mean, std, n)`` over seeds of (variant − ``reference``) on the same seed, per column.
+
+    Rows of one seed share their pretrain, so the paired difference leaves out the seed-to-seed spread of
+    the starting point that the per-row std includes. Seeds missing from either row are skipped."""
+    ref = summary[reference].get("per_seed", {})
+    out = {}
+    for variant, entry in summary.items():
+        if variant == reference:
+            continue
+        seeds = [k for k in entry.get("per_seed", {}) if k in ref]
+        out[variant] = {c: mean_std([None if entry["per_seed"][k].get(c) is None or ref[k].get(c) is None
+                                     else entry["per_seed"][k][c] - ref[k][c] for k in seeds]) for c in columns}
+    return out
+
+
+def paired_table(summary: Mapping[str, Mapping[str, Any]], reference: str,
+                 columns: Sequence[str] = PAIRED_METRICS) -> list[str]:
+    """Markdown rows of :func:`paired_differences` (points of AP; ``*`` where |mean| > 2 std with n >= 3)."""
+    lines = [f"| variant − {reference} | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for variant, diffs in paired_differences(summary, reference, columns).items():
+        n = max(d[2] for d in diffs.values())
+        if not n:
+            continue
+        cells = []
+        for c in columns:
+            mean, std, k = diffs[c]
+            mark = "*" if mean is not None and std is not None and k >= 3 and abs(mean) > 2 * std else ""
+            cells.append("-" if mean is None else f"{100 * mean:+.1f}" + (f" ± {100 * std:.1f}" if std is not None else "") + mark)
+        lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def curve_table(curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
@@ -92,9 +127,11 @@ def curve_table(curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
 
 def study_markdown(summary: Mapping[str, Mapping[str, Any]], title: str, notes: Sequence[str] = (),
                    columns: Sequence[str] = COLUMNS, pending: Sequence[str] = (),
-                   curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]] | None = None) -> str:
-    """``study.md``: the mean ± std table, the per-seed table, the pre-training curves (``curves``: see
-    :func:`stepwise.study.pretrain_curves`), then the runs not finished yet."""
+                   curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]] | None = None,
+                   compare: Sequence[str] = ()) -> str:
+    """``study.md``: the mean ± std table, the paired differences against each variant in ``compare``, the
+    per-seed table, the pre-training curves (``curves``: see :func:`stepwise.study.pretrain_curves`), then the
+    runs not finished yet."""
     lines = [f"# {title}", ""]
     for note in notes:
         lines += [note, ""]
@@ -106,6 +143,10 @@ def study_markdown(summary: Mapping[str, Mapping[str, Any]], title: str, notes: 
         cells = [_pm(entry["mean"][c], entry["std"][c]) for c in columns]
         steps = entry["mean"]["steps_after_pretrain"]
         lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + f" | {'-' if steps is None else round(steps)} |")
+    for reference in compare:
+        if summary.get(reference, {}).get("per_seed"):
+            lines += ["", f"## Paired differences against {reference}, same seed: mean ± std over seeds (points)", "",
+                      "`*`: |mean| > 2 std over >= 3 seeds.", ""] + paired_table(summary, reference)
     lines += ["", "## Per seed, box AP (%)", "", "| variant | seed | " + " | ".join(columns) + " |",
               "|---" * (len(columns) + 2) + "|"]
     for variant, entry in summary.items():
