@@ -255,8 +255,13 @@ class AnnotationIndex:
         decoded.annotations = None
         by_image = np.argsort(anns["image_index"], kind="stable")
         counts = np.bincount(anns["image_index"], minlength=len(images["image_id"]))
-        return cls(path=path, **images, **anns, by_image=by_image, image_offsets=_offsets(counts),
-                   categories=categories, category_ids=category_ids)
+        index = cls(path=path, **images, **anns, by_image=by_image, image_offsets=_offsets(counts),
+                    categories=categories, category_ids=category_ids)
+        for value in vars(index).values():  # shared by every reader of the process: nobody may change it
+            for array in vars(value).values() if isinstance(value, (PackedStrings, Ragged)) else [value]:
+                if isinstance(array, np.ndarray):
+                    array.flags.writeable = False
+        return index
 
     # ------------------------------------------------------------------------------- accessors
     @property

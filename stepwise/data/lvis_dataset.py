@@ -15,6 +15,10 @@ Pixels: every PIL mode is converted to 8-bit RGB; 16-bit grey (``I;16``, and ``I
 is not applied: COCO/LVIS boxes and sizes are in the stored pixel order (as the COCO API, the LVIS API
 and Deformable DETR read them); an image whose size matches the annotation only when rotated says so.
 
+The file is read through :class:`~stepwise.data.annotation_index.AnnotationIndex` (once per process, kept
+as numpy arrays; the dataset adds arrays of the boxes it uses per image and builds each item from them, so
+forked DataLoader workers share its pages instead of copying Python objects).
+
 Validation happens once at load and names the item: a missing/unreadable/invalid file, an annotation
 whose ``image_id`` or ``category_id`` does not exist, a malformed box (errors); boxes with width or height
 <= 0, and boxes entirely outside their image (when the image's size is known), are dropped with one

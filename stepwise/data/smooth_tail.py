@@ -215,7 +215,7 @@ def replay_set_rows(index: AnnotationIndex, ann_ids: Iterable[int], keep_others_
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What :func:`subset_annotations` keeps, as masks over ``index``: ``(images (I,), selected (N,),
     made_ignore (N,))`` bool; ``made_ignore``: the other boxes of the kept images when ``keep_others_as_ignore``."""
-    wanted = np.unique(np.fromiter((int(a) for a in ann_ids), dtype=np.int64))
+    wanted = np.unique(np.asarray(ann_ids if isinstance(ann_ids, np.ndarray) else list(ann_ids), dtype=np.int64))
     selected = np.isin(index.ann_id, wanted)
     missing = np.setdiff1d(wanted, index.ann_id[selected])
     if len(missing):
