@@ -340,14 +340,14 @@ def lvis_evaluator(val_ann: str | Path, train_ann: str | Path | None = None, max
     ``metrics.json`` and ``per_class.csv`` into ``out_dir``. When only some val images were predicted
     (``max_eval_images``), the ground truth is restricted to them."""
     from stepwise.evaluation import evaluate_lvis
-    from stepwise.evaluation.gt_file import read_box_annotations
+    from stepwise.evaluation.inputs import read_gt_file
     from stepwise.evaluation.results_file import write_results
 
     def evaluate(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
         detections = records_to_detections(records)
         out_dir = Path(out_dir)
         write_results(out_dir / "predictions.json", detections)
-        gt = read_box_annotations(val_ann, "val annotation file")  # polygons skipped while decoding
+        gt = read_gt_file(val_ann, "val annotation file")  # the val dataset's index: not read again
         seen = {record["image_id"] for record in records}
         if len(seen) < len(gt["images"]):
             gt["images"] = [im for im in gt["images"] if im["id"] in seen]
