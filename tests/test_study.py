@@ -161,13 +161,13 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     study = load_study("stepwise")
     plan = build_plan(study, range(2), [f"output_root={tmp_path}"])
     rows = {(vr.variant.name, vr.seed): vr for vr in plan}
-    assert len(rows) == 2 * len(study.variants) == 28
+    assert len(rows) == 2 * len(study.variants) == 30
     for seed in (0, 1):
         runs = [r for r in distinct_runs(plan) if r.seed == seed]
         count = {step: sum(r.step == step for r in runs) for step in ("pretrain", "select", "finetune", "distill")}
-        # uniform + RFS pretrain; selections for M = 30, 10, 100; finetunes: continue, continue_rfs, crt,
-        # the step-wise one (shared by ft and the distill ablations), w/o RFS, M = 10, M = 100
-        assert count == {"pretrain": 2, "select": 3, "finetune": 7, "distill": 8}
+        # uniform + RFS pretrain; selections for M = 30, 10, 100; finetunes: baseline_plus2, continue,
+        # continue_rfs, crt, the step-wise one (shared by ft and the distill ablations), w/o RFS, M = 10, M = 100
+        assert count == {"pretrain": 2, "select": 3, "finetune": 8, "distill": 8}
         assert all(r.dir.parent == tmp_path / "stepwise" / f"seed{seed}" / "shared" for r in runs)
         row = {v: rows[(v, seed)].runs for v in study.variants}
         assert row["baseline"]["pretrain"] is row["stepwise"]["pretrain"] is row["crt"]["pretrain"]
@@ -183,10 +183,18 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
         crt = row["crt"]["finetune"].config.stage
         assert (crt.rfs, list(crt.trainable), list(crt.reinit)) == ("generic", ["class_embed"], ["class_embed"])
         assert row["stepwise"]["finetune"].config.seed == seed
+        plus2 = row["baseline_plus2"]["finetune"].config.stage  # the convergence check: 2 epochs at the final lr
+        assert plus2.init_from == str(row["baseline"]["pretrain"].dir) and plus2.trainable is None
+        pre = row["baseline"]["pretrain"].config.stage
+        assert plus2.lr == plus2.lr_backbone == pytest.approx(pre.lr * pre.lr_gamma ** len(pre.lr_drop))
+        assert (plus2.epochs, plus2.rfs, plus2.train_ann) == (2, None, row["baseline_plus2"]["finetune"].config.data.train_ann)
     assert plan[0].runs["pretrain"].key != [vr for vr in plan if vr.seed == 1][0].runs["pretrain"].key
 
     heads = build_plan(load_study("heads"), range(1), [f"output_root={tmp_path}", "data.preset=tiny"])
     runs = {vr.variant.name: vr.runs for vr in heads}
+    # pool: stepwise: the heads study's runs live in the stepwise study's shared dir, its links in its own
+    assert all(r.dir.parent == tmp_path / "stepwise" / "seed0" / "shared" for v in runs.values() for r in v.values())
+    assert heads[0].dir == tmp_path / "heads" / "seed0" / "sigmoid"
     assert len({r["pretrain"].dir for r in runs.values()}) == 4
     for head in ("sigmoid", "bags", "hybrid_bags", "bacl"):
         assert runs[head]["pretrain"] is runs[f"{head}_stepwise"]["pretrain"]
