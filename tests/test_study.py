@@ -124,6 +124,7 @@ def test_study_end_to_end_shares_skips_resumes_and_reports(tmp_path):
     (run / "checkpoints" / "step_00000002.pt").unlink()  # killed after the step-1 checkpoint
     (run / "checkpoint_final.pt").unlink()
     (run / "eval" / "metrics.json").unlink()
+    (root / "seed1" / "ft_low_lr" / "result.json").unlink()  # written only when the variant finishes
     from stepwise.study import build_plan, load_study, plan_text
     plan = build_plan(load_study(str(study)), range(2), args[1:])
     text = " ".join(plan_text(load_study(str(study)), plan).split())
@@ -139,6 +140,26 @@ def test_study_end_to_end_shares_skips_resumes_and_reports(tmp_path):
     assert again["AP"] == pytest.approx(first["AP"], abs=1e-12)
     changed = {p for p, t in outputs(root).items() if before.get(p) != t}
     assert changed == {run / "checkpoint_final.pt", run / "eval" / "metrics.json"}
+
+    # another machine with the result.json files alone: nothing trains, the report is the same
+    report = json.loads((root / "study.json").read_text())
+    other = tmp_path / "other"
+    for record in root.glob("seed*/*/result.json"):
+        copy = other / "tiny" / record.relative_to(root)
+        copy.parent.mkdir(parents=True)
+        copy.write_text(record.read_text())
+    moved = [f"study={study}", f"output_root={other}", f"data.root={tmp_path / 'data'}"]
+    text = " ".join(plan_text(load_study(str(study)), build_plan(load_study(str(study)), range(2), moved[1:])).split())
+    assert "8 of 8 runs done; still to run: nothing" in text and text.count(" recorded ") == 8
+    main(moved)
+    assert not list(other.glob("seed*/shared"))
+    carried = json.loads((other / "tiny" / "study.json").read_text())
+    assert carried["variants"] == report["variants"] and carried["pretrain_curves"] == report["pretrain_curves"]
+    assert carried["wall_seconds"] == pytest.approx(report["wall_seconds"])
+    # a record of other configs (here: a changed lr) is not taken for the variant's result
+    from stepwise.study import load_result
+    changed_plan = build_plan(load_study(str(study)), range(2), [*moved[1:], "stage.finetune.lr=3e-5"])
+    assert all(load_result(vr) is None for vr in changed_plan)
 
 
 def test_mean_std_is_the_sample_std():
@@ -286,7 +307,7 @@ def test_a_failed_run_skips_only_the_rows_that_depend_on_it(tmp_path, monkeypatc
     # the shared pretrain ran once, the other pretrain too; no finetune ran after the failed selection
     assert ran == [rows["a"]["pretrain"].key, rows["d"]["pretrain"].key]
     assert (tmp_path / "s" / "seed0" / "c" / "variant.json").is_file()
-    _, _, pending = collect(plan, failed)
+    _, _, pending, _ = collect(plan, failed)
     assert any(p.startswith("c seed 0:") and "FAILED (RuntimeError: scoring broke)" in p for p in pending)
 
 
