@@ -43,6 +43,7 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from stepwise.utils.io import atomic_write_json, read_json
 
@@ -626,22 +627,25 @@ def _init_worker() -> None:
             os._exit(1)
 
 
-def _write_dataset(root: Path, plan: DatasetPlan, workers: int) -> None:
+def _write_dataset(root: Path, plan: DatasetPlan, workers: int, verbose: bool = True) -> None:
     for folder in SPLIT_FOLDERS.values():
         (root / "images" / folder).mkdir(parents=True, exist_ok=True)
     classes = {c.category_id: c for c in plan.classes}
     images = plan.splits["train"] + plan.splits["val"]
     chunk = 64
     jobs = [(str(root / "images"), images[i:i + chunk], classes, plan.seed) for i in range(0, len(images), chunk)]
-    if workers <= 1:
-        for job in jobs:
-            _render_batch(job)
-    else:
-        # multiprocessing.Pool: leaving the with-block (normally or by any exception, a signal turned into
-        # SystemExit included) terminates the workers at once instead of letting queued jobs finish.
-        with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
-            for _ in pool.imap_unordered(_render_batch, jobs):
-                pass
+    sizes = [len(job[1]) for job in jobs]
+    with tqdm(total=len(images), unit="img", desc=f"render {plan.preset.name}", disable=not verbose) as bar:
+        if workers <= 1:
+            for job, size in zip(jobs, sizes):
+                _render_batch(job)
+                bar.update(size)
+        else:
+            # multiprocessing.Pool: leaving the with-block (normally or by any exception, a signal turned into
+            # SystemExit included) terminates the workers at once instead of letting queued jobs finish.
+            with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
+                for size in pool.imap_unordered(_render_batch, jobs):
+                    bar.update(size)
     train = lvis_json(plan, "train")
     atomic_write_json(root / "annotations" / "train.json", train)
     atomic_write_json(root / "annotations" / "val.json", lvis_json(plan, "val", len(train["annotations"]) + 1))
@@ -671,7 +675,7 @@ def generate(out_dir: str | os.PathLike, preset: str | Preset = "small", seed: i
     with _exit_on_signals():
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         try:
-            _write_dataset(tmp, plan, _default_workers() if workers is None else workers)
+            _write_dataset(tmp, plan, _default_workers() if workers is None else workers, verbose)
             if out.exists():
                 out.rmdir()  # empty, checked above
             os.rename(tmp, out)
