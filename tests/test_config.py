@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
 from stepwise.config import ConfigError, load_config, prepare_run_dir
 
@@ -41,7 +42,7 @@ def test_malformed_override():
 
 def test_config_is_struct():
     cfg = load_config([])
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigAttributeError):
         cfg.not_a_key = 1
 
 
