@@ -27,7 +27,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from stepwise.analysis.draw import class_color, display_scale, draw_boxes, enlarge
-from stepwise.analysis.trained import TrainedModel, load_trained_model, run_dir_of
+from stepwise.trained import TrainedModel, load_trained_model, run_dir_of
 from stepwise.evaluate import UsageError, parse_args
 from stepwise.utils.io import atomic_path, read_json
 
@@ -104,13 +104,13 @@ class Predictor:
 
     def __init__(self, trained: TrainedModel, max_dets: int = 50) -> None:
         from stepwise.data.transforms import build_transforms
+        from stepwise.models import final_class_head
         from stepwise.models.postprocess import PostProcess
-        from stepwise.stages.common import model_head
 
         self.model = trained.model
         self.device = next(self.model.parameters()).device
         self.transform = build_transforms(False, trained.config.data)
-        self.post = PostProcess(num_top=max_dets, head=model_head(self.model))
+        self.post = PostProcess(num_top=max_dets, head=final_class_head(self.model))
 
     @torch.no_grad()
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:

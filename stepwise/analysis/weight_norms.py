@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
-from stepwise.heads.base import ClassifierHead
 from stepwise.heads.inference import class_weight_norms
+from stepwise.models import final_class_head
+from stepwise.trained import load_trained_model
 from stepwise.utils.io import atomic_path, atomic_write_text
 
 USAGE = "usage: python -m stepwise.analysis.weight_norms checkpoint=A.pt [checkpoint=B.pt ...] [label=NAME ...] out=plot.png"
@@ -46,16 +46,8 @@ class WeightNorms:
     norms: list[float]
 
 
-def final_class_head(model: nn.Module) -> ClassifierHead:
-    """The final decoder layer's class head of a ``DeformableDETR`` (``class_embed[num_decoder_layers - 1]``)."""
-    model = getattr(model, "module", model)
-    return model.class_embed[model.transformer.decoder.num_layers - 1]
-
-
 def checkpoint_norms(checkpoint: str | Path, label: str | None = None) -> WeightNorms:
     """Rebuild the checkpoint's detector and read its final-layer class weight norms (see the module doc)."""
-    from stepwise.analysis.trained import load_trained_model
-
     trained = load_trained_model(checkpoint)
     norms = class_weight_norms(final_class_head(trained.model)).tolist()
     cats, cfg = trained.categories, trained.config

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepwise.heads import build_head
+from stepwise.heads import ClassifierHead, build_head
 from stepwise.models.backbone import Backbone, downsample_mask
 from stepwise.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
 from stepwise.models.outputs import DetectorOutput
@@ -129,6 +129,18 @@ class DeformableDETR(nn.Module):
             logits=logits, boxes=boxes, query_features=list(hs.unbind(0)), proj_features=srcs,
             proj_masks=proj_masks, enc_logits=enc_logits,
             enc_boxes=enc_coord_logits.sigmoid() if enc_coord_logits is not None else None)
+
+
+def final_class_head(model: nn.Module) -> ClassifierHead:
+    """The final decoder layer's class head (``class_embed[num_decoder_layers - 1]``) of a
+    ``DeformableDETR``, also when wrapped by DDP: the head the criterion and post-processing use."""
+    return decoder_class_heads(model)[-1]
+
+
+def decoder_class_heads(model: nn.Module) -> list[ClassifierHead]:
+    """The class head of every decoder layer, first to last (not the two-stage encoder's)."""
+    model = getattr(model, "module", model)
+    return list(model.class_embed[:model.transformer.decoder.num_layers])
 
 
 def build_detector(cfg_model, cfg_head, categories_or_num_classes: Any) -> DeformableDETR:
