@@ -110,7 +110,7 @@ class SetCriterion(nn.Module):
         matches = self.matcher(self.head.scores(logits), boxes, full_targets)
         if full_targets is targets:
             return matches, targets
-        if not getattr(self.head, "supports_ignore", False):
+        if not self.head.supports_ignore:
             raise ValueError(f"training targets have 'ignore' boxes (replay set written with ignore regions) "
                              f"but the {type(self.head).__name__} head cannot leave queries out of its loss; "
                              f"use head=sigmoid or a replay set without ignore regions")
