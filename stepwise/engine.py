@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, send_to_device, set_seed
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
 from tqdm.auto import tqdm
@@ -648,12 +649,8 @@ def _plain(obj: Any) -> Any:
         return None
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
     return obj
 
 

@@ -23,6 +23,8 @@ Exit codes: 0 success, 1 bad input (missing/invalid file, unknown image or categ
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -30,14 +32,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stepwise.cli import UsageError, parse_args, parse_bool, parse_int, wants_help
 from stepwise.evaluation import evaluate_lvis
+from stepwise.utils.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:  # torch, hydra and the model load only when the checkpoint mode runs
     from torch import nn
-
-
-class UsageError(ValueError):
-    """Bad command-line arguments (exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,7 @@ class Mode:
 
 
 def _run_predictions(args: dict[str, str]) -> int:
-    try:
-        max_dets = int(args.get("max_dets", "300"))
-    except ValueError:
-        raise UsageError(f"max_dets must be an integer, got {args['max_dets']!r}") from None
+    max_dets = parse_int("max_dets", args.get("max_dets", "300"))
     evaluator = args.get("evaluator", "auto")
     if evaluator not in ("auto", "hotcoco", "lvis"):
         raise UsageError(f"evaluator must be auto, hotcoco or lvis, got {evaluator!r}")
@@ -76,12 +73,7 @@ _DATA_KEYS = {"gt": "data.val_ann", "image_root": "data.val_image_root", "train_
 
 def _run_checkpoint(args: dict[str, str]) -> int:
     """``checkpoint=`` mode: see :func:`evaluate_checkpoint`; the keys outside the mode's are overrides."""
-    try:
-        max_dets = int(args.get("max_dets", "300"))
-    except ValueError:
-        raise UsageError(f"max_dets must be an integer, got {args['max_dets']!r}") from None
-    if max_dets < 1:
-        raise UsageError(f"max_dets must be >= 1, got {max_dets}")
+    max_dets = parse_int("max_dets", args.get("max_dets", "300"), minimum=1)
     taus, knn = parse_taus(args.get("tau")), parse_bool("knn", args.get("knn", "false"))
     from stepwise.config import ConfigError
 
@@ -196,11 +188,6 @@ VARIANT_KEYS = ("AP", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4")
 def variant_table(table: dict[str, dict[str, Any] | None], out: str | Path) -> str:
     """Write ``out/variants.csv`` and ``out/variants.json`` (metrics per variant); return the printed table
     of ``VARIANT_KEYS`` in percent ('-' where undefined)."""
-    import csv
-    import io
-
-    from stepwise.utils.io import atomic_write_json, atomic_write_text
-
     rows = [{"variant": name or "model", **{k: (m or {}).get(k) for k in VARIANT_KEYS}} for name, m in table.items()]
     out = Path(out)
     atomic_write_json(out / "variants.json", {name or "model": m for name, m in table.items()})
@@ -231,14 +218,6 @@ def parse_taus(text: str | None) -> list[float]:
     return taus
 
 
-def parse_bool(key: str, text: str) -> bool:
-    """``true/false`` (also 1/0, yes/no) -> bool; anything else is a UsageError naming ``key``."""
-    value = text.strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise UsageError(f"{key} must be true or false, got {text!r}")
-    return value in ("true", "1", "yes")
-
-
 MODES: dict[str, Mode] = {
     "predictions": Mode(
         key="predictions",
@@ -257,19 +236,6 @@ MODES: dict[str, Mode] = {
         overrides=True,
     ),
 }
-
-
-def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; anything else, or a repeated key, is a ``UsageError``."""
-    args: dict[str, str] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise UsageError(f"expected key=value, got {arg!r}")
-        if key in args:
-            raise UsageError(f"key {key!r} given twice")
-        args[key] = value
-    return args
 
 
 def _usage() -> str:
@@ -301,7 +267,7 @@ def select_mode(args: dict[str, str]) -> Mode:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
+    if wants_help(argv):
         print(_usage())
         return 0
     try:

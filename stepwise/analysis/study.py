@@ -16,6 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from stepwise.analysis.steps import COLUMNS, draw_per_class, save_figure
 
 BAR_METRICS = ("AP", "APr", "APc", "APf")
@@ -101,8 +103,6 @@ def plot_study(summary: Mapping[str, Mapping[str, Any]], per_class: Mapping[str,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
     variants = [v for v, e in summary.items() if e.get("per_seed")]
     fig, (bars, scatter) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(variants) + 3), 9))
     width = 0.8 / len(metrics)

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.ops import box_convert
@@ -25,6 +26,7 @@ from stepwise.checkpoint import load_checkpoint, load_model_weights, resolve_che
 from stepwise.data.loaders import build_dataset, build_eval_loader, build_train_loader
 from stepwise.data.synthetic import ensure_synthetic
 from stepwise.engine import ForwardFn, Trainer, TrainSettings, detection_forward
+from stepwise.evaluation.detections import Detections
 from stepwise.models import build_detector, final_class_head, freeze_batch_norm, param_groups, trainable_only
 from stepwise.models.criterion import SetCriterion, build_criterion
 from stepwise.models.postprocess import PostProcess
@@ -91,9 +93,6 @@ def preflight(cfg: Any, train_ds: Any, val_ds: Any, val_indices: Any = None, dec
     :func:`stepwise.data.preflight.check_images`: headers, or a full decode when ``decode`` is True or
     (``decode=None``) the two sets hold at most ``data.preflight_decode_max`` images.
     """
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
     state = PartialState()
     message = None
     if state.is_main_process:
@@ -246,8 +245,6 @@ def detection_predictor(model: nn.Module, categories: Any, num_top: int = 300) -
 
 def records_to_detections(records: Sequence[dict[str, Any]]) -> Any:
     """``Detections`` of ``detection_columns`` records, in record order (the engine orders them by image id)."""
-    from stepwise.evaluation.detections import Detections
-
     if not records:
         return Detections.empty()
     counts = [len(r["score"]) for r in records]

@@ -71,7 +71,7 @@ def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any
     epoch_length = len(train_ds) if rfs.epoch == "replay_set" else None
     report = repeat_factor_report(classes, factors, f, r, group, names, categories.ids, categories.image_counts,
                                   epoch_length)
-    report = {"mode": mode, "replay_set": cfg.stage.get("replay_set"), "rounding": str(rfs.rounding),
+    report = {"mode": mode, "replay_set": cfg.stage.replay_set, "rounding": str(rfs.rounding),
               "epoch": str(rfs.epoch),
               "rules": [vars(rule) for rule in rules] if mode == "stepwise" else None,
               "threshold": float(rfs.threshold) if mode == "generic" else None, **report}

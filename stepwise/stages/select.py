@@ -20,6 +20,8 @@ reused (delete it to re-score); the selection itself is cheap and always re-run.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 from pathlib import Path
@@ -39,11 +41,12 @@ from stepwise.trained import load_trained_model
 from stepwise.utils.io import atomic_path, atomic_write_json, read_json
 
 SCORES_NAME = "scores.jsonl"
+OUTPUTS = ("d_head.json", "d_tail.json")  # the step is done when both replay sets exist
 
 
 def selection_source(cfg: Any) -> str:
     """The checkpoint to score with: root ``checkpoint=`` when given, else ``stage.checkpoint``."""
-    source = cfg.get("checkpoint") or cfg.stage.get("checkpoint")
+    source = cfg.checkpoint or cfg.stage.checkpoint
     if not source:
         raise ValueError("stage=select needs a pretrained model: set checkpoint=<file or run dir>")
     return str(source)
@@ -81,9 +84,6 @@ def limit_heap_fragmentation() -> None:
     over 100 batches of the large preset) although nothing is retained. With these two settings it stays
     flat (1.07 -> 1.10 GiB): the same effect as ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``.
     """
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
