@@ -64,18 +64,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from stepwise.checkpoint import head_state, save_checkpoint
     from stepwise.config import load_config
+    from stepwise.data.annotation_index import AnnotationIndex
     from stepwise.data.categories import CategoryMap
     from stepwise.data.synthetic import ensure_synthetic
     from stepwise.models import build_detector
-    from stepwise.utils.io import read_json
 
     data_root = args.data_root or str(ROOT / "data_cache" / f"synthetic_{args.preset}_seed0")
     t0 = time.perf_counter()
     ensure_synthetic(data_root, args.preset, 0)
     cfg = load_config([f"model={args.model}", f"data.preset={args.preset}", f"data.root={data_root}"])
-    train = read_json(cfg.data.train_ann)
-    categories = CategoryMap.from_annotations(train)
-    print(f"preset {args.preset}: {len(train['images'])} training images, {len(train['annotations'])} instances, "
+    train = AnnotationIndex.read(cfg.data.train_ann, "training annotation file")
+    categories = CategoryMap.from_index(train)
+    print(f"preset {args.preset}: {train.num_images} training images, {train.num_annotations} instances, "
           f"{len(categories)} classes (ready in {time.perf_counter() - t0:.0f}s); model {args.model}, "
           f"batch {args.batch}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:

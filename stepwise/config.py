@@ -134,6 +134,7 @@ TRAINING_STAGE_CHECKS = {
 }
 DATA_CHECKS = {
     "batch_size": _integer(1), "num_workers": _integer(0), "rfs_threshold": _number(0, optional=True),
+    "rfs_epoch": _choice("dataset", "repeated"),
     "preflight": _boolean(), "preflight_decode_max": _integer(0), "allow_outside_root": _boolean(),
 }
 ROOT_CHECKS = {"seed": _integer(0), "resume": _boolean(), "overwrite": _boolean()}

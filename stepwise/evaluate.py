@@ -157,6 +157,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, g
         table[name] = result.metrics
     if accelerator.is_main_process and any(table):
         print(variant_table(table, out), end="")
+    accelerator.wait_for_everyone()  # no process leaves while another is still in a collective (gloo aborts)
     return first
 
 
@@ -281,5 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _exit(code: int) -> None:
+    """Tear a process group down (``checkpoint=`` under ``accelerate launch``) before exiting with ``code``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

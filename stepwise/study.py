@@ -19,10 +19,17 @@ status 1 after writing the report.
 Sharing: the runs of one seed share their common prefix. Each step's identity is a hash of its resolved
 config (without bookkeeping keys and the blocks the step does not read) in which every path to an earlier
 step of the variant is replaced by that step's identity; steps of different variants with equal identities
-are one run. Every run lives in ``<output_root>/<study>/seed<k>/shared/<step>-<hash>/``;
+are one run. Every run lives in ``<output_root>/<study>/seed<k>/shared/<step>-<hash>/`` (a study file's
+``pool: <other study>`` keeps its runs in that study's ``shared/`` instead, so equal runs of two studies
+are trained once);
 ``<output_root>/<study>/seed<k>/<variant>/`` holds a link per step and ``variant.json``. A finished run is
-skipped and an interrupted one resumes, so the same command continues a study. At the end (and with
-``report=true``) rank 0 writes ``<output_root>/<study>/study.{md,json,png}``.
+skipped and an interrupted one resumes, so the same command continues a study. When a variant's last step
+finishes, its ``result.json`` records what the report reads (final metrics and per-class table, every
+training step's evaluations, optimizer steps and wall time, the identities of its runs); a variant with a
+record whose identities match the plan is done even where its run directories are gone, so a study carries
+over to another machine or session by copying the ``seed<k>/<variant>/result.json`` files alone. At the end (and with
+``report=true``) rank 0 writes ``<output_root>/<study>/study.{md,json,png}`` and ``pretrain_curves.png``
+(AP and APr after every pre-training epoch, per seed: is the shared starting point converged?).
 """
 
 from __future__ import annotations
@@ -56,7 +63,8 @@ BOOKKEEPING = ("run_dir", "exp", "output_root", "resume", "overwrite", "data.num
 NOT_READ = {"pretrain": ("stepwise", "distill"), "select": ("stepwise.rfs", "distill"),
             "finetune": ("distill",), "distill": ()}  # root blocks a step does not read (dropped from its hash)
 WALL_TIME_NAME = "wall_time.json"
-FILE_KEYS = ("description", "seeds", "base", "steps", "plot", "variants")
+RESULT_NAME = "result.json"  # a finished variant's record in its directory: all the report reads of its runs
+FILE_KEYS = ("description", "seeds", "base", "steps", "plot", "variants", "pool", "compare")
 VARIANT_KEYS = ("description", "from", "steps", "overrides")
 
 
@@ -87,6 +95,8 @@ class Study:
     base: tuple[str, ...]
     variants: dict[str, Variant]
     plot: tuple[str, ...]
+    pool: str | None = None  # the study directory whose seed<k>/shared/ holds the runs (None: its own)
+    compare: tuple[str, ...] = ()  # variants the report's paired-difference tables are taken against
 
 
 def study_path(spec: str) -> Path:
@@ -164,8 +174,14 @@ def load_study(spec: str) -> Study:
     seeds = raw.get("seeds", 3)
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"{path}: seeds must be a positive integer, got {seeds!r}")
+    compare = _strings(raw.get("compare"), f"{path}: compare")
+    if [v for v in compare if v not in variants]:
+        raise ConfigError(f"{path}: compare names unknown variants {[v for v in compare if v not in variants]}")
+    pool = raw.get("pool")
+    if pool is not None and (not isinstance(pool, str) or not pool or "/" in pool or pool.startswith(".")):
+        raise ConfigError(f"{path}: pool must be the name of a study directory under output_root, got {pool!r}")
     return Study(path.stem, path, str(raw.get("description", "")).strip(), seeds,
-                 _strings(raw.get("base"), f"{path}: base"), variants, plot)
+                 _strings(raw.get("base"), f"{path}: base"), variants, plot, pool, compare)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -223,10 +239,11 @@ def _map_paths(obj: Any, prefix: str, fn: Any) -> Any:
 
 
 def plan_variant(study_dir: Path, variant: Variant, seed: int, cfg: DictConfig,
-                 shared: dict[str, StepRun]) -> VariantRun:
+                 shared: dict[str, StepRun], pool_dir: Path | None = None) -> VariantRun:
     """The runs of ``variant`` on ``seed`` from its composed ``stage=all`` config ``cfg``; runs already in
-    ``shared`` (same seed, same identity) are reused, new ones added to it."""
-    seed_dir = study_dir / f"seed{seed}"
+    ``shared`` (same seed, same identity) are reused, new ones added to it. Runs live in
+    ``<pool_dir>/seed<k>/shared/`` (default ``pool_dir``: ``study_dir``), the variant's links in ``study_dir``."""
+    seed_dir = (pool_dir or study_dir) / f"seed{seed}"
     prefix = f"{cfg.output_root}/{cfg.exp}/"
     runs: dict[str, StepRun] = {}
     for step in variant.steps:
@@ -254,7 +271,7 @@ def plan_variant(study_dir: Path, variant: Variant, seed: int, cfg: DictConfig,
             shared[key] = StepRun(step, key, seed, seed_dir / "shared" / key, config)
         shared[key].variants.append(variant.name)
         runs[step] = shared[key]
-    return VariantRun(variant, seed, seed_dir / variant.name, runs)
+    return VariantRun(variant, seed, study_dir / f"seed{seed}" / variant.name, runs)
 
 
 def build_plan(study: Study, seeds: Sequence[int], overrides: Sequence[str], name: str | None = None,
@@ -274,7 +291,9 @@ def build_plan(study: Study, seeds: Sequence[int], overrides: Sequence[str], nam
                                    f"exp={name or study.name}/seed{seed}/{vname}"])
             except ConfigError as err:
                 raise ConfigError(f"study {study.path}, variant {vname!r}: {err}") from None
-            plan.append(plan_variant(Path(cfg.output_root) / (name or study.name), variant, seed, cfg, shared))
+            root = Path(cfg.output_root)
+            plan.append(plan_variant(root / (name or study.name), variant, seed, cfg, shared,
+                                     root / study.pool if study.pool else None))
     return plan
 
 
@@ -303,7 +322,11 @@ def describe(run: StepRun) -> str:
 def plan_text(study: Study, plan: Sequence[VariantRun]) -> str:
     """The dry-run listing: per seed every distinct run, its status, what it trains and who shares it."""
     runs = distinct_runs(plan)
+    recorded = {(vr.seed, vr.variant.name) for vr in plan if load_result(vr) is not None}
     status = {run.dir: run.status() for run in runs}
+    for run in runs:  # needed only by variants whose result.json records them: nothing left to run
+        if status[run.dir] != "done" and all((run.seed, v) in recorded for v in run.variants):
+            status[run.dir] = "recorded"
     seeds = sorted({vr.seed for vr in plan})
     variants = list(dict.fromkeys(vr.variant.name for vr in plan))
     lines = [f"study {study.name} ({study.path}): {len(variants)} variants x {len(seeds)} seeds = "
@@ -315,9 +338,9 @@ def plan_text(study: Study, plan: Sequence[VariantRun]) -> str:
                          f"<- {', '.join(run.variants)}")
     todo: dict[str, list[int]] = {}
     for run in runs:
-        if status[run.dir] != "done":
+        if status[run.dir] not in ("done", "recorded"):
             todo.setdefault(run.step, []).append(int(run.config.stage.get("epochs", 0) or 0))
-    done = sum(s == "done" for s in status.values())
+    done = sum(s in ("done", "recorded") for s in status.values())
     lines.append(f"{done} of {len(runs)} runs done; still to run: " + (", ".join(
         f"{len(e)} {step}" + (f" ({sum(e)} epochs)" if step in TRAINING_STEPS else "")
         for step, e in todo.items()) or "nothing"))
@@ -408,6 +431,10 @@ def run_plan(plan: Sequence[VariantRun], state: Any) -> dict[Path, str]:
     finished: set[Path] = set()
     failed: dict[Path, str] = {}
     for vr in plan:
+        if load_result(vr) is not None:
+            state.print(f"stepwise: study: {vr.variant.name} seed {vr.seed}: recorded in {vr.dir / RESULT_NAME}, "
+                        "skipping")
+            continue
         if state.is_main_process:
             link_variant(vr)
         state.wait_for_everyone()
@@ -426,10 +453,58 @@ def run_plan(plan: Sequence[VariantRun], state: Any) -> dict[Path, str]:
                 state.print(f"stepwise: study: {run.key} (seed {run.seed}) FAILED: {failed[run.dir]}")
                 break
             finished.add(run.dir)
+        if state.is_main_process and step_done(vr.runs[vr.variant.final_step].config):
+            record_result(vr)
     return failed
 
 
 # -------------------------------------------------------------------------------------------- report
+def run_keys(vr: VariantRun) -> dict[str, str]:
+    """``{step: run identity}`` of a variant on one seed."""
+    return {step: run.key for step, run in vr.runs.items()}
+
+
+def record_result(vr: VariantRun) -> dict[str, Any]:
+    """Write ``<variant dir>/result.json`` from the variant's finished run directories and return it: the
+    final step's ``eval/metrics.json`` and per-class rows, and per step its identity, wall time, optimizer
+    steps and evaluation curve."""
+    from stepwise.analysis.steps import read_per_class
+
+    final = vr.runs[vr.variant.final_step]
+    table = final.dir / "eval" / "per_class.csv"
+    record = {
+        "variant": vr.variant.name, "seed": vr.seed, "runs": run_keys(vr),
+        "metrics": json.loads((final.dir / "eval" / "metrics.json").read_text()),
+        "per_class": read_per_class(table) if table.is_file() else None,
+        "wall_seconds": {s: wall_seconds(r.dir) for s, r in vr.runs.items()},
+        "optimizer_steps": {s: optimizer_steps(r.dir) for s, r in vr.runs.items() if s in TRAINING_STEPS},
+        "curves": {s: eval_curve(r.dir) for s, r in vr.runs.items() if s in TRAINING_STEPS}}
+    vr.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(vr.dir / RESULT_NAME, record, indent=1)
+    return record
+
+
+def load_result(vr: VariantRun) -> dict[str, Any] | None:
+    """The variant's ``result.json`` when it records the runs the plan has now (same identities), else None
+    (none yet, or written for other configs: the runs are planned again)."""
+    path = vr.dir / RESULT_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not a study result record ({err}); delete it to re-run the variant") from None
+    return record if record.get("runs") == run_keys(vr) else None
+
+
+def variant_result(vr: VariantRun) -> dict[str, Any] | None:
+    """The variant's record: ``result.json``, else written now from its finished runs; None if unfinished."""
+    record = load_result(vr)
+    if record is None and step_done(vr.runs[vr.variant.final_step].config):
+        record = record_result(vr)
+    return record
+
+
 def optimizer_steps(run_dir: Path) -> int | None:
     """The global step of the last record of ``metrics.jsonl`` (the optimizer steps the run trained)."""
     path = run_dir / "metrics.jsonl"
@@ -444,67 +519,105 @@ def optimizer_steps(run_dir: Path) -> int | None:
 
 
 def collect(plan: Sequence[VariantRun], failed: Mapping[Path, str] | None = None
-            ) -> tuple[dict[str, Any], dict[str, list[list[dict]]], list[str]]:
-    """(results for :func:`stepwise.analysis.study.summarize`, per-class tables per variant, pending rows;
+            ) -> tuple[dict[str, Any], dict[str, list[list[dict]]], list[str], dict[str, dict[str, Any]]]:
+    """(results for :func:`stepwise.analysis.study.summarize`, per-class tables per variant, pending rows,
+    ``{"<seed>/<run key>": {"seconds", "curve"}}`` of every run a record or run directory tells of;
     ``failed``: errors of runs that failed in this invocation, named in the pending rows)."""
-    from stepwise.analysis.steps import COLUMNS, read_per_class
+    from stepwise.analysis.steps import COLUMNS
 
     results: dict[str, Any] = {}
     per_class: dict[str, list[list[dict]]] = {}
     pending = []
+    runs: dict[str, dict[str, Any]] = {}
     for vr in plan:
         v = vr.variant
         entry = results.setdefault(v.name, {"steps": list(v.steps), "overrides": list(v.overrides),
                                             "description": v.description, "per_seed": {}, "runs": {}})
-        final = vr.runs[v.final_step]
-        if not step_done(final.config):
+        record = variant_result(vr)
+        if record is None:
             failed = failed or {}
             pending.append(f"{v.name} seed {vr.seed}: " + ", ".join(
                 f"{r.key} " + (f"FAILED ({failed[r.dir]})" if r.dir in failed else r.status())
                 for r in vr.runs.values() if not step_done(r.config)))
             continue
-        with open(final.dir / "eval" / "metrics.json") as f:
-            metrics = json.load(f)
-        row = {c: metrics.get(c) for c in COLUMNS}
-        row["optimizer_steps"] = {s: optimizer_steps(r.dir) for s, r in vr.runs.items() if s in TRAINING_STEPS}
-        row["wall_seconds"] = {s: wall_seconds(r.dir) for s, r in vr.runs.items()}
+        row = {c: record["metrics"].get(c) for c in COLUMNS}
+        row["optimizer_steps"] = record["optimizer_steps"]
+        row["wall_seconds"] = record["wall_seconds"]
         entry["per_seed"][str(vr.seed)] = row
-        entry["runs"][str(vr.seed)] = {s: r.key for s, r in vr.runs.items()}
-        table = final.dir / "eval" / "per_class.csv"
-        if table.is_file():
-            per_class.setdefault(v.name, []).append(read_per_class(table))
-    return results, per_class, pending
+        entry["runs"][str(vr.seed)] = record["runs"]
+        if record["per_class"] is not None:
+            per_class.setdefault(v.name, []).append(record["per_class"])
+        for step, key in record["runs"].items():
+            runs[f"{vr.seed}/{key}"] = {"seconds": record["wall_seconds"].get(step),
+                                        "curve": record["curves"].get(step, [])}
+    return results, per_class, pending, runs
+
+
+def eval_curve(run_dir: Path) -> list[dict[str, Any]]:
+    """The evaluations a training run logged in ``metrics.jsonl``, in order: ``{"epoch", "metrics"}`` per
+    evaluation (``epoch`` = epochs trained when it ran; the final one included)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    curve: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line) if line.strip() else {}
+            if record.get("type") == "eval":  # a resumed run may repeat an evaluation: the last one counts
+                epochs = int(record["epoch"]) + (1 if record.get("step_in_epoch") else 0)
+                curve[epochs] = {"epoch": epochs, "metrics": record["metrics"]}
+    return [curve[k] for k in sorted(curve)]
+
+
+def pretrain_curves(plan: Sequence[VariantRun], recorded: Mapping[str, Mapping[str, Any]] | None = None
+                    ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{label: {seed: eval_curve}}`` of every pre-training run of the plan (from its directory, else from
+    ``recorded``, :func:`collect`'s runs); a run's label is the first variant (in study order) that uses it,
+    e.g. ``baseline`` and ``baseline_rfs``."""
+    curves: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for run in distinct_runs(plan):
+        if run.step == "pretrain":
+            curve = eval_curve(run.dir) or (recorded or {}).get(f"{run.seed}/{run.key}", {}).get("curve", [])
+            if curve:
+                curves.setdefault(run.variants[0], {})[str(run.seed)] = curve
+    return curves
 
 
 def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, command: str = "",
                  failed: Mapping[Path, str] | None = None) -> dict[str, Any]:
     """``study.md``, ``study.json`` and ``study.png`` in ``out_dir`` over the finished rows; returns the summary."""
-    from stepwise.analysis.study import average_per_class, plot_study, study_markdown, summarize
+    from stepwise.analysis.study import average_per_class, plot_curves, plot_study, study_markdown, summarize
 
-    results, tables, pending = collect(plan, failed)
+    results, tables, pending, recorded = collect(plan, failed)
     summary = summarize(results)
+    curves = pretrain_curves(plan, recorded)
     seeds = sorted({vr.seed for vr in plan})
     notes = [f"Study file `{study.path}`; seeds {seeds}; each row's model is the final training step of its "
              "variant's steps.",
              "Values are box AP in % on val; mean ± sample standard deviation (ddof=1) over the seeds that "
              "finished (no ± with one seed). 'steps after pretrain' is the optimizer steps the row trained "
              "after its pre-training (mean over seeds)."]
-    recorded = [wall_seconds(run.dir) for run in distinct_runs(plan)]
-    wall = sum(t for t in recorded if t is not None)
-    notes.append(f"Wall time of the runs, each counted once (as recorded in their `{WALL_TIME_NAME}`): "
-                 f"{wall / 3600:.2f} h over {sum(t is not None for t in recorded)} of {len(recorded)} runs.")
+    times = [wall_seconds(run.dir) or recorded.get(f"{run.seed}/{run.key}", {}).get("seconds")
+             for run in distinct_runs(plan)]
+    wall = sum(t for t in times if t is not None)
+    notes.append(f"Wall time of the runs, each counted once (as recorded in their `{WALL_TIME_NAME}` or the "
+                 f"variants' `{RESULT_NAME}`): {wall / 3600:.2f} h over {sum(t is not None for t in times)} of "
+                 f"{len(times)} runs.")
     if study.description:
         notes.insert(0, study.description)
     if command:
         notes.append(f"Command: `{command}`")
-    atomic_write_text(out_dir / "study.md", study_markdown(summary, f"Study: {study.name}", notes, pending=pending))
+    atomic_write_text(out_dir / "study.md", study_markdown(summary, f"Study: {study.name}", notes, pending=pending,
+                                                           curves=curves, compare=study.compare))
     atomic_write_json(out_dir / "study.json", {
         "study": study.name, "file": str(study.path), "seeds": seeds, "units": "fraction of 1 (AP 0.315 = 31.5 %)",
         "std": "sample standard deviation over seeds (ddof=1); null with fewer than 2 seeds",
-        "wall_seconds": wall, "variants": summary, "pending": pending}, indent=1)
+        "wall_seconds": wall, "variants": summary, "pretrain_curves": curves, "pending": pending}, indent=1)
     per_class = {v: average_per_class(tables[v]) for v in study.plot if v in tables}
     if any(entry["per_seed"] for entry in summary.values()):
         plot_study(summary, per_class, out_dir / "study.png")
+    if curves:
+        plot_curves(curves, out_dir / "pretrain_curves.png")
     return summary
 
 

@@ -29,11 +29,13 @@ from torchvision.transforms.v2 import functional as F
 from stepwise.analysis.draw import class_color, display_scale, draw_boxes, enlarge
 from stepwise.cli import UsageError, parse_args, parse_int, parse_number, wants_help
 from stepwise.config import ConfigError
+from stepwise.data.annotation_index import AnnotationIndex
+from stepwise.data.lvis_dataset import image_path
 from stepwise.data.transforms import build_transforms
 from stepwise.models import final_class_head
 from stepwise.models.postprocess import PostProcess
 from stepwise.trained import TrainedModel, load_trained_model, run_dir_of
-from stepwise.utils.io import atomic_path, read_json
+from stepwise.utils.io import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 OPTIONS = {"checkpoint": None, "images": None, "out": None, "score_threshold": "0.3", "max_dets": "50",
@@ -129,53 +131,41 @@ class Predictor:
 # ------------------------------------------------------------------------------------- ground truth
 @dataclass
 class GroundTruth:
-    """Boxes of an LVIS/COCO annotation file, looked up by image file name.
+    """Boxes of an LVIS/COCO annotation file (its :class:`AnnotationIndex`), looked up by image file name.
 
     ``boxes(path, size) -> [(x0, y0, x1, y1, category_id)]`` or None when the file has no such image.
+    ``by_file``: image file name -> rows of the index's images with that name.
     """
 
     source: Path
     names: dict[int, str]
-    by_file: dict[str, list[dict]] = field(default_factory=dict)
-    annotations: dict[int, list[dict]] = field(default_factory=dict)
+    index: AnnotationIndex
+    by_file: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, ann_file: str | Path) -> "GroundTruth":
-        from stepwise.data.lvis_dataset import image_path
-
-        data = read_json(ann_file, "ground-truth annotation file")
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data, dict) or not isinstance(data.get(key), list):
-                raise ValueError(f"ground-truth annotation file {ann_file}: missing or non-list key {key!r}")
-        gt = cls(Path(ann_file), {int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]})
-        for image in data["images"]:
-            gt.by_file.setdefault(image_path(image, "").name, []).append(image)
-        for k, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict) or any(key not in ann for key in ("image_id", "category_id", "bbox")):
-                raise ValueError(f"ground-truth annotation file {ann_file}: annotation "
-                                 f"{ann.get('id', f'#{k}') if isinstance(ann, dict) else f'#{k}'} lacks one of "
-                                 "'image_id', 'category_id', 'bbox'")
-            gt.annotations.setdefault(ann["image_id"], []).append(ann)
+        index = AnnotationIndex.read(ann_file, "ground-truth annotation file")
+        gt = cls(Path(ann_file), {int(c["id"]): str(c.get("name", c["id"])) for c in index.categories}, index)
+        for k in range(index.num_images):
+            gt.by_file.setdefault(image_path(index.image_entry(k), "").name, []).append(k)
         return gt
 
     def boxes(self, path: Path, size: tuple[int, int]) -> list[tuple[float, float, float, float, int]] | None:
         """Ground truth of the image file ``path`` whose (width, height) is ``size``; None when unknown."""
-        from stepwise.data.lvis_dataset import image_path
-
         candidates = self.by_file.get(path.name, [])
         if len(candidates) > 1:  # same file name in several folders: the one whose relative path matches
-            candidates = [im for im in candidates if path.as_posix().endswith(image_path(im, "").as_posix())]
+            candidates = [k for k in candidates
+                          if path.as_posix().endswith(image_path(self.index.image_entry(k), "").as_posix())]
         if len(candidates) != 1:
             return None
-        image = candidates[0]
-        if "width" in image and "height" in image and (image["width"], image["height"]) != size:
-            raise ValueError(f"ground-truth annotation file {self.source}: image {image['id']} is "
-                             f"{image['width']}x{image['height']} but {path} is {size[0]}x{size[1]}")
-        out = []
-        for ann in self.annotations.get(image["id"], []):
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            out.append((x, y, x + w, y + h, int(ann["category_id"])))
-        return out
+        k = candidates[0]
+        if self.index.has_size[k] and (int(self.index.width[k]), int(self.index.height[k])) != size:
+            raise ValueError(f"ground-truth annotation file {self.source}: image {int(self.index.image_id[k])} is "
+                             f"{int(self.index.width[k])}x{int(self.index.height[k])} but {path} is "
+                             f"{size[0]}x{size[1]}")
+        rows = self.index.image_rows(k)
+        return [(x, y, x + w, y + h, cid) for (x, y, w, h), cid in
+                zip(self.index.bbox[rows].tolist(), self.index.category_id[rows].tolist())]
 
 
 # ------------------------------------------------------------------------------------------ drawing

@@ -158,3 +158,25 @@ def test_stage_all_restarts_a_step_it_cannot_resume(tmp_path):
     (run_dir / "checkpoints" / "step_00000002.pt").write_bytes(b"x")
     interrupted = step_config(cfg, "pretrain")
     assert interrupted.resume and not interrupted.overwrite
+
+
+def test_study_proxy_scales_rfs_so_a_class_gets_its_lvis_repeat_factor():
+    """recipe=study_proxy: the proxy data and RFS thresholds such that a class in n training images gets the
+    repeat factor it would get on LVIS v1 (100,170 images, t = 0.001) with the same n."""
+    from stepwise.data.samplers import repeat_factors_from_image_classes
+    from stepwise.data.synthetic import plan_dataset
+
+    cfg = load_config(["recipe=study_proxy", "stage=all"])
+    assert (cfg.data.preset, cfg.data.epochs, cfg.data.rfs_threshold) == ("study", 14, None)
+    lvis = load_config(["stage=all"]).stepwise.rfs
+    scale = cfg.stepwise.rfs.threshold / lvis.threshold
+    train_images = plan_dataset("study", 0).summary()["train"]["images"]
+    assert scale == pytest.approx(100_170 / train_images, rel=0.01)
+    for proxy_rules, lvis_rules in ((cfg.stepwise.rfs.d_head, lvis.d_head), (cfg.stepwise.rfs.d_tail, lvis.d_tail)):
+        assert [r.threshold / q.threshold for r, q in zip(proxy_rules, lvis_rules)] == pytest.approx([scale] * len(lvis_rules), rel=0.01)
+    def factor(n: int, num_images: int, t: float) -> float:  # class 0 in n images of the set, class 1 in the others
+        return float(repeat_factors_from_image_classes([[0]] * n + [[1]] * (num_images - n), t)[0])
+
+    for n in (3, 30, 100):
+        assert factor(n, train_images, cfg.stepwise.rfs.threshold) == pytest.approx(factor(n, 100_170, 0.001), rel=0.02)
+    assert load_config(["recipe=study_proxy", "data=lvis_v1", "data.root=/x"]).data.name == "lvis_v1"

@@ -123,3 +123,26 @@ def test_epoch_advances_without_set_epoch():
 def test_bad_factors():
     with pytest.raises(ValueError, match="finite and >= 0"):
         RepeatFactorSampler(torch.tensor([1.0, -1.0]))
+
+
+@pytest.mark.parametrize("rfs_epoch", ["dataset", "repeated"])
+def test_pretrain_rfs_epoch_length(tmp_path, rfs_epoch):
+    """data.rfs_epoch=dataset: RFS changes the mix of a pre-training epoch, not its length (equal steps to
+    uniform sampling); repeated: the whole repeated list (sum of the factors, more steps)."""
+    from stepwise.config import load_config
+    from stepwise.data.synthetic import ensure_synthetic
+    from stepwise.stages import common
+
+    root = ensure_synthetic(tmp_path / "data", "tiny", 0, workers=1, verbose=False)
+    cfg = load_config([f"data.root={root}", "data.preset=tiny", "data.rfs_threshold=0.3", "data.preflight=false",
+                       f"data.rfs_epoch={rfs_epoch}"])
+    train_ds, val_ds = common.build_datasets(cfg)
+    loader, _ = common.build_loaders(cfg, train_ds, val_ds)
+    factors = repeat_factors_from_dataset(train_ds, 0.3)
+    assert float(factors.sum()) > 1.2 * len(train_ds)  # the threshold repeats a good share of the images
+    if rfs_epoch == "dataset":
+        assert len(loader.sampler) == len(train_ds)
+        counts = Counter(loader.sampler.indices_for_epoch(0).tolist())
+        assert len(counts) < len(train_ds)  # repeated images take the place of others
+    else:
+        assert abs(len(loader.sampler) - float(factors.sum())) < 0.1 * len(train_ds)

@@ -103,6 +103,13 @@ def test_study_end_to_end_shares_skips_resumes_and_reports(tmp_path):
     assert f"| ft | 2 | {100 * ap['mean']['AP']:.1f} ± {100 * ap['std']['AP']:.1f} |" in md
     assert f"| ft | 1 | {100 * ap['per_seed']['1']['AP']:.1f} |" in md
     assert (root / "study.png").stat().st_size > 10_000
+    # the pre-training curve: every evaluation of each seed's pretrain (here one, after its partial epoch)
+    for seed in ("0", "1"):
+        pretrain_metrics = json.loads((root / f"seed{seed}" / "ft" / "pretrain" / "eval" / "metrics.json").read_text())
+        curve = report["pretrain_curves"]["ft"][seed]
+        assert [p["epoch"] for p in curve] == [1] and curve[0]["metrics"]["AP"] == pretrain_metrics["AP"]
+    assert "## Pre-training: box AP (%) after each epoch" in md and "| epoch | ft AP | ft APr |" in md
+    assert (root / "pretrain_curves.png").stat().st_size > 10_000
 
     # a re-run trains nothing
     before = outputs(root)
@@ -117,6 +124,7 @@ def test_study_end_to_end_shares_skips_resumes_and_reports(tmp_path):
     (run / "checkpoints" / "step_00000002.pt").unlink()  # killed after the step-1 checkpoint
     (run / "checkpoint_final.pt").unlink()
     (run / "eval" / "metrics.json").unlink()
+    (root / "seed1" / "ft_low_lr" / "result.json").unlink()  # written only when the variant finishes
     from stepwise.study import build_plan, load_study, plan_text
     plan = build_plan(load_study(str(study)), range(2), args[1:])
     text = " ".join(plan_text(load_study(str(study)), plan).split())
@@ -132,6 +140,26 @@ def test_study_end_to_end_shares_skips_resumes_and_reports(tmp_path):
     assert again["AP"] == pytest.approx(first["AP"], abs=1e-12)
     changed = {p for p, t in outputs(root).items() if before.get(p) != t}
     assert changed == {run / "checkpoint_final.pt", run / "eval" / "metrics.json"}
+
+    # another machine with the result.json files alone: nothing trains, the report is the same
+    report = json.loads((root / "study.json").read_text())
+    other = tmp_path / "other"
+    for record in root.glob("seed*/*/result.json"):
+        copy = other / "tiny" / record.relative_to(root)
+        copy.parent.mkdir(parents=True)
+        copy.write_text(record.read_text())
+    moved = [f"study={study}", f"output_root={other}", f"data.root={tmp_path / 'data'}"]
+    text = " ".join(plan_text(load_study(str(study)), build_plan(load_study(str(study)), range(2), moved[1:])).split())
+    assert "8 of 8 runs done; still to run: nothing" in text and text.count(" recorded ") == 8
+    main(moved)
+    assert not list(other.glob("seed*/shared"))
+    carried = json.loads((other / "tiny" / "study.json").read_text())
+    assert carried["variants"] == report["variants"] and carried["pretrain_curves"] == report["pretrain_curves"]
+    assert carried["wall_seconds"] == pytest.approx(report["wall_seconds"])
+    # a record of other configs (here: a changed lr) is not taken for the variant's result
+    from stepwise.study import load_result
+    changed_plan = build_plan(load_study(str(study)), range(2), [*moved[1:], "stage.finetune.lr=3e-5"])
+    assert all(load_result(vr) is None for vr in changed_plan)
 
 
 def test_mean_std_is_the_sample_std():
@@ -154,13 +182,13 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     study = load_study("stepwise")
     plan = build_plan(study, range(2), [f"output_root={tmp_path}"])
     rows = {(vr.variant.name, vr.seed): vr for vr in plan}
-    assert len(rows) == 2 * len(study.variants) == 28
+    assert len(rows) == 2 * len(study.variants) == 30
     for seed in (0, 1):
         runs = [r for r in distinct_runs(plan) if r.seed == seed]
         count = {step: sum(r.step == step for r in runs) for step in ("pretrain", "select", "finetune", "distill")}
-        # uniform + RFS pretrain; selections for M = 30, 10, 100; finetunes: continue, continue_rfs, crt,
-        # the step-wise one (shared by ft and the distill ablations), w/o RFS, M = 10, M = 100
-        assert count == {"pretrain": 2, "select": 3, "finetune": 7, "distill": 8}
+        # uniform + RFS pretrain; selections for M = 30, 10, 100; finetunes: baseline_plus2, continue,
+        # continue_rfs, crt, the step-wise one (shared by ft and the distill ablations), w/o RFS, M = 10, M = 100
+        assert count == {"pretrain": 2, "select": 3, "finetune": 8, "distill": 8}
         assert all(r.dir.parent == tmp_path / "stepwise" / f"seed{seed}" / "shared" for r in runs)
         row = {v: rows[(v, seed)].runs for v in study.variants}
         assert row["baseline"]["pretrain"] is row["stepwise"]["pretrain"] is row["crt"]["pretrain"]
@@ -176,10 +204,18 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
         crt = row["crt"]["finetune"].config.stage
         assert (crt.rfs, list(crt.trainable), list(crt.reinit)) == ("generic", ["class_embed"], ["class_embed"])
         assert row["stepwise"]["finetune"].config.seed == seed
+        plus2 = row["baseline_plus2"]["finetune"].config.stage  # the convergence check: 2 epochs at the final lr
+        assert plus2.init_from == str(row["baseline"]["pretrain"].dir) and plus2.trainable is None
+        pre = row["baseline"]["pretrain"].config.stage
+        assert plus2.lr == plus2.lr_backbone == pytest.approx(pre.lr * pre.lr_gamma ** len(pre.lr_drop))
+        assert (plus2.epochs, plus2.rfs, plus2.train_ann) == (2, None, row["baseline_plus2"]["finetune"].config.data.train_ann)
     assert plan[0].runs["pretrain"].key != [vr for vr in plan if vr.seed == 1][0].runs["pretrain"].key
 
     heads = build_plan(load_study("heads"), range(1), [f"output_root={tmp_path}", "data.preset=tiny"])
     runs = {vr.variant.name: vr.runs for vr in heads}
+    # pool: stepwise: the heads study's runs live in the stepwise study's shared dir, its links in its own
+    assert all(r.dir.parent == tmp_path / "stepwise" / "seed0" / "shared" for v in runs.values() for r in v.values())
+    assert heads[0].dir == tmp_path / "heads" / "seed0" / "sigmoid"
     assert len({r["pretrain"].dir for r in runs.values()}) == 4
     for head in ("sigmoid", "bags", "hybrid_bags", "bacl"):
         assert runs[head]["pretrain"] is runs[f"{head}_stepwise"]["pretrain"]
@@ -271,5 +307,69 @@ def test_a_failed_run_skips_only_the_rows_that_depend_on_it(tmp_path, monkeypatc
     # the shared pretrain ran once, the other pretrain too; no finetune ran after the failed selection
     assert ran == [rows["a"]["pretrain"].key, rows["d"]["pretrain"].key]
     assert (tmp_path / "s" / "seed0" / "c" / "variant.json").is_file()
-    _, _, pending = collect(plan, failed)
+    _, _, pending, _ = collect(plan, failed)
     assert any(p.startswith("c seed 0:") and "FAILED (RuntimeError: scoring broke)" in p for p in pending)
+
+
+def test_eval_curve_reads_every_evaluation_and_keeps_the_last_of_a_repeated_one(tmp_path):
+    from stepwise.analysis.study import curve_table
+    from stepwise.study import eval_curve
+
+    records = [{"type": "start", "epoch": 0, "step_in_epoch": 0},
+               {"type": "eval", "tag": "epoch_1", "epoch": 1, "step_in_epoch": 0, "metrics": {"AP": 0.1, "APr": 0.0}},
+               {"type": "train", "epoch": 1, "step_in_epoch": 20},
+               {"type": "eval", "tag": "epoch_2", "epoch": 2, "step_in_epoch": 0, "metrics": {"AP": 0.2, "APr": 0.1}},
+               {"type": "eval", "tag": "epoch_2", "epoch": 2, "step_in_epoch": 0, "metrics": {"AP": 0.25, "APr": 0.1}},
+               {"type": "eval", "tag": "final", "epoch": 3, "step_in_epoch": 0, "metrics": {"AP": 0.3, "APr": None}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curve = eval_curve(tmp_path)
+    assert [(p["epoch"], p["metrics"]["AP"]) for p in curve] == [(1, 0.1), (2, 0.25), (3, 0.3)]
+    other = [{"epoch": 1, "metrics": {"AP": 0.3, "APr": 0.2}}]
+    rows = curve_table({"baseline": {"0": curve, "1": other}})
+    assert rows[0] == "| epoch | baseline AP | baseline APr |"
+    assert rows[2] == f"| 1 | 20.0 ± {100 * statistics.stdev([0.1, 0.3]):.1f} | 10.0 ± {100 * statistics.stdev([0.0, 0.2]):.1f} |"
+    assert rows[4] == "| 3 | 30.0 | - |"
+
+
+def test_pool_keeps_runs_in_another_studys_shared_dir(tmp_path):
+    """``pool: <study>``: equal runs of two studies are one run dir (trained once); links and report stay apart."""
+    from stepwise.config import ConfigError
+    from stepwise.study import build_plan, load_study
+
+    first = load_study(str(write_tiny_study(tmp_path / "tiny.yaml")))
+    text = (tmp_path / "tiny.yaml").read_text().replace("variants:\n", "pool: tiny\nvariants:\n", 1)
+    (tmp_path / "other.yaml").write_text(text.replace("ft_low_lr", "ft_high_lr").replace("lr=1e-5", "lr=1e-3"))
+    second = load_study(str(tmp_path / "other.yaml"))
+    assert second.pool == "tiny" and first.pool is None
+    args = [f"output_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}"]
+    plan_a, plan_b = build_plan(first, [0], args), build_plan(second, [0], args)
+    runs_a = {vr.variant.name: vr for vr in plan_a}
+    runs_b = {vr.variant.name: vr for vr in plan_b}
+    for step in ("pretrain", "select", "finetune"):  # the same variant: the same run dirs
+        assert runs_b["ft"].runs[step].dir == runs_a["ft"].runs[step].dir
+        assert runs_a["ft"].runs[step].dir.parent == tmp_path / "runs" / "tiny" / "seed0" / "shared"
+    assert runs_b["ft_high_lr"].runs["finetune"].dir.parent == tmp_path / "runs" / "tiny" / "seed0" / "shared"
+    assert runs_b["ft_high_lr"].runs["finetune"].dir != runs_a["ft_low_lr"].runs["finetune"].dir
+    assert runs_b["ft"].dir == tmp_path / "runs" / "other" / "seed0" / "ft"  # links and report: its own dir
+    (tmp_path / "bad.yaml").write_text(text.replace("pool: tiny", "pool: ../elsewhere"))
+    with pytest.raises(ConfigError, match="pool must be the name of a study directory"):
+        load_study(str(tmp_path / "bad.yaml"))
+
+
+def test_paired_differences_are_per_seed_differences():
+    from stepwise.analysis.study import paired_differences, paired_table, summarize
+
+    results = {"baseline": {"per_seed": {"0": {"AP": 0.50, "APr": 0.30}, "1": {"AP": 0.60, "APr": 0.40},
+                                         "2": {"AP": 0.70, "APr": 0.50}}},
+               "method": {"per_seed": {"0": {"AP": 0.52, "APr": 0.35}, "1": {"AP": 0.63, "APr": 0.44},
+                                       "2": {"AP": 0.71, "APr": None}}},
+               "late": {"per_seed": {"1": {"AP": 0.55, "APr": 0.40}}}}
+    summary = summarize(results)
+    diffs = paired_differences(summary, "baseline", ("AP", "APr"))
+    mean, std, n = diffs["method"]["AP"]
+    assert n == 3 and mean == pytest.approx(0.02) and std == pytest.approx(statistics.stdev([0.02, 0.03, 0.01]))
+    assert diffs["method"]["APr"][0] == pytest.approx(0.045) and diffs["method"]["APr"][2] == 2  # seed 2 has no APr
+    assert diffs["late"]["AP"] == (pytest.approx(-0.05), None, 1)
+    rows = paired_table(summary, "baseline", ("AP", "APr"))
+    assert rows[2] == "| method | 3 | +2.0 ± 1.0 | +4.5 ± 0.7 |"  # 2.0 = 2 x 1.0: not marked
+    assert rows[3] == "| late | 1 | -5.0 | +0.0 |"

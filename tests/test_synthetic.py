@@ -303,3 +303,12 @@ def test_cli_rejects_unknown_key_and_generates(tmp_path, capsys):
     assert cli_main([f"out={tmp_path / 'x'}", "preset=tiny", "seed=0", "workers=1"]) == 0
     out = capsys.readouterr().out
     assert "r=" in out and "train:" in out and (tmp_path / "x" / "annotations" / "val.json").is_file()
+
+
+def test_study_plan_is_lvis_like_and_has_a_large_val_split():
+    """The ablation proxy: LVIS-like r/c/f shares, many rare classes, >= 19 val instances of every class."""
+    s = syn.plan_dataset("study", seed=0).summary()
+    bins = s["frequency_bins"]
+    assert s["classes"] == 80 and bins["r"] >= 25 and bins["c"] >= 25 and bins["f"] >= 10, bins
+    assert 1500 <= s["train"]["images"] <= 2200 and s["val"]["images"] >= 700, s
+    assert s["val"]["classes_present"] == 80 and s["val"]["min_instances_per_class"] >= 19

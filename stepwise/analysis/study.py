@@ -71,9 +71,69 @@ def _pm(mean: float | None, std: float | None) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
+CURVE_METRICS = ("AP", "APr")
+PAIRED_METRICS = ("AP", "APr", "APc", "APf")
+
+
+def paired_differences(summary: Mapping[str, Mapping[str, Any]], reference: str,
+                       columns: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, tuple]]:
+    """Per variant, ``(mean, std, n)`` over seeds of (variant − ``reference``) on the same seed, per column.
+
+    Rows of one seed share their pretrain, so the paired difference leaves out the seed-to-seed spread of
+    the starting point that the per-row std includes. Seeds missing from either row are skipped."""
+    ref = summary[reference].get("per_seed", {})
+    out = {}
+    for variant, entry in summary.items():
+        if variant == reference:
+            continue
+        seeds = [k for k in entry.get("per_seed", {}) if k in ref]
+        out[variant] = {c: mean_std([None if entry["per_seed"][k].get(c) is None or ref[k].get(c) is None
+                                     else entry["per_seed"][k][c] - ref[k][c] for k in seeds]) for c in columns}
+    return out
+
+
+def paired_table(summary: Mapping[str, Mapping[str, Any]], reference: str,
+                 columns: Sequence[str] = PAIRED_METRICS) -> list[str]:
+    """Markdown rows of :func:`paired_differences` (points of AP; ``*`` where |mean| > 2 std with n >= 3)."""
+    lines = [f"| variant − {reference} | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for variant, diffs in paired_differences(summary, reference, columns).items():
+        n = max(d[2] for d in diffs.values())
+        if not n:
+            continue
+        cells = []
+        for c in columns:
+            mean, std, k = diffs[c]
+            mark = "*" if mean is not None and std is not None and k >= 3 and abs(mean) > 2 * std else ""
+            cells.append("-" if mean is None else f"{100 * mean:+.1f}" + (f" ± {100 * std:.1f}" if std is not None else "") + mark)
+        lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def curve_table(curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
+                metrics: Sequence[str] = CURVE_METRICS) -> list[str]:
+    """Markdown rows: per pre-training run label and epoch, the mean ± std over seeds of ``metrics``."""
+    labels = list(curves)
+    head = " | ".join(f"{label} {m}" for label in labels for m in metrics)
+    lines = [f"| epoch | {head} |", "|---" * (1 + len(labels) * len(metrics)) + "|"]
+    epochs = sorted({point["epoch"] for label in labels for curve in curves[label].values() for point in curve})
+    for epoch in epochs:
+        cells = []
+        for label in labels:
+            at = [p["metrics"] for curve in curves[label].values() for p in curve if p["epoch"] == epoch]
+            for m in metrics:
+                mean, std, _ = mean_std([x.get(m) for x in at])
+                cells.append(_pm(mean, std))
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def study_markdown(summary: Mapping[str, Mapping[str, Any]], title: str, notes: Sequence[str] = (),
-                   columns: Sequence[str] = COLUMNS, pending: Sequence[str] = ()) -> str:
-    """``study.md``: the mean ± std table, the per-seed table, then the runs not finished yet."""
+                   columns: Sequence[str] = COLUMNS, pending: Sequence[str] = (),
+                   curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]] | None = None,
+                   compare: Sequence[str] = ()) -> str:
+    """``study.md``: the mean ± std table, the paired differences against each variant in ``compare``, the
+    per-seed table, the pre-training curves (``curves``: see :func:`stepwise.study.pretrain_curves`), then the
+    runs not finished yet."""
     lines = [f"# {title}", ""]
     for note in notes:
         lines += [note, ""]
@@ -85,11 +145,17 @@ def study_markdown(summary: Mapping[str, Mapping[str, Any]], title: str, notes: 
         cells = [_pm(entry["mean"][c], entry["std"][c]) for c in columns]
         steps = entry["mean"]["steps_after_pretrain"]
         lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + f" | {'-' if steps is None else round(steps)} |")
+    for reference in compare:
+        if summary.get(reference, {}).get("per_seed"):
+            lines += ["", f"## Paired differences against {reference}, same seed: mean ± std over seeds (points)", "",
+                      "`*`: |mean| > 2 std over >= 3 seeds.", ""] + paired_table(summary, reference)
     lines += ["", "## Per seed, box AP (%)", "", "| variant | seed | " + " | ".join(columns) + " |",
               "|---" * (len(columns) + 2) + "|"]
     for variant, entry in summary.items():
         for seed, metrics in entry.get("per_seed", {}).items():
             lines.append(f"| {variant} | {seed} | " + " | ".join(_pct(metrics.get(c)) for c in columns) + " |")
+    if curves:
+        lines += ["", "## Pre-training: box AP (%) after each epoch, mean ± std over seeds", ""] + curve_table(curves)
     if pending:
         lines += ["", "## Not finished yet", ""] + [f"- {item}" for item in pending]
     return "\n".join(lines) + "\n"
@@ -121,6 +187,29 @@ def plot_study(summary: Mapping[str, Mapping[str, Any]], per_class: Mapping[str,
     bars.legend(ncols=len(metrics))
     draw_per_class(scatter, per_class)
     scatter.set_title("per-class AP, mean over seeds (lines: running mean)")
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], out: str | Path,
+                metrics: Sequence[str] = CURVE_METRICS) -> Path:
+    """One panel per metric: AP after each pre-training epoch, a line per seed, a colour per run label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for k, (label, per_seed) in enumerate(curves.items()):
+            for j, (_seed, curve) in enumerate(sorted(per_seed.items())):
+                points = [(p["epoch"], 100 * p["metrics"][metric]) for p in curve if p["metrics"].get(metric) is not None]
+                if points:
+                    ax.plot(*zip(*points), "o-", ms=3, color=f"C{k}", alpha=0.8, label=label if j == 0 else None)
+        ax.set_xlabel("pre-training epoch")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("pre-training: validation AP after each epoch (a line per seed)")
     fig.tight_layout()
     return save_figure(fig, out)
 

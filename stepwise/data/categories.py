@@ -11,6 +11,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
+from stepwise.data.annotation_index import AnnotationIndex
+
 FREQUENCIES = ("r", "c", "f")
 
 
@@ -123,3 +127,32 @@ class CategoryMap:
         return cls(ids=tuple(int(c["id"]) for c in cats), names=names, frequencies=frequencies,
                    image_counts=tuple(count(c, "image_count", counted_images) for c in cats),
                    instance_counts=tuple(count(c, "instance_count", counted_instances) for c in cats))
+
+    @classmethod
+    def from_index(cls, index: AnnotationIndex) -> "CategoryMap":
+        """Build from an :class:`AnnotationIndex`; the same map as :meth:`from_annotations` of the file's dict
+        (counts from the category entries when every category has them, else from the non-crowd annotations)."""
+        cats = sorted(index.categories, key=lambda c: c["id"])  # index.category_ids is this order
+        fields = {}
+        for key in ("image_count", "instance_count"):
+            if all(key in c for c in cats):
+                fields[key] = tuple(int(c[key]) for c in cats)
+        if len(fields) < 2:
+            counted_images, counted_instances = index_category_counts(index)
+            fields.setdefault("image_count", tuple(counted_images.tolist()))
+            fields.setdefault("instance_count", tuple(counted_instances.tolist()))
+        return cls(ids=tuple(int(c["id"]) for c in cats), names=tuple(str(c.get("name", c["id"])) for c in cats),
+                   frequencies=tuple(c.get("frequency") for c in cats), image_counts=fields["image_count"],
+                   instance_counts=fields["instance_count"])
+
+
+def index_category_counts(index: AnnotationIndex) -> tuple[np.ndarray, np.ndarray]:
+    """(images, instances), each (C,) int64 in ascending category id order: the images holding the category and
+    its boxes, over the non-crowd annotations of ``index``."""
+    keep = index.iscrowd != 1
+    category = np.searchsorted(index.category_ids, index.category_id[keep])
+    num_classes = len(index.category_ids)
+    instances = np.bincount(category, minlength=num_classes)
+    pairs = np.unique(category * max(index.num_images, 1) + index.image_index[keep])
+    images = np.bincount(pairs // max(index.num_images, 1), minlength=num_classes)
+    return images.astype(np.int64), instances.astype(np.int64)

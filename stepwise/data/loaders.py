@@ -3,7 +3,8 @@
 Config keys read (``configs/data/*.yaml``): ``train_ann``, ``val_ann``, ``train_image_root``,
 ``val_image_root``, the transform sizes of :func:`~stepwise.data.transforms.build_transforms`,
 ``batch_size``, ``num_workers``, ``rfs_threshold`` (null: every image once per epoch, shuffled),
-``size_divisibility`` and ``allow_outside_root`` (image paths outside the image root).
+``rfs_epoch`` (with RFS: ``dataset`` = as many samples per epoch as the data set has images, ``repeated`` = the
+whole repeated list), ``size_divisibility`` and ``allow_outside_root`` (image paths outside the image root).
 
 Loaders are built for exact resume: :class:`SeededDataset` gives sample ``i`` of epoch ``e`` its own RNG seed
 (so augmentations do not depend on worker assignment, skipped batches or prefetching), the sampler is
@@ -118,9 +119,13 @@ def build_train_loader(dataset: Dataset, cfg_data: Any, seed: int, repeat_factor
                        epoch_length: int | None = None) -> DataLoader:
     """:func:`train_loader` with the data group's batch size, workers and collate. ``repeat_factors``
     (len(dataset),): the sampler's per-image factors (a replay stage's step-wise RFS); None: generic RFS
-    with ``data.rfs_threshold`` (every image once per epoch when that is null)."""
+    with ``data.rfs_threshold`` (every image once per epoch when that is null), an epoch of ``len(dataset)``
+    samples with ``data.rfs_epoch=dataset`` (the whole repeated list with ``repeated``).
+    ``epoch_length``: samples per epoch drawn from the shuffled repeated list (None: all of it)."""
     if repeat_factors is None and cfg_data["rfs_threshold"] is not None:
         repeat_factors = repeat_factors_from_dataset(dataset, float(cfg_data["rfs_threshold"]))
+        if cfg_data["rfs_epoch"] == "dataset":  # RFS changes the mix of an epoch, not its number of steps
+            epoch_length = len(dataset)
     return train_loader(dataset, int(cfg_data["batch_size"]), int(seed), collate_fn(cfg_data),
                         int(cfg_data["num_workers"]), repeat_factors, epoch_length)
 

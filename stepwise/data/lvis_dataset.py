@@ -15,6 +15,10 @@ Pixels: every PIL mode is converted to 8-bit RGB; 16-bit grey (``I;16``, and ``I
 is not applied: COCO/LVIS boxes and sizes are in the stored pixel order (as the COCO API, the LVIS API
 and Deformable DETR read them); an image whose size matches the annotation only when rotated says so.
 
+The file is read through :class:`~stepwise.data.annotation_index.AnnotationIndex` (once per process, kept
+as numpy arrays; the dataset adds arrays of the boxes it uses per image and builds each item from them, so
+forked DataLoader workers share its pages instead of copying Python objects).
+
 Validation happens once at load and names the item: a missing/unreadable/invalid file, an annotation
 whose ``image_id`` or ``category_id`` does not exist, a malformed box (errors); boxes with width or height
 <= 0, and boxes entirely outside their image (when the image's size is known), are dropped with one
@@ -28,10 +32,8 @@ image id and path.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import warnings
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -44,9 +46,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from stepwise.data.annotation_index import AnnotationIndex, PackedStrings
 from stepwise.data.categories import CategoryMap
+from stepwise.data.samplers import ImageClasses
 from stepwise.data.transforms import finishing_transforms
-from stepwise.utils.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +60,18 @@ class DataWarning(UserWarning):
     """Input data problems that were handled (e.g. degenerate boxes dropped) but must not go unnoticed."""
 
 
-def _is_number(value: Any) -> bool:
-    """An int or float from JSON (not a bool, not a string)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def category_indices(categories: CategoryMap, category_ids: np.ndarray) -> np.ndarray:
+    """(n,) int64 contiguous indices of ``category_ids`` (every one must be in ``categories``)."""
+    ids = np.asarray(categories.ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    if not len(ids):
+        pos = np.zeros(len(category_ids), dtype=np.int64)
+    else:
+        pos = order[np.minimum(np.searchsorted(ids[order], category_ids), len(ids) - 1)]
+    if len(category_ids) and not np.array_equal(ids[pos], category_ids):
+        bad = category_ids[ids[pos] != category_ids][0]
+        categories.index(int(bad))  # raises KeyError naming it
+    return pos.astype(np.int64)
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -153,11 +165,8 @@ class LVISDetection(Dataset):
         self.image_root = Path(image_root)
         self.allow_outside_root = bool(allow_outside_root)
         self.transforms = transforms if transforms is not None else v2.Compose(finishing_transforms())
-        data = read_json(self.ann_file, "annotation file")
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data, dict) or not isinstance(data.get(key), list):
-                raise ValueError(f"annotation file {self.ann_file}: missing or non-list key {key!r}")
-        file_categories = CategoryMap.from_annotations(data, source=f"annotation file {self.ann_file}")
+        self.index = AnnotationIndex.read(self.ann_file, "annotation file")
+        file_categories = CategoryMap.from_index(self.index)
         if categories is None:
             categories = file_categories
         else:
@@ -166,116 +175,93 @@ class LVISDetection(Dataset):
                 raise ValueError(f"annotation file {self.ann_file}: {len(missing)} categories are not in the "
                                  f"given category map (e.g. ids {missing[:10]})")
         self.categories = categories
-        self._load_images(data["images"])
-        self._load_annotations(data["annotations"], set(file_categories.ids))
+        self._load_images()
+        self._load_annotations()
 
-    def _load_images(self, images: list[dict]) -> None:
-        self.image_ids: list[int] = []
-        self._paths: list[Path] = []
-        self._sizes: list[tuple[int, int] | None] = []
-        for k, img in enumerate(images):
-            if not isinstance(img, dict):
-                raise ValueError(f"annotation file {self.ann_file}: image entry #{k} is not an object: {img!r:.80}")
-            if "id" not in img:
-                raise ValueError(f"annotation file {self.ann_file}: image entry #{k} has no 'id'")
-            if isinstance(img["id"], bool) or not isinstance(img["id"], int):
-                raise ValueError(f"annotation file {self.ann_file}: image entry #{k} has a non-integer id "
-                                 f"{img['id']!r}")
-            self.image_ids.append(img["id"])
+    def _load_images(self) -> None:
+        """Image paths (checked to stay under the root) packed into one buffer; ids as a list for callers."""
+        index = self.index
+        paths = []
+        for k in range(index.num_images):
             try:
-                self._paths.append(image_path(img, self.image_root, self.allow_outside_root))
+                paths.append(str(image_path(index.image_entry(k), self.image_root, self.allow_outside_root)))
             except ValueError as err:
                 raise ValueError(f"annotation file {self.ann_file}: {err}") from None
-            has_size = "height" in img and "width" in img
-            try:
-                self._sizes.append((int(img["height"]), int(img["width"])) if has_size else None)
-            except (TypeError, ValueError):
-                raise ValueError(f"annotation file {self.ann_file}: image {img['id']} has a non-integer height "
-                                 f"or width ({img['height']!r}, {img['width']!r})") from None
-        self._index_of = {iid: k for k, iid in enumerate(self.image_ids)}
-        if len(self._index_of) != len(self.image_ids):
-            dup = next(iid for iid in self.image_ids if self.image_ids.count(iid) > 1)
-            raise ValueError(f"annotation file {self.ann_file}: image id {dup} appears more than once")
+        self._paths = PackedStrings.from_list(paths)
+        self.image_ids: list[int] = index.image_id.tolist()
 
-    def _load_annotations(self, annotations: list[dict], file_category_ids: set[int]) -> None:
-        per_image: dict[int, list[tuple[int, int, list[float]]]] = defaultdict(list)
-        degenerate: list[int] = []
-        outside: list[int] = []
-        self.num_crowd_skipped = 0
-        self._ignored: dict[int, list[tuple[int, int, list[float]]]] = defaultdict(list)
-        for k, ann in enumerate(annotations):
-            ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
-            where = f"annotation file {self.ann_file}: annotation {ann_id}"
-            if not isinstance(ann, dict) or any(key not in ann for key in ("id", "image_id", "category_id", "bbox")):
-                raise ValueError(f"{where} lacks one of 'id', 'image_id', 'category_id', 'bbox'")
-            if ann["image_id"] not in self._index_of:
-                raise ValueError(f"{where} refers to image_id {ann['image_id']}, which does not exist")
-            if ann["category_id"] not in file_category_ids:
-                raise ValueError(f"{where} refers to category_id {ann['category_id']}, which does not exist")
-            bbox = ann["bbox"]
-            if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-                    or not all(_is_number(v) and math.isfinite(v) for v in bbox)):
-                raise ValueError(f"{where} has an invalid bbox {bbox!r} (expected 4 finite numbers x, y, w, h)")
-            if ann.get("iscrowd", 0):
-                self.num_crowd_skipped += 1
-                continue
-            if bbox[2] <= 0 or bbox[3] <= 0:
-                degenerate.append(ann["id"])
-                continue
-            size = self._sizes[self._index_of[ann["image_id"]]]
-            if size is not None and (bbox[0] >= size[1] or bbox[1] >= size[0] or bbox[0] + bbox[2] <= 0
-                                     or bbox[1] + bbox[3] <= 0):
-                outside.append(ann["id"])
-                continue
-            entry = (int(ann["id"]), self.categories.index(ann["category_id"]), [float(v) for v in bbox])
-            if ann.get("ignore", 0):  # a replay set's unselected box: neither object nor background
-                self._ignored[ann["image_id"]].append(entry)
-            else:
-                per_image[ann["image_id"]].append(entry)
-        self.num_degenerate_dropped = len(degenerate)
-        self.num_outside_dropped = len(outside)
+    def _load_annotations(self) -> None:
+        """The boxes used per image as arrays: ``_rows`` (M,) annotation rows of the index grouped by image,
+        real boxes first then ignore boxes (file order within each), ``_labels`` (M,) their contiguous labels,
+        ``_offsets`` (I + 1,) and ``_num_real`` (I,)."""
+        index = self.index
+        crowd = index.iscrowd == 1
+        x, y, w, h = index.bbox.T
+        degenerate = ~crowd & ((w <= 0) | (h <= 0))
+        image = index.image_index
+        outside = ~crowd & ~degenerate & index.has_size[image] & (
+            (x >= index.width[image]) | (y >= index.height[image]) | (x + w <= 0) | (y + h <= 0))
+        rows = np.flatnonzero(~crowd & ~degenerate & ~outside)
+        ignored = index.ignore[rows] == 1  # a replay set's unselected box: neither object nor background
+        order = np.lexsort((rows, ignored, image[rows]))
+        self._rows = rows[order]
+        self._labels = category_indices(self.categories, index.category_id[self._rows])
+        self._offsets = np.zeros(len(self) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(image[rows], minlength=len(self)), out=self._offsets[1:])
+        self._num_real = np.bincount(image[rows][~ignored], minlength=len(self))
+        self.num_crowd_skipped = int(crowd.sum())
+        self.num_degenerate_dropped = int(degenerate.sum())
+        self.num_outside_dropped = int(outside.sum())
+        self.num_ignored = int(ignored.sum())
         for dropped, reason in ((degenerate, "with width or height <= 0"),
                                 (outside, "entirely outside their image")):
-            if dropped:
-                warnings.warn(f"annotation file {self.ann_file}: dropped {len(dropped)} boxes {reason} (annotation "
-                              f"ids {dropped[:5]}{' ...' if len(dropped) > 5 else ''})", DataWarning, stacklevel=3)
+            if dropped.any():
+                ids = index.ann_id[dropped][:6].tolist()
+                warnings.warn(f"annotation file {self.ann_file}: dropped {int(dropped.sum())} boxes {reason} "
+                              f"(annotation ids {ids[:5]}{' ...' if len(ids) > 5 else ''})", DataWarning,
+                              stacklevel=3)
         if self.num_crowd_skipped:
             logger.info("annotation file %s: skipped %d crowd boxes (iscrowd=1)", self.ann_file,
                         self.num_crowd_skipped)
-        self._anns = [per_image.get(iid, []) for iid in self.image_ids]
-        self._ignore_anns = [self._ignored.get(iid, []) for iid in self.image_ids]
-        self.num_ignored = sum(len(v) for v in self._ignored.values())
-        del self._ignored
-        empty = sum(1 for anns in self._anns if not anns)
+        empty = int((self._num_real == 0).sum())
         if empty:  # kept: DETR learns "no object" from them; RFS gives them factor 1
             logger.info("annotation file %s: %d of %d images have no boxes", self.ann_file, empty, len(self))
 
     def __len__(self) -> int:
-        return len(self.image_ids)
+        return self.index.num_images
 
     @property
     def num_boxes(self) -> int:
         """Boxes used as objects (after dropping degenerate, outside, crowd and ignore boxes)."""
-        return sum(len(anns) for anns in self._anns)
+        return int(self._num_real.sum())
 
     def expected_size(self, index: int) -> tuple[int, int] | None:
         """(height, width) the annotation file gives image ``index``, or None when it gives none."""
-        return self._sizes[index]
+        if not self.index.has_size[index]:
+            return None
+        return int(self.index.height[index]), int(self.index.width[index])
 
     def image_classes(self, index: int) -> set[int]:
         """Contiguous labels present in image ``index`` (from the JSON; no image is decoded)."""
-        return {label for _, label, _ in self._anns[index]}
+        start = self._offsets[index]
+        return set(self._labels[start:start + self._num_real[index]].tolist())
+
+    def class_table(self) -> ImageClasses:
+        """:meth:`image_classes` of every image at once, as arrays (RFS, class statistics)."""
+        image = np.repeat(np.arange(len(self)), np.diff(self._offsets))
+        real = np.arange(len(self._rows)) - self._offsets[image] < self._num_real[image]  # ignore boxes last
+        return ImageClasses.from_pairs(image[real], self._labels[real], len(self))
 
     def path(self, index: int) -> Path:
         """Image file of ``index``."""
-        return self._paths[index]
+        return Path(self._paths[index])
 
     def load_image(self, index: int) -> tv_tensors.Image:
         """The image as uint8 (3, H, W) RGB; errors name the image id and path."""
-        image_id, path = self.image_ids[index], self._paths[index]
+        image_id, path = int(self.index.image_id[index]), self.path(index)
         if not path.is_file():
             raise FileNotFoundError(f"image {image_id}: file {path} not found")
-        expected = self._sizes[index]
+        expected = self.expected_size(index)
         hint = ""
         try:  # PIL: torchvision.io's decoders are deprecated from torchvision 0.29
             with Image.open(path) as pil:
@@ -292,19 +278,22 @@ class LVISDetection(Dataset):
         return tv_tensors.Image(image)
 
     def raw_target(self, index: int, canvas_size: tuple[int, int]) -> dict[str, Any]:
-        """Target before transforms: ``boxes`` BoundingBoxes XYXY absolute (N, 4), labels, ann_ids, ids."""
-        anns, ignored = self._anns[index], self._ignore_anns[index]
-        xywh = torch.tensor([b for _, _, b in anns + ignored], dtype=torch.float32).reshape(-1, 4)
+        """Target before transforms: ``boxes`` BoundingBoxes XYXY absolute (N, 4), labels, ann_ids, ids.
+
+        Built from the arrays alone (no Python object per annotation is kept or touched)."""
+        start, stop = self._offsets[index], self._offsets[index + 1]
+        rows = self._rows[start:stop]
+        xywh = torch.from_numpy(self.index.bbox[rows].astype(np.float32))
         xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
         target = {
             "boxes": tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=canvas_size),
-            "labels": torch.tensor([label for _, label, _ in anns + ignored], dtype=torch.long),
-            "ann_ids": torch.tensor([a for a, _, _ in anns + ignored], dtype=torch.long),
-            "image_id": self.image_ids[index],
+            "labels": torch.from_numpy(self._labels[start:stop].copy()),
+            "ann_ids": torch.from_numpy(self.index.ann_id[rows]),
+            "image_id": int(self.index.image_id[index]),
             "orig_size": torch.tensor(canvas_size, dtype=torch.long),
         }
         if self.num_ignored:  # (N,) bool, True for "ignore" boxes (see stepwise.models.criterion)
-            target["ignore"] = torch.tensor([False] * len(anns) + [True] * len(ignored))
+            target["ignore"] = torch.from_numpy(np.arange(stop - start) >= self._num_real[index])
         return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:

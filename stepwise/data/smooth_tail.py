@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import msgspec
 import numpy as np
 
-from stepwise.utils.io import atomic_write_json
+from stepwise.data.annotation_index import AnnotationIndex
+from stepwise.utils.io import atomic_path, atomic_write_json, read_json
+from stepwise.utils.json_stream import mapped_file
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,18 @@ class Quotas:
     tail_in_head: int | None = 30
     head_in_tail: int | None = 50
     tail_in_tail: int | None = None
+
+
+class _ScoreLine(msgspec.Struct, gc=False):
+    ann_id: int
+    image_id: int
+    label: int
+    score: float
+    iou: float
+    max_score: float | None = None
+
+
+_SCORE_LINES = msgspec.json.Decoder(_ScoreLine)
 
 
 @dataclass
@@ -77,7 +92,24 @@ class ScoreTable:
 
     @classmethod
     def read_jsonl(cls, path: str | Path) -> "ScoreTable":
-        """Read ``scores.jsonl``; a malformed line raises ValueError naming the file and line number."""
+        """Read ``scores.jsonl``; a malformed line raises ValueError naming the file and line number.
+
+        Decoded in one pass by msgspec (1.27M lines in about a second); a file it does not take (a line
+        of another shape) is read line by line to name the line."""
+        try:
+            with mapped_file(path, "score file") as buf:
+                rows = _SCORE_LINES.decode_lines(buf)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            rows = None
+        if rows is not None:
+            has_max = bool(rows) and all(r.max_score is not None for r in rows)
+            return cls(ann_id=np.fromiter((r.ann_id for r in rows), np.int64, len(rows)),
+                       image_id=np.fromiter((r.image_id for r in rows), np.int64, len(rows)),
+                       label=np.fromiter((r.label for r in rows), np.int64, len(rows)),
+                       score=np.fromiter((r.score for r in rows), np.float64, len(rows)),
+                       iou=np.fromiter((r.iou for r in rows), np.float64, len(rows)),
+                       max_score=np.fromiter((r.max_score for r in rows), np.float64, len(rows)) if has_max else None)
+
         def rows():
             with open(path) as f:
                 for number, line in enumerate(f, 1):
@@ -177,3 +209,69 @@ def write_replay_set(data: Mapping[str, Any], ann_ids: Iterable[int], path: str 
     ignored = sum(1 for a in subset["annotations"] if a.get("ignore"))
     return {"images": len(subset["images"]), "annotations": len(subset["annotations"]) - ignored,
             "ignored": ignored}
+
+
+def replay_set_rows(index: AnnotationIndex, ann_ids: Iterable[int], keep_others_as_ignore: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What :func:`subset_annotations` keeps, as masks over ``index``: ``(images (I,), selected (N,),
+    made_ignore (N,))`` bool; ``made_ignore``: the other boxes of the kept images when ``keep_others_as_ignore``."""
+    wanted = np.unique(np.asarray(ann_ids if isinstance(ann_ids, np.ndarray) else list(ann_ids), dtype=np.int64))
+    selected = np.isin(index.ann_id, wanted)
+    missing = np.setdiff1d(wanted, index.ann_id[selected])
+    if len(missing):
+        raise ValueError(f"{len(missing)} selected annotation ids are not in the training file "
+                         f"(e.g. {missing[:5].tolist()}): scores.jsonl belongs to another annotation file?")
+    images = np.zeros(index.num_images, dtype=bool)
+    images[index.image_index[selected]] = True
+    made_ignore = ~selected & images[index.image_index] if keep_others_as_ignore else np.zeros_like(selected)
+    return images, selected, made_ignore
+
+
+def write_replay_set_file(source: str | Path, index: AnnotationIndex, ann_ids: Iterable[int], path: str | Path,
+                          keep_others_as_ignore: bool = False) -> dict[str, int]:
+    """:func:`write_replay_set` of the annotation file ``source`` (whose index is ``index``) without holding it
+    as dicts: the file is mapped, cut into its top-level values and its image and annotation entries
+    (``msgspec.Raw``: byte ranges, nothing decoded), and the kept entries are copied byte for byte (an
+    annotation made an ignore box is decoded, flagged and encoded). Written atomically to ``path``; the
+    result is the same JSON value as :func:`subset_annotations` of the loaded file. Returns the counts."""
+    images, selected, made_ignore = replay_set_rows(index, ann_ids, keep_others_as_ignore)
+    try:
+        with mapped_file(source, "training annotation file") as buf:
+            _write_subset(buf, index, images, selected | made_ignore, made_ignore, Path(source), Path(path))
+    except (msgspec.ValidationError, msgspec.DecodeError):  # a file msgspec does not take (NaN): as dicts
+        return write_replay_set(read_json(source, "training annotation file"), index.ann_id[selected], path,
+                                keep_others_as_ignore)
+    already = int((index.ignore[selected] == 1).sum())  # selected boxes the source flags already
+    return {"images": int(images.sum()), "annotations": int(selected.sum()) - already,
+            "ignored": int(made_ignore.sum()) + already}
+
+
+def _write_subset(buf: Any, index: AnnotationIndex, images: np.ndarray, kept: np.ndarray, made_ignore: np.ndarray,
+                  source: Path, path: Path) -> None:
+    top = msgspec.json.decode(buf, type=dict[str, msgspec.Raw])
+    raw_images = msgspec.json.decode(top["images"], type=list[msgspec.Raw])
+    raw_anns = msgspec.json.decode(top["annotations"], type=list[msgspec.Raw])
+    if (len(raw_images), len(raw_anns)) != (index.num_images, index.num_annotations):
+        raise ValueError(f"training annotation file {source} changed since it was read ({len(raw_images)} images "
+                         f"and {len(raw_anns)} annotations now, {index.num_images} and {index.num_annotations} "
+                         f"then)")
+    with atomic_path(path, "replay set") as tmp, open(tmp, "wb") as f:
+        f.write(b"{")
+        for key, raw in top.items():
+            if key not in ("images", "annotations"):
+                f.write(json.dumps(key).encode() + b": " + bytes(raw) + b", ")
+        f.write(b'"images": [' + b", ".join(raw_images[k] for k in np.flatnonzero(images).tolist()))
+        f.write(b'], "annotations": [')
+        rows, ignore = np.flatnonzero(kept).tolist(), made_ignore[kept].tolist()
+        for start in range(0, len(rows), 50_000):  # in slices: the output may be most of a 1 GB file
+            f.write((b", " if start else b"") + b", ".join(
+                _flag_ignore(raw_anns[r]) if flag else raw_anns[r]
+                for r, flag in zip(rows[start:start + 50_000], ignore[start:start + 50_000])))
+        f.write(b"]}")
+    del top, raw_images, raw_anns
+
+
+def _flag_ignore(raw: msgspec.Raw) -> bytes:
+    ann = msgspec.json.decode(raw)
+    ann["ignore"] = 1
+    return msgspec.json.encode(ann)

@@ -48,10 +48,26 @@ def _examples(items: list[str]) -> str:
     return "; ".join(items[:_MAX_NAMED]) + more
 
 
+def read_gt_file(path: str | os.PathLike, what: str = "ground-truth file") -> dict:
+    """The box ground truth of an annotation file: ``{"images", "annotations", "categories"}``, each
+    annotation ``id, image_id, category_id, bbox, area`` (``iscrowd`` / ``ignore`` where given).
+
+    From this process's ``AnnotationIndex`` of the file (read once, shared with the datasets that read it:
+    during training the val file is not read again for each evaluation). A file the index refuses is read by
+    ``gt_file.read_box_annotations``, so that :func:`load_gt`'s checks name its problem as they always have.
+    """
+    from stepwise.data.annotation_index import AnnotationFileError, AnnotationIndex  # here: stepwise.data imports torch
+
+    try:
+        return AnnotationIndex.read(path, what).box_dict()
+    except AnnotationFileError:
+        return read_box_annotations(path, what)
+
+
 def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
     """Load and check an LVIS-format annotation file or dict.
 
-    A file is read by ``gt_file.read_box_annotations`` (segmentation polygons skipped while decoding).
+    A file is read by :func:`read_gt_file` (segmentation polygons never built).
     Returns ``(dataset, source, warnings)`` where ``source`` names it in messages. Checks the keys the LVIS
     API needs (``frequency`` per category, ``neg_category_ids`` / ``not_exhaustive_category_ids`` per image,
     ``bbox`` and ``area`` per annotation) and that every annotation's image and category exist. GT boxes
@@ -59,7 +75,7 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
     reported in a counted warning.
     """
     src = _source(gt, "ground-truth dict")
-    data = read_box_annotations(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
+    data = read_gt_file(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
     if not isinstance(data, dict):
         raise ValueError(f"{src}: expected an LVIS annotation object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -306,15 +322,24 @@ def load_predictions(predictions: PathOrList | Detections, gt: dict, max_dets: i
 def training_instance_counts(gt: dict, train_gt: PathOrDict | None = None, gt_source: str = "ground truth") -> tuple[dict, str]:
     """Training instance count per category id of ``gt``.
 
-    From ``train_gt``'s annotations when given (categories absent there count 0), else from the
-    ``instance_count`` field of ``gt``'s categories (LVIS v1 val carries the train-set counts there).
+    From ``train_gt``'s annotations when given (categories absent there count 0; a file this process has
+    indexed already is not read again), else from the ``instance_count`` field of ``gt``'s categories (LVIS
+    v1 val carries the train-set counts there).
     Returns ``(counts, source)``, ``source`` saying where the counts came from.
     """
     if train_gt is not None:
         tsrc = _source(train_gt, "training annotation dict")
         counts = {cat["id"]: 0 for cat in gt["categories"]}
         if isinstance(train_gt, (str, os.PathLike)):
-            ids = read_category_ids(train_gt, "training annotation file")  # LVIS train: 1 GB, only ids built
+            from stepwise.data.annotation_index import AnnotationIndex  # here: stepwise.data imports torch
+
+            indexed = AnnotationIndex.cached(train_gt)  # a training process has it (LVIS train: 1 GB)
+            if indexed is not None:
+                for cid, n in indexed.category_annotation_counts().items():
+                    if cid in counts:
+                        counts[cid] = n
+                return counts, f"annotations of {tsrc}"
+            ids = read_category_ids(train_gt, "training annotation file")  # only the ids are built
             if ids is not None:
                 for cid, n in zip(*np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)):
                     if int(cid) in counts:

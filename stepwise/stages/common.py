@@ -52,9 +52,9 @@ def build_datasets(cfg: Any, train_ann: str | None = None, categories: Any = Non
 def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Tensor | None = None,
                   epoch_length: int | None = None) -> tuple[DataLoader, DataLoader]:
     """Training loader (:func:`~stepwise.data.loaders.build_train_loader`: ``repeat_factors``
-    (len(train_ds),) or generic RFS, ``epoch_length`` samples per epoch) and evaluation loader
-    (``stage.eval_batch_size``; first ``stage.max_eval_images`` images when set). First refuses an empty
-    training set and (with ``data.preflight``) runs :func:`preflight`."""
+    (len(train_ds),) or generic RFS with ``data.rfs_threshold`` and ``data.rfs_epoch``, ``epoch_length``
+    samples per epoch) and evaluation loader (``stage.eval_batch_size``; first ``stage.max_eval_images``
+    images when set). First refuses an empty training set and (with ``data.preflight``) runs :func:`preflight`."""
     check_not_empty(train_ds)
     limit = cfg.stage.max_eval_images
     if cfg.data.preflight:
@@ -259,14 +259,14 @@ def lvis_evaluator(val_ann: str | Path, train_ann: str | Path | None = None, max
     ``metrics.json`` and ``per_class.csv`` into ``out_dir``. When only some val images were predicted
     (``max_eval_images``), the ground truth is restricted to them."""
     from stepwise.evaluation import evaluate_lvis
-    from stepwise.evaluation.gt_file import read_box_annotations
+    from stepwise.evaluation.inputs import read_gt_file
     from stepwise.evaluation.results_file import write_results
 
     def evaluate(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
         detections = records_to_detections(records)
         out_dir = Path(out_dir)
         write_results(out_dir / "predictions.json", detections)
-        gt = read_box_annotations(val_ann, "val annotation file")  # polygons skipped while decoding
+        gt = read_gt_file(val_ann, "val annotation file")  # the val dataset's index: not read again
         seen = {record["image_id"] for record in records}
         if len(seen) < len(gt["images"]):
             gt["images"] = [im for im in gt["images"] if im["id"] in seen]

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
-from stepwise.data.samplers import (GroupRule, group_names, image_repeat_factors, repeat_factor_report,
-                                    stepwise_class_factors)
+from stepwise.data.annotation_index import AnnotationIndex
+from stepwise.data.categories import CategoryMap
+from stepwise.data.samplers import (GroupRule, dataset_classes, group_names, image_repeat_factors,
+                                    repeat_factor_report, stepwise_class_factors)
 from stepwise.engine import TrainSettings, make_accelerator
 from stepwise.stages import common
 from stepwise.utils.io import atomic_write_json
@@ -30,11 +32,7 @@ RFS_MODES = ("stepwise", "generic", None)
 def full_categories(cfg: Any) -> Any:
     """The category map of the full training file ``data.train_ann``: a replay set holds a subset of the
     annotations, but class frequencies, counts (grouped heads, RFS bins, AP1..AP4) describe the data set."""
-    from stepwise.data.categories import CategoryMap
-    from stepwise.utils.io import read_json
-
-    data = read_json(cfg.data.train_ann, "training annotation file")
-    return CategoryMap.from_annotations(data, source=f"annotation file {cfg.data.train_ann}")
+    return CategoryMap.from_index(AnnotationIndex.read(cfg.data.train_ann, "training annotation file"))
 
 
 EPOCHS = ("replay_set", "repeated")
@@ -65,7 +63,7 @@ def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any
     else:  # generic: one rule over every class; uniform: no rule at all
         rules = (GroupRule(2 ** 62, float(rfs.threshold), 0.5),) if mode == "generic" else ()
         names = ["all classes"] * (len(rules) + 1)
-    classes = [train_ds.image_classes(i) for i in range(len(train_ds))]
+    classes = dataset_classes(train_ds)  # arrays (ImageClasses) for an LVISDetection
     f, r, group = stepwise_class_factors(classes, categories.image_counts, rules)
     factors = image_repeat_factors(classes, r, str(rfs.rounding) if mode else "ceil")
     epoch_length = len(train_ds) if rfs.epoch == "replay_set" else None

@@ -32,13 +32,16 @@ import torch
 from accelerate import Accelerator
 from torchvision.ops import box_convert, box_iou
 
+from stepwise.data.annotation_index import AnnotationIndex
+from stepwise.data.categories import CategoryMap
 from stepwise.data.loaders import build_dataset, build_eval_loader
+from stepwise.data.smooth_tail import Quotas, ScoreTable, head_classes, select_replay_sets, write_replay_set_file
 from stepwise.engine import shard_predictions
 from stepwise.models import final_class_head
 from stepwise.models.matcher import build_matcher
 from stepwise.stages.common import ensure_data
 from stepwise.trained import load_trained_model
-from stepwise.utils.io import atomic_path, atomic_write_json, read_json
+from stepwise.utils.io import atomic_path, atomic_write_json
 
 SCORES_NAME = "scores.jsonl"
 OUTPUTS = ("d_head.json", "d_tail.json")  # the step is done when both replay sets exist
@@ -134,13 +137,9 @@ def merge_parts(parts: list[Path], out_path: Path) -> None:
 
 def build_replay_sets(cfg: Any, scores_path: Path, run_dir: Path) -> dict[str, Any]:
     """Select D_head / D_tail from ``scores.jsonl`` and write them with ``summary.json``; returns the summary."""
-    from stepwise.data.categories import CategoryMap
-    from stepwise.data.smooth_tail import (Quotas, ScoreTable, head_classes, select_replay_sets,
-                                           write_replay_set)
-
     stage = cfg.stepwise
-    data = read_json(cfg.data.train_ann, "training annotation file")
-    categories = CategoryMap.from_annotations(data, source=f"annotation file {cfg.data.train_ann}")
+    index = AnnotationIndex.read(cfg.data.train_ann, "training annotation file")
+    categories = CategoryMap.from_index(index)
     table = ScoreTable.read_jsonl(scores_path)
     if stage.score not in ("class", "max"):
         raise ValueError(f"stepwise.score: unknown {stage.score!r}; choose class or max")
@@ -162,10 +161,12 @@ def build_replay_sets(cfg: Any, scores_path: Path, run_dir: Path) -> dict[str, A
                                "mean_score": float(table.score.mean()) if len(table) else None,
                                "fraction_above_threshold": float((table.score > stage.score_threshold).mean())
                                if len(table) else None}
-    label_of = dict(zip(table.ann_id.tolist(), table.label.tolist()))
+    by_id = np.argsort(table.ann_id, kind="stable")
     for name, ann_ids in sets.items():
-        counts = write_replay_set(data, ann_ids, run_dir / f"{name}.json", bool(stage.keep_others_as_ignore))
-        per_class = np.bincount([label_of[a] for a in ann_ids.tolist()], minlength=len(categories))
+        counts = write_replay_set_file(cfg.data.train_ann, index, ann_ids, run_dir / f"{name}.json",
+                                       bool(stage.keep_others_as_ignore))
+        labels = table.label[by_id[np.searchsorted(table.ann_id[by_id], ann_ids)]]  # ann_ids come from the table
+        per_class = np.bincount(labels, minlength=len(categories))
         summary[name] = {**counts, "head_instances": int(per_class[is_head].sum()),
                          "tail_instances": int(per_class[~is_head].sum()), "per_class": per_class.tolist()}
     atomic_write_json(run_dir / "summary.json", summary, indent=1)

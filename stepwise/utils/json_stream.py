@@ -16,8 +16,10 @@ is the buffer scanned exactly (quotes, escapes, brackets, in numpy).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,37 @@ def _fast_cut(buf: bytes) -> int:
         if len(buf) - close > 1 << 20:  # no separator near the end: let the exact scan decide
             return -1
     return -1
+
+
+@contextmanager
+def mapped_file(path: str | os.PathLike, what: str = "file") -> Iterator[memoryview | bytes]:
+    """The bytes of ``path`` mapped read-only, for a decoder that needs the whole file (msgspec).
+
+    Mapped pages are the page cache's (clean, dropped under memory pressure), not the process's own memory
+    as ``read_bytes`` would make them. Errors name the file (``what``). Values decoded as
+    ``msgspec.Raw`` point into the mapping: drop them before the block ends.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise OSError(f"{what} {path} cannot be read: {err}") from err
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:  # mmap refuses empty files
+            yield b""
+            return
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(mapping)
+        try:
+            yield view
+        finally:
+            try:
+                view.release()
+                mapping.close()
+            except BufferError:  # something still points into it: closed when collected
+                pass
 
 
 def _as_list(buf: bytes, end: int | None = None) -> bytes:
