@@ -21,6 +21,7 @@ import torch
 
 from stepwise.config import load_config
 from stepwise.engine import TrainSettings, detection_forward, make_accelerator, weighted_total
+from stepwise.models import param_groups
 from stepwise.stages import common
 
 
@@ -34,8 +35,8 @@ def main(argv: list[str]) -> None:
     loader, _ = common.build_loaders(cfg, train_ds, val_ds)
     models = {"foreach": common.build_model(cfg, train_ds.categories, accelerator)}
     models["fused"] = copy.deepcopy(models["foreach"])
-    criterion = common.build_criterion(cfg, models["foreach"], accelerator)
-    optimizers = {name: torch.optim.AdamW(common.optimizer_groups(cfg, m), lr=float(cfg.stage.lr),
+    criterion = common.detector_criterion(cfg, models["foreach"], accelerator)
+    optimizers = {name: torch.optim.AdamW(param_groups(m, cfg.stage), lr=float(cfg.stage.lr),
                                           weight_decay=float(cfg.stage.weight_decay), **{name: True})
                   for name, m in models.items()}
     times: dict[str, dict[str, list[float]]] = {n: {"data": [], "model": [], "optimizer": []} for n in models}

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
+
+from stepwise.cli import parse_bool, parse_int
+from stepwise.config import ConfigError, load_config
+from stepwise.data.loaders import build_dataset
+from stepwise.stages.common import preflight_report
 
 USAGE = ("usage: python -m stepwise.check [data=<synthetic|lvis_v1|lvis_v0_5|coco>] [data.root=DIR] "
          "[decode=true|false] [workers=N] [other config overrides]")
@@ -30,25 +35,14 @@ def parse_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
             overrides.append(arg)
             continue
         if key == "decode":
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"decode={value!r}: expected true or false")
-            options["decode"] = value.lower() in ("true", "1")
+            options["decode"] = parse_bool("decode", value)
         else:
-            try:
-                options["workers"] = int(value)
-            except ValueError:
-                raise ValueError(f"workers={value!r} is not an integer") from None
-            if options["workers"] < 1:
-                raise ValueError(f"workers={options['workers']} must be >= 1")
+            options["workers"] = parse_int("workers", value, minimum=1)
     return options, overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check; returns the exit code."""
-    from stepwise.config import ConfigError, load_config
-    from stepwise.data import build_dataset
-    from stepwise.stages.common import preflight_report
-
     try:
         options, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(overrides)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stepwise.heads.base import ClassifierHead
 from stepwise.utils.finite import first_non_finite, named_tensors
 from stepwise.utils.io import atomic_path, check_free_space, free_bytes
 
@@ -218,8 +219,6 @@ def load_model_weights(model: nn.Module, source: str | Path | dict[str, Any]) ->
 
 def head_state(model: nn.Module) -> dict[str, Any]:
     """``{module name: head.state}`` for every classifier head in ``model`` (statistics outside parameters)."""
-    from stepwise.heads.base import ClassifierHead
-
     return {name: module.state for name, module in model.named_modules() if isinstance(module, ClassifierHead)}
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stepwise.heads.base import ClassifierHead
 from stepwise.models.outputs import DetectorOutput
 
 
@@ -101,16 +102,6 @@ def masked_feature_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch
     return total / max(pairs, 1)
 
 
-def class_logits(head: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """(..., K) head logits -> (..., C) per-class logits: the head's ``class_logits`` when it defines one,
-    the logits themselves when K == C, else log of the head's scores."""
-    if hasattr(head, "class_logits"):
-        return head.class_logits(logits)
-    if logits.shape[-1] == head.num_classes:
-        return logits
-    return head.scores(logits).clamp_min(1e-12).log()
-
-
 def class_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                             class_index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) over the classes ``class_index``, per query, averaged over queries.
@@ -137,7 +128,7 @@ class DistillCriterion(nn.Module):
         base: the detector's ``SetCriterion`` (Hungarian loss of the student on the replay set).
         student_heads: the student's class head of every decoder layer (applied to the teacher's query
             features of that layer with shared queries); the last one is the final layer's.
-        teacher_heads: the teacher's class head of every decoder layer (for its class logits).
+        teacher_heads: the teacher's class head of every decoder layer (its ``class_logits`` are the targets).
         head_classes: (C,) bool, the head classes.
         feature, cls, shared_queries, lambda_fm, lambda_cls, temperature, fm_normalize, cls_layers: the
             ``distill:`` config (see the module docstring).
@@ -146,7 +137,7 @@ class DistillCriterion(nn.Module):
     decoder layers, ``cls_layers="all"``), each weighted ``lambda_cls``.
     """
 
-    def __init__(self, base: nn.Module, student_heads: Sequence[nn.Module], teacher_heads: Sequence[nn.Module],
+    def __init__(self, base: nn.Module, student_heads: Sequence[ClassifierHead], teacher_heads: Sequence[ClassifierHead],
                  head_classes: torch.Tensor, feature: bool = True, cls: bool = True, shared_queries: bool = True,
                  lambda_fm: float = 1.0, lambda_cls: float = 0.1, temperature: float = 1.0,
                  fm_normalize: str = "level_image", cls_layers: str = "all"):
@@ -191,13 +182,13 @@ class DistillCriterion(nn.Module):
             layers = len(self.student_heads)
             for layer, suffix in zip(range(layers - len(self._cls_suffixes()), layers), self._cls_suffixes()):
                 s_head, t_head = self.student_heads[layer], self.teacher_heads[layer]
-                teacher_logits = class_logits(t_head, teacher.logits[layer])
+                teacher_logits = t_head.class_logits(teacher.logits[layer])
                 if self.shared_queries:
                     student_raw = s_head(teacher.query_features[layer].detach())
                 else:
                     student_raw = student.logits[layer]
                 losses["loss_cls_dis" + suffix] = class_distillation_loss(
-                    class_logits(s_head, student_raw), teacher_logits, index, self.temperature)
+                    s_head.class_logits(student_raw), teacher_logits, index, self.temperature)
         return losses
 
 

@@ -11,13 +11,14 @@ tests' toy models share it. What it guarantees:
 * checkpoints every N optimizer steps and at each epoch end, written atomically by rank 0, last K kept;
 * ``resume``: continue mid-epoch from the latest checkpoint (consumed batches skipped, sampler epoch and
   every process's RNG restored) so the result equals an uninterrupted run (exactly, when data loading does
-  not draw from the global RNG: see ``stepwise.stages.common.SeededDataset``);
+  not draw from the global RNG: see ``stepwise.data.loaders.SeededDataset``);
 * a finite-state guard: a NaN/inf loss (before the backward pass), a NaN/inf gradient norm (the one
   clipping computes, before the optimizer step), non-finite predictions found by the matcher, or a NaN/inf
   parameter, buffer or optimizer state at checkpoint time stops every process together (a flag reduced
   across processes), naming the epoch, step and the first offending loss/parameter; that state is never
   written, so the newest checkpoint on disk is always finite;
-* evaluation: fixed batches are dealt out to the processes (no padding, no duplicates, the same batches
+* evaluation (:func:`evaluate`, a free function: the ``checkpoint=`` evaluation and selection run it without
+  a Trainer): fixed batches are dealt out to the processes (no padding, no duplicates, the same batches
   whatever the number of processes, so the metrics do not depend on it); rank 0 scores the gathered
   predictions and writes the report.
 """
@@ -28,11 +29,12 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, send_to_device, set_seed
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import MultiStepLR
 from tqdm.auto import tqdm
@@ -159,7 +161,7 @@ class Trainer:
         criterion: ``criterion(outputs, targets) -> dict[str, Tensor]`` of scalar unweighted losses, with a
             ``weight_dict`` attribute.
         train_loader: a plain DataLoader (prepared here). For exact resume its sampler must be
-            deterministic per epoch (``set_epoch``), e.g. ``stepwise.stages.common.train_loader``.
+            deterministic per epoch (``set_epoch``), e.g. ``stepwise.data.loaders.train_loader``.
         settings: the training options.
         run_dir: where checkpoints, ``metrics.jsonl``, TensorBoard logs and evaluation reports go.
         param_groups: AdamW parameter groups (dicts with ``params`` and optionally ``lr``); default: one
@@ -294,52 +296,21 @@ class Trainer:
         return False
 
     # -------------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self, out_dir: str | Path | None = None, tag: str = "eval") -> dict[str, float] | None:
-        """Predict on every process's shard, gather every image once, score on rank 0.
-
-        Returns the metrics on every process (broadcast from rank 0). Does not disturb any RNG stream.
-        """
+        """:func:`evaluate` on ``val_loader`` into ``out_dir`` (default ``<run_dir>/eval``), logged to
+        ``metrics.jsonl`` and the trackers at the current step. Returns the metrics on every process."""
         if self.val_loader is None:
             raise ValueError("evaluate() needs a val_loader")
-        acc = self.accelerator
         out_dir = Path(out_dir) if out_dir is not None else self.run_dir / "eval"
-        records = self.predict(self.val_loader)
-        metrics = None
-        if acc.is_main_process:
-            metrics = self.evaluate_fn(records, out_dir)
-        metrics = broadcast_object_list([metrics])[0]
-        self.last_metrics = metrics
-        self._write_jsonl({"type": "eval", "tag": tag, **self._position(), "num_images": len(records),
-                           "metrics": metrics})
-        scalars = {f"eval/{k}": v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        result = evaluate(self.accelerator, self.model, self.val_loader, self.predict_fn, self.evaluate_fn, out_dir)
+        self.num_gathered = result.num_gathered  # before de-duplication (tests check nothing is duplicated)
+        self.last_metrics = result.metrics
+        self._write_jsonl({"type": "eval", "tag": tag, **self._position(), "num_images": result.num_images,
+                           "metrics": result.metrics})
+        scalars = {f"eval/{k}": v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         if self.settings.trackers and scalars:
-            acc.log(scalars, step=self.progress.global_step)
-        return metrics
-
-    @torch.no_grad()
-    def predict(self, loader: torch.utils.data.DataLoader) -> list[dict[str, Any]]:
-        """Per-image prediction records of a plain (unprepared) sequential loader, predicted by all processes
-        on their shard (:func:`shard_eval_loader`) and gathered on every rank, each image once, ordered by
-        image id."""
-        acc = self.accelerator
-        # The unwrapped model: DDP would sync BatchNorm buffers in forward, and processes get unequal
-        # numbers of evaluation batches.
-        model = acc.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        records: list[dict[str, Any]] = []
-        shard = shard_eval_loader(loader, acc.num_processes, acc.process_index)
-        with preserved_rng():
-            for batch in tqdm(shard, desc="eval", dynamic_ncols=True, disable=not acc.is_main_process):
-                records.extend(self.predict_fn(model, send_to_device(batch, acc.device)))
-        gathered = gather_object(records) if acc.num_processes > 1 else records
-        model.train(was_training)
-        self.num_gathered = len(gathered)  # before de-duplication (tests check nothing is duplicated)
-        unique = {}
-        for record in gathered:
-            unique.setdefault(record["image_id"], record)
-        return [unique[k] for k in sorted(unique)]
+            self.accelerator.log(scalars, step=self.progress.global_step)
+        return result.metrics
 
     # ------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -540,15 +511,72 @@ class Trainer:
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{max(lrs):.2e}")
 
     def _write_jsonl(self, record: dict[str, Any]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        path = self.run_dir / "metrics.jsonl"
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:
-                f.write(json.dumps(record, default=_json_default) + "\n")
-        except OSError as err:
-            raise write_error(path, err, "metrics file") from err
+        if self.accelerator.is_main_process:
+            append_jsonl(self.run_dir / "metrics.jsonl", record)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line to ``path`` (tensors as numbers/lists, NaN/inf as strings)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+    except OSError as err:
+        raise write_error(path, err, "metrics file") from err
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` returns: the metrics (every process), the images scored and the records
+    gathered before de-duplication (equal to ``num_images`` when no image was predicted twice)."""
+
+    metrics: dict[str, Any] | None
+    num_images: int
+    num_gathered: int
+
+
+@torch.no_grad()  # torch enters/leaves no_grad around each step of a generator, not across its yields
+def shard_predictions(accelerator: Accelerator, model: nn.Module, loader: torch.utils.data.DataLoader,
+                      predict_fn: PredictFn, desc: str = "eval") -> Iterator[Any]:
+    """``predict_fn(model, batch)`` for each batch of this process's share of a plain sequential ``loader``
+    (:func:`shard_eval_loader`), on the accelerator's device, without gradients, with a progress bar on
+    rank 0. Runs the unwrapped model (DDP would sync BatchNorm buffers in forward, and processes get unequal
+    numbers of batches) in eval mode, and leaves every RNG stream as it was."""
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    shard = shard_eval_loader(loader, accelerator.num_processes, accelerator.process_index)
+    try:
+        with preserved_rng():
+            for batch in tqdm(shard, desc=desc, dynamic_ncols=True, disable=not accelerator.is_main_process):
+                yield predict_fn(model, send_to_device(batch, accelerator.device))
+    finally:
+        model.train(was_training)
+
+
+def gather_predictions(accelerator: Accelerator, model: nn.Module, loader: torch.utils.data.DataLoader,
+                       predict_fn: PredictFn) -> tuple[list[dict[str, Any]], int]:
+    """Every process predicts its shard (:func:`shard_predictions`); returns, on every process, the records
+    (one dict per image, with ``image_id``) of all processes, each image once, ordered by image id, and
+    the number of records gathered before de-duplication."""
+    records = [record for batch in shard_predictions(accelerator, model, loader, predict_fn) for record in batch]
+    gathered = gather_object(records) if accelerator.num_processes > 1 else records
+    unique: dict[Any, dict[str, Any]] = {}
+    for record in gathered:
+        unique.setdefault(record["image_id"], record)
+    return [unique[k] for k in sorted(unique)], len(gathered)
+
+
+def evaluate(accelerator: Accelerator, model: nn.Module, loader: torch.utils.data.DataLoader,
+             predict_fn: PredictFn, evaluate_fn: EvaluateFn, out_dir: str | Path) -> Evaluation:
+    """Predict ``loader`` on every process's shard, gather every image once, score on rank 0 with
+    ``evaluate_fn(records, out_dir)`` (which writes its report there). Training and the ``checkpoint=``
+    evaluation both run this; it needs no optimizer or training loader and disturbs no RNG stream."""
+    records, gathered = gather_predictions(accelerator, model, loader, predict_fn)
+    metrics = evaluate_fn(records, Path(out_dir)) if accelerator.is_main_process else None
+    metrics = broadcast_object_list([metrics])[0]
+    return Evaluation(metrics, len(records), gathered)
 
 
 def truncate_metrics(path: Path, global_step: int) -> int:
@@ -621,12 +649,8 @@ def _plain(obj: Any) -> Any:
         return None
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
     return obj
 
 

@@ -23,6 +23,8 @@ Exit codes: 0 success, 1 bad input (missing/invalid file, unknown image or categ
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -30,14 +32,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stepwise.cli import UsageError, parse_args, parse_bool, parse_int, wants_help
 from stepwise.evaluation import evaluate_lvis
+from stepwise.utils.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:  # torch, hydra and the model load only when the checkpoint mode runs
     from torch import nn
-
-
-class UsageError(ValueError):
-    """Bad command-line arguments (exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,7 @@ class Mode:
 
 
 def _run_predictions(args: dict[str, str]) -> int:
-    try:
-        max_dets = int(args.get("max_dets", "300"))
-    except ValueError:
-        raise UsageError(f"max_dets must be an integer, got {args['max_dets']!r}") from None
+    max_dets = parse_int("max_dets", args.get("max_dets", "300"))
     evaluator = args.get("evaluator", "auto")
     if evaluator not in ("auto", "hotcoco", "lvis"):
         raise UsageError(f"evaluator must be auto, hotcoco or lvis, got {evaluator!r}")
@@ -76,12 +73,7 @@ _DATA_KEYS = {"gt": "data.val_ann", "image_root": "data.val_image_root", "train_
 
 def _run_checkpoint(args: dict[str, str]) -> int:
     """``checkpoint=`` mode: see :func:`evaluate_checkpoint`; the keys outside the mode's are overrides."""
-    try:
-        max_dets = int(args.get("max_dets", "300"))
-    except ValueError:
-        raise UsageError(f"max_dets must be an integer, got {args['max_dets']!r}") from None
-    if max_dets < 1:
-        raise UsageError(f"max_dets must be >= 1, got {max_dets}")
+    max_dets = parse_int("max_dets", args.get("max_dets", "300"), minimum=1)
     taus, knn = parse_taus(args.get("tau")), parse_bool("knn", args.get("knn", "false"))
     from stepwise.config import ConfigError
 
@@ -101,8 +93,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, g
                         knn: bool = False) -> dict[str, Any] | None:
     """Predict the val set with a trained checkpoint and score it with the LVIS metrics.
 
-    Works the same in one process and under ``accelerate launch`` on several, through the engine's
-    evaluation (as at training time): every process predicts its share of the batches, every image is
+    Works the same in one process and under ``accelerate launch`` on several, through
+    :func:`stepwise.engine.evaluate` (the training-time evaluation, without a Trainer): every process predicts its share of the batches, every image is
     gathered once, and rank 0 writes ``predictions.json`` (LVIS results format), ``metrics.json``,
     ``per_class.csv`` and a ``metrics.jsonl`` line into ``out``.
 
@@ -124,12 +116,11 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, g
         The metrics (AP, APr, APc, APf, AP1..AP4, ...) on every process; with several model variants (tau,
         knn) those of the first.
     """
-    import torch
-
-    from stepwise.analysis.trained import load_trained_model, run_dir_of
-    from stepwise.data import build_dataset
-    from stepwise.engine import Trainer, TrainSettings, make_accelerator
-    from stepwise.stages import common
+    # Here, not at the top: the predictions= mode runs without loading torch, the model or hydra.
+    from stepwise.data.loaders import build_dataset, build_eval_loader
+    from stepwise.engine import TrainSettings, append_jsonl, evaluate, make_accelerator
+    from stepwise.stages.common import detection_predictor, ensure_data, lvis_evaluator
+    from stepwise.trained import load_trained_model, run_dir_of
 
     given = {"gt": gt, "image_root": image_root, "train_gt": train_gt}
     data_overrides = [f"{_DATA_KEYS[k]}={v}" for k, v in given.items() if v is not None]
@@ -140,38 +131,30 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, g
     settings = replace(TrainSettings.from_config(cfg), trackers=(), resume=False)
     accelerator = make_accelerator(settings, out)
     if gt is None:
-        common.ensure_data(cfg, accelerator)
+        ensure_data(cfg, accelerator)
     val_ds = build_dataset(cfg.data, "val", categories=trained.categories)
-    limit = cfg.stage.get("max_eval_images")
-    if limit is not None:
-        val_ds = torch.utils.data.Subset(val_ds, range(min(int(limit), len(val_ds))))
-    collate = common.collate_fn(cfg.data)
-    batch_size = int(cfg.stage.get("eval_batch_size") or cfg.data.batch_size)
-    workers = int(cfg.data.get("num_workers", 0) or 0)
+    # .get: the saved config of a stage without these keys evaluates everything, data.batch_size at a time
+    loader = build_eval_loader(val_ds, cfg.data, cfg.stage.get("eval_batch_size"), cfg.stage.get("max_eval_images"))
     train_ann = cfg.data.train_ann if train_gt is not None or Path(cfg.data.train_ann).is_file() else None
     accelerator.print(f"stepwise: evaluating {trained.path} (step {trained.global_step}) on {cfg.data.val_ann} "
-                      f"({len(val_ds)} images, {accelerator.num_processes} process(es)); training counts for "
-                      f"AP1..AP4 from {train_ann or 'the val file categories'}")
+                      f"({len(loader.dataset)} images, {accelerator.num_processes} process(es)); training counts "
+                      f"for AP1..AP4 from {train_ann or 'the val file categories'}")
+    evaluate_fn = lvis_evaluator(cfg.data.val_ann, train_ann, max_dets=max_dets)
 
     first, table = None, {}
     for name, model in model_variants(trained.model, taus=taus, knn=knn):
         target = out / name if name else out
-        predict = common.detection_predictor(model, trained.categories, num_top=max_dets)
-        # The engine's Trainer runs the distributed predict/gather/score; its optimizer is never stepped
-        # and its training loader (the val set again) never iterated. Inference runs on the unwrapped
-        # model: DDP's forward would sync BatchNorm buffers, a collective that hangs when a process has
-        # fewer evaluation batches than another.
-        trainer = Trainer(accelerator, model, common.build_criterion(cfg, model, accelerator),
-                          common.eval_loader(val_ds, batch_size, collate, workers), settings, target,
-                          val_loader=common.eval_loader(val_ds, batch_size, collate, workers),
-                          predict_fn=lambda m, batch, predict=predict: predict(accelerator.unwrap_model(m), batch),
-                          evaluate_fn=common.lvis_evaluator(cfg.data.val_ann, train_ann, max_dets=max_dets),
-                          categories=trained.categories, config=cfg)
-        metrics = trainer.evaluate(target, tag=f"checkpoint:{name or trained.path.name}")
+        # on the device, under the run's mixed precision, as the training-time evaluation ran it
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        predict = detection_predictor(model, trained.categories, num_top=max_dets)
+        result = evaluate(accelerator, model, loader, predict, evaluate_fn, target)
         if accelerator.is_main_process:
+            append_jsonl(target / "metrics.jsonl", {"type": "eval", "tag": f"checkpoint:{name or trained.path.name}",
+                                                    "global_step": trained.global_step,
+                                                    "num_images": result.num_images, "metrics": result.metrics})
             print(f"wrote {target / 'predictions.json'}, {target / 'metrics.json'} and {target / 'per_class.csv'}")
-        first = metrics if first is None else first
-        table[name] = metrics
+        first = result.metrics if first is None else first
+        table[name] = result.metrics
     if accelerator.is_main_process and any(table):
         print(variant_table(table, out), end="")
     accelerator.wait_for_everyone()  # no process leaves while another is still in a collective (gloo aborts)
@@ -206,11 +189,6 @@ VARIANT_KEYS = ("AP", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4")
 def variant_table(table: dict[str, dict[str, Any] | None], out: str | Path) -> str:
     """Write ``out/variants.csv`` and ``out/variants.json`` (metrics per variant); return the printed table
     of ``VARIANT_KEYS`` in percent ('-' where undefined)."""
-    import csv
-    import io
-
-    from stepwise.utils.io import atomic_write_json, atomic_write_text
-
     rows = [{"variant": name or "model", **{k: (m or {}).get(k) for k in VARIANT_KEYS}} for name, m in table.items()]
     out = Path(out)
     atomic_write_json(out / "variants.json", {name or "model": m for name, m in table.items()})
@@ -241,14 +219,6 @@ def parse_taus(text: str | None) -> list[float]:
     return taus
 
 
-def parse_bool(key: str, text: str) -> bool:
-    """``true/false`` (also 1/0, yes/no) -> bool; anything else is a UsageError naming ``key``."""
-    value = text.strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise UsageError(f"{key} must be true or false, got {text!r}")
-    return value in ("true", "1", "yes")
-
-
 MODES: dict[str, Mode] = {
     "predictions": Mode(
         key="predictions",
@@ -267,19 +237,6 @@ MODES: dict[str, Mode] = {
         overrides=True,
     ),
 }
-
-
-def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; anything else, or a repeated key, is a ``UsageError``."""
-    args: dict[str, str] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise UsageError(f"expected key=value, got {arg!r}")
-        if key in args:
-            raise UsageError(f"key {key!r} given twice")
-        args[key] = value
-    return args
 
 
 def _usage() -> str:
@@ -311,7 +268,7 @@ def select_mode(args: dict[str, str]) -> Mode:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
+    if wants_help(argv):
         print(_usage())
         return 0
     try:

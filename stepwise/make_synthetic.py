@@ -9,44 +9,32 @@ from __future__ import annotations
 
 import sys
 
+from stepwise.cli import UsageError, parse_args, parse_int
+from stepwise.data.synthetic import PRESETS, ensure_synthetic, format_summary, read_meta
+
 USAGE = "usage: python -m stepwise.make_synthetic out=DIR [preset=tiny|small|study|large] [seed=0] [workers=N, 0 = auto]"
 DEFAULTS = {"out": None, "preset": "small", "seed": "0", "workers": None}
 
 
-class UsageError(ValueError):
-    """A command-line argument the entry point cannot use."""
-
-
-def parse_args(argv: list[str]) -> dict:
+def options(argv: list[str]) -> dict:
     """``key=value`` arguments -> {out: str, preset: str, seed: int, workers: int | None}."""
-    args = dict(DEFAULTS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+")  # accept Hydra-style "+key=value"
-        if not sep:
-            raise UsageError(f"argument {arg!r} is not key=value")
-        if key not in DEFAULTS:
-            raise UsageError(f"unknown key {key!r}; known keys: {', '.join(DEFAULTS)}")
-        args[key] = value
+    given = parse_args(argv)
+    unknown = [key for key in given if key not in DEFAULTS]
+    if unknown:
+        raise UsageError(f"unknown key {unknown[0]!r}; known keys: {', '.join(DEFAULTS)}")
+    args = {**DEFAULTS, **given}
     if not args["out"]:
         raise UsageError("missing out=DIR")
     for key in ("seed", "workers"):
         if args[key] is not None:
-            try:
-                args[key] = int(args[key])
-            except ValueError:
-                raise UsageError(f"{key}={args[key]!r} is not an integer") from None
-            if args[key] < 0:
-                raise UsageError(f"{key}={args[key]} must be >= 0")
+            args[key] = parse_int(key, args[key], minimum=0)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the entry point; returns the exit code."""
-    from stepwise.data.synthetic import PRESETS, ensure_synthetic, format_summary, read_meta
-
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = options(sys.argv[1:] if argv is None else argv)
         if args["preset"] not in PRESETS:
             raise UsageError(f"unknown preset {args['preset']!r}; known: {', '.join(PRESETS)}")
     except UsageError as err:

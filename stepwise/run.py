@@ -11,34 +11,25 @@ ranks wait, then runs ``stepwise.stages.<stage.name>.run(cfg)``.
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from accelerate import PartialState
 
-from stepwise.config import cli_config, prepare_run_dir
-
-
-def stage_module(name: str) -> Any:
-    """``stepwise.stages.<name>``, or SystemExit(2) naming the stages that exist."""
-    try:
-        return importlib.import_module(f"stepwise.stages.{name}")
-    except ModuleNotFoundError as err:
-        if err.name != f"stepwise.stages.{name}":
-            raise
-        from importlib.resources import files
-        known = sorted(p.name[:-3] for p in files("stepwise.stages").iterdir()
-                       if p.name.endswith(".py") and p.name not in ("__init__.py", "common.py"))
-        print(f"stepwise: unknown stage {name!r}; available: {', '.join(known)}", file=sys.stderr)
-        raise SystemExit(2) from None
+from stepwise.config import ConfigError, cli_config, prepare_run_dir
+from stepwise.stages import stage_module
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
     """Compose the config from ``argv`` (default ``sys.argv[1:]``) and run its stage; returns its result."""
     cfg = cli_config(argv, validate=True)  # bad keys, values or an earlier run's checkpoints: exit 2, no directory
-    module = stage_module(cfg.stage.name)
+    try:
+        module = stage_module(cfg.stage.name)
+    except ConfigError as err:
+        print(f"stepwise: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     state = PartialState(cpu=not torch.cuda.is_available())  # as make_accelerator: gloo group on CPUs
     prepare_run_dir(cfg, state.is_main_process)
     state.wait_for_everyone()

@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from stepwise.config import CONFIG_DIR, ConfigError, load_config, prepare_run_dir
-from stepwise.stages.all import TRAINING_STEPS, step_config, step_done
+from stepwise.stages.all import TRAINING_STEPS, set_resume, step_config, step_done
 from stepwise.utils.io import atomic_write_json, atomic_write_text
 
 STEPS = ("pretrain", "select", "finetune", "distill")
@@ -401,15 +401,11 @@ def wall_seconds(run_dir: Path) -> float | None:
 def run_step(run: StepRun, state: Any) -> None:
     """Run one step unless its outputs exist; an interrupted step resumes from its last checkpoint. The wall
     time of each session is added to ``<run dir>/wall_time.json``."""
-    from stepwise.checkpoint import find_latest
-
     if step_done(run.config):
         state.print(f"stepwise: study: {run.key} (seed {run.seed}) done, skipping")
         return
     cfg = run.config.copy()
-    with open_dict(cfg):
-        cfg.resume = find_latest(run.dir) is not None
-        cfg.overwrite = not cfg.resume  # a final checkpoint without a step checkpoint (interrupted eval): rerun
+    set_resume(cfg)
     state.print(f"stepwise: study: {run.key} (seed {run.seed}; {', '.join(run.variants)}) -> {run.dir}"
                 + (" (resuming)" if cfg.resume else ""))
     prepare_run_dir(cfg, state.is_main_process)

@@ -19,7 +19,7 @@ import glob
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -27,10 +27,14 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from stepwise.analysis.draw import class_color, display_scale, draw_boxes, enlarge
-from stepwise.analysis.trained import TrainedModel, load_trained_model, run_dir_of
+from stepwise.cli import UsageError, parse_args, parse_int, parse_number, wants_help
+from stepwise.config import ConfigError
 from stepwise.data.annotation_index import AnnotationIndex
 from stepwise.data.lvis_dataset import image_path
-from stepwise.evaluate import UsageError, parse_args
+from stepwise.data.transforms import build_transforms
+from stepwise.models import final_class_head
+from stepwise.models.postprocess import PostProcess
+from stepwise.trained import TrainedModel, load_trained_model, run_dir_of
 from stepwise.utils.io import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -105,14 +109,10 @@ class Predictor:
     """
 
     def __init__(self, trained: TrainedModel, max_dets: int = 50) -> None:
-        from stepwise.data.transforms import build_transforms
-        from stepwise.models.postprocess import PostProcess
-        from stepwise.stages.common import model_head
-
         self.model = trained.model
         self.device = next(self.model.parameters()).device
         self.transform = build_transforms(False, trained.config.data)
-        self.post = PostProcess(num_top=max_dets, head=model_head(self.model))
+        self.post = PostProcess(num_top=max_dets, head=final_class_head(self.model))
 
     @torch.no_grad()
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
@@ -244,19 +244,10 @@ def visualize(checkpoint: str | Path, images: str | Path | Sequence[Path], out: 
     return VisualizeResult(written, failed)
 
 
-def _number(args: dict[str, str], key: str, kind: type) -> Any:
-    try:
-        return kind(args[key])
-    except ValueError:
-        raise UsageError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {args[key]!r}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    from stepwise.config import ConfigError
-
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
+    if wants_help(argv):
         print(USAGE)
         return 0
     try:
@@ -266,10 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"missing key(s): {', '.join(missing)}")
         args = {**{k: v for k, v in OPTIONS.items() if v is not None}, **given}
         overrides = [f"{k}={v}" for k, v in given.items() if k not in OPTIONS]
-        score_threshold, max_dets = _number(args, "score_threshold", float), _number(args, "max_dets", int)
-        min_side = _number(args, "min_side", int)
-        if max_dets < 1:
-            raise UsageError(f"max_dets must be >= 1, got {max_dets}")
+        score_threshold = parse_number("score_threshold", args["score_threshold"])
+        max_dets, min_side = parse_int("max_dets", args["max_dets"], minimum=1), parse_int("min_side", args["min_side"])
         device = None if args["device"] == "auto" else args["device"]
         result = visualize(args["checkpoint"], args["images"], args.get("out"), score_threshold, max_dets,
                            args.get("gt"), min_side, overrides, device)

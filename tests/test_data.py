@@ -267,11 +267,12 @@ def test_collate_pads_and_masks():
 
 def test_loaders_from_config(lvis_v1):
     ds = LVISDetection(*lvis_v1, transforms=build_transforms(True, SMALL))
-    train = build_train_loader(ds, SMALL, seed=3)
+    loader_cfg = {**SMALL, "batch_size": 2, "num_workers": 0, "rfs_threshold": None, "size_divisibility": 1}
+    train = build_train_loader(ds, loader_cfg, seed=3)
     train.sampler.set_epoch(1)
     seen = [t["image_id"] for batch in train for t in batch.targets]
     assert len(seen) == len(train.sampler) and set(seen) <= {1, 2, 5}
-    evl = build_eval_loader(LVISDetection(*lvis_v1, transforms=build_transforms(False, SMALL)), SMALL)
+    evl = build_eval_loader(LVISDetection(*lvis_v1, transforms=build_transforms(False, SMALL)), loader_cfg)
     assert [t["image_id"] for batch in evl for t in batch.targets] == [1, 2, 5]
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from stepwise.checkpoint import list_checkpoints, load_checkpoint
 from stepwise.engine import NonFiniteLossError, NonFiniteStateError, Trainer, TrainSettings, make_accelerator
-from stepwise.stages.common import eval_loader, train_loader
+from stepwise.data.loaders import eval_loader, train_loader
 
 
 class ToyData(torch.utils.data.Dataset):

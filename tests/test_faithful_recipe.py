@@ -152,11 +152,11 @@ def test_shared_query_kl_on_every_decoder_layer_by_hand():
     from stepwise.distill import TeacherStudentOutput
     from stepwise.models.outputs import DetectorOutput
 
+    from stepwise.heads import SigmoidFocalHead
+
     torch.manual_seed(0)
-    student_heads = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)]
-    teacher_heads = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)]
-    for head in student_heads + teacher_heads:
-        head.num_classes = 3
+    student_heads = [SigmoidFocalHead(4, 3), SigmoidFocalHead(4, 3)]
+    teacher_heads = [SigmoidFocalHead(4, 3), SigmoidFocalHead(4, 3)]
     q_teacher = [torch.randn(1, 2, 4), torch.randn(1, 2, 4)]
     teacher = DetectorOutput(logits=[teacher_heads[i](q_teacher[i]) for i in range(2)],
                              boxes=[torch.rand(1, 2, 4)] * 2, query_features=q_teacher)

@@ -118,11 +118,11 @@ def test_head_loss_updates_indicators_first_then_fcbl():
     matches, targets = one_image([0, 2], [0, 2])
     losses = head.loss(logits, matches, targets, num_boxes=2.0, features=None, layer="")
     assert head.indicators.class_count.tolist() == [10.0, 3.0, 1.0]
-    l = [10.0, 3.0, 1.0]
+    counts = [10.0, 3.0, 1.0]
     # query 0 (class 0): p = .731 .269 .622, p_bg = .119; scores all below the GT's -> weights 0
     q0 = -math.log(sig(1.0)) - math.log(1 - sig(-2.0))
     # query 2 (class 2): p = .378 .881 .550 -> class 1 beats the GT (w = 1), class 0 does not
-    d21 = 0.5 * math.log(l[1] / l[2])
+    d21 = 0.5 * math.log(counts[1] / counts[2])
     q2 = -math.log(sig(0.2)) - math.log(1 - sig(-1.0)) - math.log(1 - sig(2.0 + d21))
     q1 = (1 - sig(1.0)) ** 2 * -math.log(sig(1.0))  # unmatched: background channel only, focal-modulated
     assert set(losses) == {"loss_ce"}

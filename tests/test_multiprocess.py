@@ -57,7 +57,7 @@ def poisoned_run(out: Path) -> None:
     """Process 1 alone turns a weight NaN in optimizer step 2: the checkpoint of step 2 must be refused on
     both processes (each raises, neither hangs) and never written."""
     from stepwise.engine import Trainer, TrainSettings, make_accelerator
-    from stepwise.stages.common import train_loader
+    from stepwise.data.loaders import train_loader
 
     settings = TrainSettings(epochs=1, lr=1e-2, seed=3, checkpoint_every_steps=1, log_every=0)
     acc = make_accelerator(settings, out)
@@ -78,7 +78,7 @@ def poisoned_run(out: Path) -> None:
 def main(out: str, checkpoint: str) -> None:
     from stepwise.checkpoint import load_model_weights
     from stepwise.engine import Trainer, TrainSettings, make_accelerator
-    from stepwise.stages.common import eval_loader, train_loader
+    from stepwise.data.loaders import eval_loader, train_loader
 
     out = Path(out)
     settings = TrainSettings(epochs=2, lr=1e-2, lr_drop=(1,), lr_gamma=0.1, log_every=1, seed=3,

@@ -26,7 +26,7 @@ def assert_matches_reference(inputs, rtol, atol_scale):
     for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
         assert g.dtype == inputs[0].dtype and g.shape == r.shape, name
         atol = atol_scale * max(r.abs().max().item(), 1.0)
-        torch.testing.assert_close(g.double(), r, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.double(), r, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @needs_compiled

@@ -27,7 +27,7 @@ def compare(got, expected, rtol, atol_scale):
         assert g.shape == e.shape, name
         atol = atol_scale * max(e.abs().max().item(), 1.0)
         torch.testing.assert_close(
-            g.double().cpu(), e.double().cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}"
+            g.double().cpu(), e.double().cpu(), rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
         )
 
 

@@ -261,7 +261,7 @@ def test_seed_reaches_model_init_and_sampler():
 
     from stepwise.config import load_config
     from stepwise.engine import TrainSettings
-    from stepwise.stages.common import train_loader
+    from stepwise.data.loaders import train_loader
 
     orders, weights = [], []
     for seed in (0, 1):

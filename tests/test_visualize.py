@@ -113,7 +113,7 @@ def test_original_size_default_out_and_threshold(trained):
 
 def test_predictions_match_the_evaluation_pipeline(trained):
     """Visualize's single-image path gives the detections the evaluation's predictor gives."""
-    from stepwise.analysis.trained import load_trained_model
+    from stepwise.trained import load_trained_model
     from stepwise.data import build_dataset, collate
     from stepwise.stages.common import detection_predictor
 

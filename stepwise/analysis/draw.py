@@ -115,7 +115,7 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], texts: Sequ
             draw.rectangle(box, outline=color, width=style.line_width)
     # Labels after all outlines, so no outline crosses a label; the last box's label ends on top.
     pad = max(1, style.line_width // 2)
-    for (x0, y0, x1, y1), text, color in zip(boxes, texts, colors):
+    for (x0, y0, _x1, y1), text, color in zip(boxes, texts, colors):
         if not text:
             continue
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 COLUMNS = ("AP", "AP50", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4")
 
 
@@ -33,8 +35,6 @@ def read_per_class(path: str | Path) -> list[dict[str, Any]]:
 def draw_per_class(ax: Any, per_class: Mapping[str, list[dict]]) -> None:
     """Per-class AP (%) against the class's training instances (log x) on ``ax``: one point per class and a
     running mean per entry of ``per_class`` (label -> rows of :func:`read_per_class`)."""
-    import numpy as np
-
     for label, classes in per_class.items():
         pts = sorted((c["train_instances"], 100 * c["ap"]) for c in classes if c["ap"] is not None)
         if not pts:
@@ -58,8 +58,6 @@ def plot_ap_by_frequency(rows: Mapping[str, Mapping[str, Any]], per_class: Mappi
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
     keys = ["APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4"]
     fig, (bars, scatter) = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / max(len(rows), 1)

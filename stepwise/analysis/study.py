@@ -16,6 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from stepwise.analysis.steps import COLUMNS, draw_per_class, save_figure
 
 BAR_METRICS = ("AP", "APr", "APc", "APf")
@@ -167,8 +169,6 @@ def plot_study(summary: Mapping[str, Mapping[str, Any]], per_class: Mapping[str,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
     variants = [v for v, e in summary.items() if e.get("per_seed")]
     fig, (bars, scatter) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(variants) + 3), 9))
     width = 0.8 / len(metrics)
@@ -201,7 +201,7 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for k, (label, per_seed) in enumerate(curves.items()):
-            for j, (seed, curve) in enumerate(sorted(per_seed.items())):
+            for j, (_seed, curve) in enumerate(sorted(per_seed.items())):
                 points = [(p["epoch"], 100 * p["metrics"][metric]) for p in curve if p["metrics"].get(metric) is not None]
                 if points:
                     ax.plot(*zip(*points), "o-", ms=3, color=f"C{k}", alpha=0.8, label=label if j == 0 else None)

@@ -20,17 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
-from stepwise.heads.base import ClassifierHead
+from stepwise import cli
+from stepwise.cli import UsageError, wants_help
 from stepwise.heads.inference import class_weight_norms
+from stepwise.models import final_class_head
+from stepwise.trained import load_trained_model
 from stepwise.utils.io import atomic_path, atomic_write_text
 
 USAGE = "usage: python -m stepwise.analysis.weight_norms checkpoint=A.pt [checkpoint=B.pt ...] [label=NAME ...] out=plot.png"
-
-
-class UsageError(ValueError):
-    """Bad command-line arguments (exit code 2)."""
 
 
 @dataclass
@@ -46,16 +44,8 @@ class WeightNorms:
     norms: list[float]
 
 
-def final_class_head(model: nn.Module) -> ClassifierHead:
-    """The final decoder layer's class head of a ``DeformableDETR`` (``class_embed[num_decoder_layers - 1]``)."""
-    model = getattr(model, "module", model)
-    return model.class_embed[model.transformer.decoder.num_layers - 1]
-
-
 def checkpoint_norms(checkpoint: str | Path, label: str | None = None) -> WeightNorms:
     """Rebuild the checkpoint's detector and read its final-layer class weight norms (see the module doc)."""
-    from stepwise.analysis.trained import load_trained_model
-
     trained = load_trained_model(checkpoint)
     norms = class_weight_norms(final_class_head(trained.model)).tolist()
     cats, cfg = trained.categories, trained.config
@@ -116,19 +106,13 @@ def plot(curves: Sequence[WeightNorms], path: str | Path) -> Path:
 
 def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], str]:
     """(checkpoints, labels, out) from ``key=value`` arguments; ``checkpoint=`` and ``label=`` repeat."""
-    checkpoints, labels, out = [], [], None
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or not value:
-            raise UsageError(f"expected key=value, got {arg!r}")
-        if key == "checkpoint":
-            checkpoints.append(value)
-        elif key == "label":
-            labels.append(value)
-        elif key == "out" and out is None:
-            out = value
-        else:
-            raise UsageError(f"unknown or repeated key {key!r}; known: checkpoint (repeatable), label (repeatable), out")
+    args = cli.parse_args(argv, repeatable=("checkpoint", "label"))
+    unknown = sorted(set(args) - {"checkpoint", "label", "out"})
+    if unknown:
+        raise UsageError(f"unknown key(s) {unknown}; known: checkpoint (repeatable), label (repeatable), out")
+    checkpoints, labels, out = args.get("checkpoint", []), args.get("label", []), args.get("out")
+    if not all([*checkpoints, *labels, out if out is not None else "-"]):
+        raise UsageError("checkpoint=, label= and out= need a value")
     if not checkpoints or out is None:
         raise UsageError("need at least one checkpoint= and out=")
     if labels and len(labels) != len(checkpoints):
@@ -139,7 +123,7 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
+    if wants_help(argv):
         print(USAGE)
         return 0
     try:

@@ -45,6 +45,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from stepwise.utils.bins import instance_bin_index
+
 from stepwise.utils.io import atomic_write_json, read_json
 
 FORMAT_VERSION = 1
@@ -69,10 +71,10 @@ COLOURS = {
 }
 TEXTURES = ("solid", "striped", "dotted")
 
-# LVIS frequency thresholds on training image counts, and the BAGS instance-count bins.
+# LVIS frequency thresholds on training image counts, and the names of the BAGS instance-count bins
+# (stepwise.utils.bins).
 RARE_MAX_IMAGES = 10
 COMMON_MAX_IMAGES = 100
-INSTANCE_BIN_EDGES = (10, 100, 1000)
 INSTANCE_BIN_NAMES = ("<10", "10-100", "100-1000", ">=1000")
 
 Box = tuple[int, int, int, int]  # x, y, w, h in integer pixels
@@ -260,8 +262,8 @@ def frequency_of(image_count: int) -> str:
 
 
 def instance_bin(instance_count: int) -> int:
-    """Index of the BAGS instance-count bin (<10, 10-100, 100-1000, >=1000) of a class."""
-    return int(np.searchsorted(INSTANCE_BIN_EDGES, instance_count, side="right"))
+    """Index of the BAGS instance-count bin (<10, 10-100, 100-1000, >=1000) of a class (``INSTANCE_BIN_NAMES``)."""
+    return instance_bin_index(instance_count)
 
 
 def get_preset(preset: str | Preset) -> Preset:

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 
 import numpy as np
 
 from stepwise.evaluation.backends import AREA_LABELS, IOU_THRS
 from stepwise.evaluation.inputs import FREQUENCIES
+from stepwise.utils.bins import INSTANCE_BIN_EDGES, instance_bin_index
 
-# Training-instance bins of the BAGS paper (Li et al. 2020, eq. 3 and Sec. 4.1): category j is in bin n
-# when s_n^l <= N(j) < s_n^h with s^l = 0, 10, 100, 1000 and s_4^h = +inf, i.e. [0,10) [10,100)
-# [100,1000) [1000,inf). A category with exactly 10 training instances is in bin 2, 100 in bin 3, 1000 in bin 4.
-INSTANCE_BIN_EDGES = (10, 100, 1000)
 LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
 
 def instance_bin(count: int, edges: Sequence[int] = INSTANCE_BIN_EDGES) -> int:
-    """1-based bin of a category with ``count`` training instances (1 .. len(edges) + 1)."""
-    return bisect.bisect_right(list(edges), count) + 1
+    """1-based bin of a category with ``count`` training instances (1 .. len(edges) + 1), the n of APn:
+    :func:`stepwise.utils.bins.instance_bin_index` + 1 (10 instances: bin 2, 100: bin 3, 1000: bin 4)."""
+    return instance_bin_index(count, edges) + 1
 
 
 def _mean_valid(s: np.ndarray) -> float | None:

@@ -8,10 +8,12 @@ from stepwise.heads.base import ClassifierHead
 from stepwise.heads.inference import MetricLearningHead, with_metric_learning
 from stepwise.heads.sigmoid import SigmoidFocalHead
 
-HEADS = {"sigmoid": SigmoidFocalHead}
-HEADS["bacl"] = BACLHead
-HEADS["bags"] = BAGSHead
-HEADS["hybrid_bags"] = HybridBAGSHead
+HEADS: dict[str, type[ClassifierHead]] = {
+    "sigmoid": SigmoidFocalHead,
+    "bags": BAGSHead,
+    "hybrid_bags": HybridBAGSHead,
+    "bacl": BACLHead,
+}
 
 
 def build_head(cfg_head, in_dim: int, num_classes: int, **context) -> ClassifierHead:
@@ -24,7 +26,7 @@ def build_head(cfg_head, in_dim: int, num_classes: int, **context) -> Classifier
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
     head = HEADS[name].from_config(cfg_head, in_dim, num_classes, **context)
-    return with_metric_learning(head, cfg_head.get("metric_learning"), in_dim)
+    return with_metric_learning(head, cfg_head, in_dim)
 
 
 __all__ = ["HEADS", "BAGSHead", "ClassifierHead", "HybridBAGSHead", "MetricLearningHead", "SigmoidFocalHead",

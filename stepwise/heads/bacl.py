@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from stepwise.heads.base import ClassifierHead, matched_labels
+from stepwise.heads.base import ClassifierHead, ignored_queries, matched_labels
 from stepwise.heads.fhm import FeatureHallucination
 from stepwise.heads.indicators import INDICATORS, LongTermIndicators
 
@@ -180,7 +180,7 @@ class BACLHead(ClassifierHead):
             raise ValueError(f"BACL head expects {self.num_outputs} logits (C + 1), got {width}")
         labels = matched_labels(matches, targets, queries, fill=-1, num_labels=self.num_classes,
                                 device=logits.device)
-        keep = self._kept_queries(targets, batch, queries, logits.device)
+        keep = ~ignored_queries(targets, batch, queries, logits.device)
         if layer == "enc":
             return {"loss_ce": self._objectness_loss(logits, labels >= 0, keep) / num_boxes}
 
@@ -241,15 +241,6 @@ class BACLHead(ClassifierHead):
         loss = sigmoid_focal_loss(pairs, target[..., None].expand_as(pairs), alpha=ENC_ALPHA, gamma=ENC_GAMMA,
                                   reduction="none")
         return (loss * keep[..., None]).sum()
-
-    @staticmethod
-    def _kept_queries(targets: list[dict], batch: int, queries: int, device: torch.device) -> torch.Tensor:
-        """(B, Q) bool: False for queries matched to "ignore" boxes (``targets[b]["ignore_queries"]``)."""
-        keep = torch.ones(batch, queries, dtype=torch.bool, device=device)
-        for b, t in enumerate(targets):
-            if "ignore_queries" in t:
-                keep[b] &= ~t["ignore_queries"].to(device=device, dtype=torch.bool)
-        return keep
 
     def _to(self, device: torch.device) -> None:
         self.indicators.to(device)

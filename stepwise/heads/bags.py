@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from stepwise.heads.base import ClassifierHead, matched_labels
-from stepwise.heads.grouping import DEFAULT_EDGES, groups_from_edges, groups_from_kmeans
+from stepwise.heads.base import ClassifierHead, ignored_queries, matched_labels
+from stepwise.heads.grouping import groups_from_edges, groups_from_kmeans
 
 G0_LOSSES = ("focal", "ce")
 NUM_G0 = 2  # G0's outputs: foreground, no-object
@@ -135,6 +135,14 @@ class GroupSoftmaxHead(ClassifierHead):
         self.register_buffer("class_weight", weight)
         self.linear = nn.Linear(in_dim, self.num_outputs)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg_head, in_dim: int, num_classes: int, categories: Any = None,
+                    **context) -> GroupSoftmaxHead:
+        """Groups by the fixed instance-count ``edges`` (BAGS) of the training ``categories``."""
+        edges = [float(e) for e in cfg_head.edges]
+        groups = groups_from_edges(instance_counts(categories, num_classes, "bags"), edges)
+        return cls(in_dim, groups, num_groups=len(edges) + 1, **_common_options(cfg_head))
 
     def reset_parameters(self) -> None:
         """nn.Linear's default weights; biases 0 except G0's, which starts p_fg at ``prior_prob``."""
@@ -264,15 +272,6 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def ignored_queries(targets: list[dict[str, Any]], batch: int, queries: int, device: torch.device) -> torch.Tensor:
-    """(B, Q) bool: the queries the criterion marked ``ignore_queries`` (matched to "ignore" boxes)."""
-    out = torch.zeros(batch, queries, dtype=torch.bool, device=device)
-    for b, target in enumerate(targets):
-        if "ignore_queries" in target:
-            out[b] = target["ignore_queries"].to(device)
-    return out
-
-
 def instance_counts(categories: Any, num_classes: int, head: str) -> list[int]:
     """The training instance counts of the build context's ``categories`` (a clear error without them)."""
     counts = getattr(categories, "instance_counts", None)
@@ -285,19 +284,14 @@ def instance_counts(categories: Any, num_classes: int, head: str) -> list[int]:
 
 
 def _common_options(cfg_head) -> dict[str, Any]:
-    return {"beta": float(cfg_head.get("beta", 8.0)), "g0_loss": str(cfg_head.get("g0_loss", "focal")),
-            "g0_alpha": float(cfg_head.get("g0_alpha", 0.25)), "g0_gamma": float(cfg_head.get("g0_gamma", 2.0)),
-            "eos_coef": float(cfg_head.get("eos_coef", 0.1)), "prior_prob": float(cfg_head.get("prior_prob", 0.01))}
+    return {"beta": float(cfg_head.beta), "g0_loss": str(cfg_head.g0_loss), "g0_alpha": float(cfg_head.g0_alpha),
+            "g0_gamma": float(cfg_head.g0_gamma), "eos_coef": float(cfg_head.eos_coef),
+            "prior_prob": float(cfg_head.prior_prob)}
 
 
 class BAGSHead(GroupSoftmaxHead):
-    """BAGS: groups by fixed instance-count ``edges`` (default 10, 100, 1000 -> 4 groups)."""
-
-    @classmethod
-    def from_config(cls, cfg_head, in_dim: int, num_classes: int, categories: Any = None, **context) -> BAGSHead:
-        edges = [float(e) for e in cfg_head.get("edges", DEFAULT_EDGES)]
-        groups = groups_from_edges(instance_counts(categories, num_classes, "bags"), edges)
-        return cls(in_dim, groups, num_groups=len(edges) + 1, **_common_options(cfg_head))
+    """BAGS: groups by fixed instance-count ``head.edges`` (10, 100, 1000 -> 4 groups; the inherited
+    ``from_config``)."""
 
 
 class HybridBAGSHead(GroupSoftmaxHead):
@@ -307,11 +301,11 @@ class HybridBAGSHead(GroupSoftmaxHead):
     def from_config(cls, cfg_head, in_dim: int, num_classes: int, categories: Any = None,
                     **context) -> HybridBAGSHead:
         counts = instance_counts(categories, num_classes, "hybrid_bags")
-        bins = groups_from_kmeans(counts, int(cfg_head.get("num_bins", 4)))
+        bins = groups_from_kmeans(counts, int(cfg_head.num_bins))
         weight = None
-        if bool(cfg_head.get("class_weights", True)):
-            weight = bin_class_weights(counts, bins, float(cfg_head.get("class_weight_power", 1.0)))
-        return cls(in_dim, bins, class_weight=weight, focal_gamma=float(cfg_head.get("focal_gamma", 0.0)),
+        if bool(cfg_head.class_weights):
+            weight = bin_class_weights(counts, bins, float(cfg_head.class_weight_power))
+        return cls(in_dim, bins, class_weight=weight, focal_gamma=float(cfg_head.focal_gamma),
                    **_common_options(cfg_head))
 
 

@@ -19,8 +19,23 @@ sigmoid logits):
 * The criterion holds the final decoder layer's head and calls *its* ``loss`` for every layer's logits
   (with ``features=``/``layer=``), so that head instance is the single owner of any statistics; the
   per-layer copies only map features to logits.
-* ``head.state`` / ``head.load_state``: statistics outside the parameters (BACL's indicators, FHM
-  prototypes) that a checkpoint must carry.
+* ``HeadClass.from_config(cfg_head, in_dim, num_classes, **context)`` builds a head from its ``configs/head``
+  node (``context``: ``categories`` for heads that need the training counts); ``stepwise.heads.HEADS`` names it.
+
+Optional capabilities, each declared here with a default body (a head overrides what it supports):
+
+* ``supports_ignore`` (False): the head honours ``targets[b]["ignore_queries"]`` (:func:`ignored_queries`),
+  leaving queries matched to "ignore" boxes out of every loss term;
+* ``loss_weights`` ({}): weights of the losses it returns besides ``loss_ce``;
+* ``class_logits(logits)``: (..., K) -> (..., C) per-class logits (what a softmax over classes reads);
+* ``class_weight_rows()`` / ``tau_normalize_(tau)``: the (C, D) class weight rows, and their
+  tau-normalisation in place;
+* ``state`` / ``load_state`` ({} / refuses any key): statistics outside the parameters (BACL's indicators,
+  FHM) that a checkpoint must carry as ``head_state``. They are plain tensors, not registered buffers, on
+  purpose: DDP broadcasts every buffer from rank 0 before each forward (LVIS: 1203 x 1203 float64 per head
+  copy), and the per-layer copies would put them into every checkpoint's weights.
+
+``tests/test_head_contract.py`` checks every registered head against this contract.
 
 The two-stage encoder proposals are class-agnostic: the criterion calls ``scores``/``loss`` on the
 encoder logits with every label set to 0, so a head must accept any label < K there.
@@ -38,12 +53,18 @@ from torch import nn
 class ClassifierHead(nn.Module, metaclass=ABCMeta):
     """Maps decoder query features to logits, logits to class scores, and (logits, matches) to losses.
 
-    Subclasses implement ``forward``, ``scores`` and ``loss`` (instantiating one that does not raises
-    ``TypeError``); ``num_classes`` is C and ``num_outputs`` is K, the logit width.
+    Subclasses implement ``from_config``, ``forward``, ``scores`` and ``loss`` (instantiating one that does
+    not raises ``TypeError``); ``num_classes`` is C and ``num_outputs`` is K, the logit width.
     """
 
     num_classes: int
     num_outputs: int
+    supports_ignore: bool = False
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg_head: Any, in_dim: int, num_classes: int, **context: Any) -> ClassifierHead:
+        """The head of a ``configs/head/*.yaml`` node for ``in_dim``-d query features and C classes."""
 
     @abstractmethod
     def forward(self, query_features: torch.Tensor) -> torch.Tensor:
@@ -89,6 +110,12 @@ class ClassifierHead(nn.Module, metaclass=ABCMeta):
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state but got keys {sorted(state)}")
 
+    def class_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (..., C) per-class logits: the logits themselves when K == C, else log of the scores."""
+        if logits.shape[-1] == self.num_classes:
+            return logits
+        return self.scores(logits).clamp_min(1e-12).log()
+
     def class_weight_rows(self) -> torch.Tensor:
         """(C, D) the classifier weight row of each class, in class order (weight-norm plots, tau-norm).
 
@@ -100,6 +127,20 @@ class ClassifierHead(nn.Module, metaclass=ABCMeta):
             return linear.weight
         raise NotImplementedError(f"{type(self).__name__} does not expose per-class weight rows: implement "
                                   f"class_weight_rows() -> (C, D) on it")
+
+    @torch.no_grad()
+    def tau_normalize_(self, tau: float) -> None:
+        """Divide each class weight row by its L2 norm ** ``tau`` in place (biases untouched).
+
+        Default: on ``class_weight_rows()`` when they are a view of one of the head's parameters; a head
+        whose rows are not (a copy) must override this, else TypeError.
+        """
+        rows = self.class_weight_rows()
+        storages = {p.untyped_storage().data_ptr() for p in self.parameters()}
+        if rows.untyped_storage().data_ptr() not in storages:
+            raise TypeError(f"{type(self).__name__}: class_weight_rows() is not a view of a parameter; implement "
+                            f"tau_normalize_(tau) on the head to support tau-normalisation")
+        rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau))
 
 
 def matched_labels(
@@ -123,6 +164,16 @@ def matched_labels(
             raise ValueError(f"image {_as_int(image)}: label {bad[0].item()} outside the head's "
                              f"{num_labels} classes")
         out[b, query_idx.to(device)] = labels.to(device)
+    return out
+
+
+def ignored_queries(targets: list[dict[str, Any]], batch: int, queries: int, device: torch.device) -> torch.Tensor:
+    """(B, Q) bool: the queries the criterion marked ``ignore_queries`` (matched to "ignore" boxes), which a
+    head with ``supports_ignore`` leaves out of every loss term."""
+    out = torch.zeros(batch, queries, dtype=torch.bool, device=device)
+    for b, target in enumerate(targets):
+        if "ignore_queries" in target:
+            out[b] = target["ignore_queries"].to(device=device, dtype=torch.bool)
     return out
 
 

@@ -18,10 +18,10 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-DEFAULT_EDGES = (10, 100, 1000)
+from stepwise.utils.bins import INSTANCE_BIN_EDGES, instance_bin_index
 
 
-def groups_from_edges(instance_counts: Sequence[int], edges: Sequence[float] = DEFAULT_EDGES) -> torch.Tensor:
+def groups_from_edges(instance_counts: Sequence[int], edges: Sequence[float] = INSTANCE_BIN_EDGES) -> torch.Tensor:
     """(C,) long group index of each class: the number of ``edges`` that are <= its instance count.
 
     Args:
@@ -33,7 +33,7 @@ def groups_from_edges(instance_counts: Sequence[int], edges: Sequence[float] = D
         raise ValueError(f"group edges must be a non-empty, strictly increasing list of positive numbers, "
                          f"got {edges}")
     counts = _counts(instance_counts)
-    return torch.tensor([sum(c >= e for e in edges) for c in counts], dtype=torch.long)
+    return torch.tensor([instance_bin_index(c, edges) for c in counts], dtype=torch.long)
 
 
 def groups_from_kmeans(instance_counts: Sequence[int], num_bins: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Options for any classifier head: tau-normalisation of class weights and metric learning.
 
 * Tau-normalisation (Kang et al. 2020, the BAGS paper's baseline): every class weight row w_j becomes
-  w_j / ||w_j||^tau, biases untouched; tau = 0 changes nothing, tau = 1 gives unit-norm rows. A head
-  either implements ``tau_normalize_(tau)`` (grouped heads: only the class rows) or exposes its rows with
-  ``class_weight_rows()`` as a view of a parameter (the sigmoid head), which is then scaled in place.
+  w_j / ||w_j||^tau, biases untouched; tau = 0 changes nothing, tau = 1 gives unit-norm rows
+  (``ClassifierHead.tau_normalize_``: by default on ``class_weight_rows()`` when they are a view of a
+  parameter, the sigmoid head; grouped heads override it to touch only the class rows).
 * Metric learning (hybrid BAGS paper, research option): :class:`MetricLearningHead` wraps any head,
   keeps a centre per class (an EMA of the final-layer query features of the queries matched to it),
   adds a center loss ``loss_center`` on those features, and at inference can replace the class scores
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,27 +27,13 @@ def class_weight_norms(head: ClassifierHead) -> torch.Tensor:
     return head.class_weight_rows().detach().float().norm(dim=1).cpu()
 
 
-@torch.no_grad()
 def tau_normalize_(head: ClassifierHead, tau: float) -> None:
-    """Divide each class weight row of ``head`` by its L2 norm ** ``tau``, in place; biases untouched.
-
-    Raises:
-        TypeError: the head has no ``tau_normalize_`` and its ``class_weight_rows()`` are not a view of one
-            of its parameters (so they cannot be changed in place).
-    """
+    """Divide each class weight row of ``head`` by its L2 norm ** ``tau``, in place; biases untouched
+    (``head.tau_normalize_``; ValueError for a negative tau, TypeError for a head that cannot)."""
     tau = float(tau)
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
-    own = getattr(head, "tau_normalize_", None)
-    if own is not None:
-        own(tau)
-        return
-    rows = head.class_weight_rows()
-    storages = {p.untyped_storage().data_ptr() for p in head.parameters()}
-    if rows.untyped_storage().data_ptr() not in storages:
-        raise TypeError(f"{type(head).__name__}: class_weight_rows() is not a view of a parameter; implement "
-                        f"tau_normalize_(tau) on the head to support tau-normalisation")
-    rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau))
+    head.tau_normalize_(tau)
 
 
 def classifier_heads(model: nn.Module) -> list[tuple[str, ClassifierHead]]:
@@ -103,10 +88,20 @@ class MetricLearningHead(ClassifierHead):
         self.register_buffer("centers", torch.zeros(self.num_classes, in_dim))
         self.register_buffer("center_count", torch.zeros(self.num_classes, dtype=torch.long))
 
+    @classmethod
+    def from_config(cls, cfg_head, in_dim: int, num_classes: int, head: ClassifierHead | None = None,
+                    **context) -> MetricLearningHead:
+        """``head`` (built from the same ``cfg_head`` node) wrapped with ``cfg_head.metric_learning``."""
+        if head is None:
+            raise ValueError("MetricLearningHead.from_config wraps a head: pass head=")
+        m = cfg_head.metric_learning
+        return cls(head, in_dim, center_weight=float(m.center_weight), momentum=float(m.momentum), knn=bool(m.knn),
+                   knn_k=int(m.knn_k), knn_temperature=float(m.knn_temperature))
+
     @property
-    def supports_ignore(self) -> bool:
+    def supports_ignore(self) -> bool:  # type: ignore[override]
         """Whether the inner head honours ``targets[b]["ignore_queries"]`` (the center loss only sees matches)."""
-        return bool(getattr(self.head, "supports_ignore", False))
+        return self.head.supports_ignore
 
     @property
     def num_outputs(self) -> int:  # type: ignore[override]
@@ -177,7 +172,7 @@ class MetricLearningHead(ClassifierHead):
 
     def tau_normalize_(self, tau: float) -> None:
         """Tau-normalise the inner head (the centres are not weights and stay as they are)."""
-        tau_normalize_(self.head, tau)
+        self.head.tau_normalize_(tau)
 
     @property
     def state(self) -> dict[str, Any]:
@@ -203,14 +198,11 @@ class MetricLearningHead(ClassifierHead):
                                       error_msgs)
 
 
-def with_metric_learning(head: ClassifierHead, cfg_metric: Mapping[str, Any] | None, in_dim: int) -> ClassifierHead:
-    """``head`` wrapped in :class:`MetricLearningHead` when ``cfg_metric.enabled``; else ``head`` itself."""
-    if not cfg_metric or not bool(cfg_metric.get("enabled", False)):
+def with_metric_learning(head: ClassifierHead, cfg_head: Any, in_dim: int) -> ClassifierHead:
+    """``head`` wrapped in :class:`MetricLearningHead` when ``cfg_head.metric_learning.enabled``; else ``head``."""
+    if not bool(cfg_head.metric_learning.enabled):
         return head
-    return MetricLearningHead(head, in_dim, center_weight=float(cfg_metric.get("center_weight", 0.1)),
-                              momentum=float(cfg_metric.get("momentum", 0.1)), knn=bool(cfg_metric.get("knn", False)),
-                              knn_k=int(cfg_metric.get("knn_k", 5)),
-                              knn_temperature=float(cfg_metric.get("knn_temperature", 1.0)))
+    return MetricLearningHead.from_config(cfg_head, in_dim, head.num_classes, head=head)
 
 
 def with_knn(model: nn.Module, enabled: bool = True) -> nn.Module:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from stepwise.heads.base import ClassifierHead, matched_labels
+from stepwise.heads.base import ClassifierHead, ignored_queries, matched_labels
 
 
 class SigmoidFocalHead(ClassifierHead):
@@ -25,9 +25,8 @@ class SigmoidFocalHead(ClassifierHead):
         nn.init.constant_(self.linear.bias, -math.log((1 - prior_prob) / prior_prob))
 
     @classmethod
-    def from_config(cls, cfg_head, in_dim: int, num_classes: int, **context) -> "SigmoidFocalHead":
-        return cls(in_dim, num_classes, alpha=cfg_head.get("alpha", 0.25), gamma=cfg_head.get("gamma", 2.0),
-                   prior_prob=cfg_head.get("prior_prob", 0.01))
+    def from_config(cls, cfg_head, in_dim: int, num_classes: int, **context) -> SigmoidFocalHead:
+        return cls(in_dim, num_classes, alpha=cfg_head.alpha, gamma=cfg_head.gamma, prior_prob=cfg_head.prior_prob)
 
     def forward(self, query_features: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., C) logits."""
@@ -51,7 +50,5 @@ class SigmoidFocalHead(ClassifierHead):
         loss = sigmoid_focal_loss(logits.float(), onehot[..., :width], alpha=self.alpha, gamma=self.gamma,
                                   reduction="none")
         if any("ignore_queries" in t for t in targets):  # queries on "ignore" boxes: no loss at all
-            ignored = torch.stack([t.get("ignore_queries", torch.zeros(queries, dtype=torch.bool,
-                                                                       device=logits.device)) for t in targets])
-            loss = loss * (~ignored.to(logits.device)).unsqueeze(-1)
+            loss = loss * (~ignored_queries(targets, batch, queries, logits.device)).unsqueeze(-1)
         return {"loss_ce": loss.sum() / num_boxes}

@@ -110,7 +110,7 @@ class SetCriterion(nn.Module):
         matches = self.matcher(self.head.scores(logits), boxes, full_targets)
         if full_targets is targets:
             return matches, targets
-        if not getattr(self.head, "supports_ignore", False):
+        if not self.head.supports_ignore:
             raise ValueError(f"training targets have 'ignore' boxes (replay set written with ignore regions) "
                              f"but the {type(self.head).__name__} head cannot leave queries out of its loss; "
                              f"use head=sigmoid or a replay set without ignore regions")
@@ -216,6 +216,6 @@ def build_criterion(cfg_loss, head: ClassifierHead, num_layers: int = 6, two_sta
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     base = {"loss_ce": float(cfg_loss.ce), "loss_bbox": float(cfg_loss.bbox), "loss_giou": float(cfg_loss.giou),
             **head.loss_weights}
-    aux_loss = bool(cfg_loss.get("aux_loss", True))
+    aux_loss = bool(cfg_loss.aux_loss)
     return SetCriterion(build_matcher(cfg_loss), head, expand_weights(base, num_layers, aux_loss, two_stage),
                         aux_loss=aux_loss, reduce_fn=reduce_fn)

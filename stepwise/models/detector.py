@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepwise.heads import build_head
+from stepwise.heads import ClassifierHead, build_head
 from stepwise.models.backbone import Backbone, downsample_mask
 from stepwise.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
 from stepwise.models.outputs import DetectorOutput
@@ -131,6 +131,18 @@ class DeformableDETR(nn.Module):
             enc_boxes=enc_coord_logits.sigmoid() if enc_coord_logits is not None else None)
 
 
+def final_class_head(model: nn.Module) -> ClassifierHead:
+    """The final decoder layer's class head (``class_embed[num_decoder_layers - 1]``) of a
+    ``DeformableDETR``, also when wrapped by DDP: the head the criterion and post-processing use."""
+    return decoder_class_heads(model)[-1]
+
+
+def decoder_class_heads(model: nn.Module) -> list[ClassifierHead]:
+    """The class head of every decoder layer, first to last (not the two-stage encoder's)."""
+    model = getattr(model, "module", model)
+    return list(model.class_embed[:model.transformer.decoder.num_layers])
+
+
 def build_detector(cfg_model, cfg_head, categories_or_num_classes: Any) -> DeformableDETR:
     """Build DeformableDETR from ``cfg.model`` and ``cfg.head`` for a CategoryMap (anything with len) or
     a number of classes. Grouped heads get ``categories=`` as build context."""
@@ -143,17 +155,18 @@ def build_detector(cfg_model, cfg_head, categories_or_num_classes: Any) -> Defor
     levels = int(cfg_model.num_feature_levels)
     if levels == 2:
         raise ValueError("model.num_feature_levels must be 1 (C5 only) or >= 3 (C3-C5 + extra levels)")
-    backbone = Backbone(cfg_model.backbone_name, weights=cfg_model.get("backbone_weights"),
+    backbone = Backbone(cfg_model.backbone_name, weights=cfg_model.backbone_weights,
                         strides=(8, 16, 32) if levels > 1 else (32,),
-                        frozen_prefixes=cfg_model.get("backbone_frozen_prefixes"),
-                        freeze_bn=bool(cfg_model.get("backbone_freeze_bn", True)))
+                        frozen_prefixes=cfg_model.backbone_frozen_prefixes,
+                        freeze_bn=bool(cfg_model.backbone_freeze_bn))
     two_stage = bool(cfg_model.two_stage)
     transformer = DeformableTransformer(
         d_model=cfg_model.d_model, nhead=cfg_model.nheads, num_encoder_layers=cfg_model.enc_layers,
         num_decoder_layers=cfg_model.dec_layers, dim_feedforward=cfg_model.dim_feedforward,
-        dropout=cfg_model.dropout, activation=cfg_model.get("activation", "relu"), num_feature_levels=levels,
+        dropout=cfg_model.dropout, activation=cfg_model.activation, num_feature_levels=levels,
         dec_n_points=cfg_model.dec_n_points, enc_n_points=cfg_model.enc_n_points, two_stage=two_stage,
         two_stage_num_proposals=cfg_model.num_queries,
+        # .get: configs saved in checkpoints written before the key existed lack it
         msda_low_precision=bool(cfg_model.get("msda_low_precision", False)))
     head = build_head(cfg_head, cfg_model.d_model, num_classes, **context)
     return DeformableDETR(backbone, transformer, head, num_queries=cfg_model.num_queries,

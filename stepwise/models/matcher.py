@@ -83,6 +83,5 @@ class HungarianMatcher(nn.Module):
 
 def build_matcher(cfg_loss) -> HungarianMatcher:
     """The matcher from the config's ``loss`` node (cost_class, cost_bbox, cost_giou, cost_alpha, cost_gamma)."""
-    return HungarianMatcher(cost_class=cfg_loss.get("cost_class", 2.0), cost_bbox=cfg_loss.get("cost_bbox", 5.0),
-                            cost_giou=cfg_loss.get("cost_giou", 2.0), alpha=cfg_loss.get("cost_alpha", 0.25),
-                            gamma=cfg_loss.get("cost_gamma", 2.0))
+    return HungarianMatcher(cost_class=cfg_loss.cost_class, cost_bbox=cfg_loss.cost_bbox, cost_giou=cfg_loss.cost_giou,
+                            alpha=cfg_loss.cost_alpha, gamma=cfg_loss.cost_gamma)

@@ -49,7 +49,7 @@ class PostProcess:
         h, w = orig_sizes.to(boxes).unbind(1)
         scale = torch.stack([w, h, w, h], dim=1).unsqueeze(1)  # (B, 1, 4)
         boxes = torch.minimum((boxes * scale).clamp(min=0), scale)
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(top_scores, labels, boxes)]
+        return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(top_scores, labels, boxes)]
 
 
 def to_lvis_results(detections: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int],

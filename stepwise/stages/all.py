@@ -1,17 +1,18 @@
 """``stage=all``: pretrain -> select -> finetune -> distill in one command, each step evaluated, then the step
 table (``runs/<exp>/all/steps.md``, ``steps.json``) and the AP-by-frequency plot (``ap_by_frequency.png``).
 
+The steps are declared once, in ``configs/stage/all.yaml`` (``steps`` and a ``<step>@<step>`` default each).
 Each step gets the current config with ``stage`` set to its own node ``stage.<step>`` (composed from
-``configs/stage/<step>.yaml``; override e.g. ``stage.finetune.epochs=2``). A step whose outputs exist is
-skipped (training steps: ``checkpoint_final.pt`` and ``eval/metrics.json``; select: both replay sets); a
-training step that was interrupted resumes from its last checkpoint (one without a step checkpoint to
-resume from starts again: ``overwrite`` is set for it). Root ``init_from``/``checkpoint``
-apply to pretrain only: the later steps read the earlier steps' directories.
+``configs/stage/<step>.yaml``; override e.g. ``stage.finetune.epochs=2``); a node with ``epochs`` is a
+training step. A step whose outputs exist is skipped (:func:`stepwise.stages.stage_outputs`: training steps
+``checkpoint_final.pt`` and ``eval/metrics.json``; select: both replay sets); a training step that was
+interrupted resumes from its last checkpoint (one without a step checkpoint to resume from starts again:
+``overwrite`` is set for it). Root ``init_from``/``checkpoint`` apply to pretrain only: the later steps read
+the earlier steps' directories.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,24 @@ from typing import Any
 from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from stepwise.analysis.steps import plot_ap_by_frequency, read_per_class, step_table
 from stepwise.checkpoint import find_latest
 from stepwise.config import ConfigError, prepare_run_dir
+from stepwise.stages import stage_module, stage_outputs
 from stepwise.utils.io import atomic_write_json, atomic_write_text
 
+# The training steps of configs/stage/all.yaml, for stepwise.study's plan (tests/test_cli.py checks that
+# they are the nodes with ``epochs``); stage=all itself reads the kind from each step's node.
 TRAINING_STEPS = ("pretrain", "finetune", "distill")
+
+
+def set_resume(cfg: DictConfig, overwrite: bool = False) -> None:
+    """Set ``cfg.resume`` (``run_dir`` holds a training checkpoint: continue from it) and ``cfg.overwrite``
+    (start again, deleting an earlier run's outputs: asked for, or nothing to resume from, e.g. a final
+    checkpoint without a step checkpoint, stopped by max_steps and interrupted in its evaluation)."""
+    with open_dict(cfg):
+        cfg.resume = find_latest(Path(cfg.run_dir)) is not None
+        cfg.overwrite = overwrite or not cfg.resume
 
 
 def step_config(cfg: DictConfig, step: str) -> DictConfig:
@@ -35,31 +49,24 @@ def step_config(cfg: DictConfig, step: str) -> DictConfig:
         if step != "pretrain":
             sub.init_from = None
             sub.checkpoint = None
-        sub.resume = find_latest(Path(sub.run_dir)) is not None  # an interrupted step continues
-        # a step with a final checkpoint but no step checkpoint to resume from (stopped by max_steps, then
-        # interrupted in its evaluation) is run again from its start
-        sub.overwrite = bool(cfg.get("overwrite")) or not sub.resume
+    set_resume(sub, bool(cfg.overwrite))  # an interrupted step continues
     OmegaConf.set_struct(sub, True)
     return sub
 
 
 def step_done(sub: DictConfig) -> bool:
-    """True when the step's outputs exist."""
-    run_dir = Path(sub.run_dir)
-    if sub.stage.name == "select":
-        return (run_dir / "d_head.json").is_file() and (run_dir / "d_tail.json").is_file()
-    return (run_dir / "checkpoint_final.pt").is_file() and (run_dir / "eval" / "metrics.json").is_file()
+    """True when the step's outputs (:func:`stepwise.stages.stage_outputs`) exist."""
+    return all((Path(sub.run_dir) / name).is_file() for name in stage_outputs(sub.stage.name))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the steps in order; returns ``{step: metrics}`` for the training steps."""
-    from stepwise.analysis.steps import plot_ap_by_frequency, read_per_class, step_table
-
     state = PartialState()
     steps = list(cfg.stage.steps)
-    unknown = [s for s in steps if s not in ("pretrain", "select", "finetune", "distill")]
+    unknown = [s for s in steps if not isinstance(cfg.stage.get(s), DictConfig)]
     if unknown:
-        raise ConfigError(f"stage.steps: unknown steps {unknown}")
+        raise ConfigError(f"stage.steps: unknown steps {unknown} (configs/stage/all.yaml declares "
+                          f"{[k for k, v in cfg.stage.items() if isinstance(v, DictConfig)]})")
     results: dict[str, Any] = {}
     for step in steps:
         sub = step_config(cfg, step)
@@ -69,9 +76,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             state.print(f"stepwise: step {step} -> {sub.run_dir}")
             prepare_run_dir(sub, state.is_main_process)
             state.wait_for_everyone()
-            importlib.import_module(f"stepwise.stages.{step}").run(sub)
+            stage_module(step).run(sub)
             state.wait_for_everyone()
-        if step in TRAINING_STEPS:
+        if "epochs" in sub.stage:
             with open(Path(sub.run_dir) / "eval" / "metrics.json") as f:
                 results[step] = json.load(f)
     out = Path(cfg.run_dir)

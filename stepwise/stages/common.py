@@ -1,97 +1,35 @@
-"""What every training stage builds the same way: data (synthetic generated once), deterministic loaders,
-the detector and its criterion, and the prediction/evaluation callables the engine runs.
+"""What every training stage builds the same way: data (synthetic generated once), loaders
+(:mod:`stepwise.data.loaders`), the detector and its criterion, the prediction/evaluation callables, and the
+:class:`~stepwise.engine.Trainer` (:func:`make_trainer`).
 
 Before any loader is built, :func:`preflight` checks what the stage will read (``data.preflight``): the
 validation file as the evaluator will load it, and every train/val image (header, size; full decode for
 small sets), so a bad file stops the stage at minute one instead of after training.
-
-Loaders here are built for exact resume: :class:`SeededDataset` gives sample ``i`` of epoch ``e`` its own
-RNG seed (so augmentations do not depend on worker assignment, skipped batches or prefetching), the
-sampler is ``RepeatFactorSampler`` (deterministic per ``(seed, epoch)``; all factors 1 without RFS), and
-workers are not persistent so ``set_epoch`` reaches them.
 """
 
 from __future__ import annotations
 
-import random
-from functools import partial
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+from torchvision.ops import box_convert
 
-
-class SeededDataset(Dataset):
-    """Wraps a dataset so item ``i`` is produced under RNG seeds derived from ``(seed, epoch, i)``.
-
-    The global torch/numpy/python RNG states are restored afterwards, so data loading in the main process
-    (``num_workers=0``) never shifts the training RNG (dropout) either. Other attributes (``categories``,
-    ``image_ids``, ``image_classes``) are forwarded to the wrapped dataset.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "dataset" or name.startswith("__"):  # unpickling in workers looks these up first
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
-def collate_fn(cfg_data: Any) -> Any:
-    """The data group's ``collate`` with its ``size_divisibility``."""
-    from stepwise.data import collate
-    return partial(collate, size_divisibility=int(cfg_data.get("size_divisibility", 1) or 1))
-
-
-def train_loader(dataset: Dataset, batch_size: int, seed: int, collate: Any = None, num_workers: int = 0,
-                 repeat_factors: torch.Tensor | None = None, epoch_length: int | None = None) -> DataLoader:
-    """A shuffled training loader that an interrupted-and-resumed run replays exactly.
-
-    Args:
-        dataset: any map-style dataset (wrapped in :class:`SeededDataset`).
-        batch_size: per process.
-        seed: the run's seed (sampler order and per-sample seeds).
-        repeat_factors: (len(dataset),) RFS factors; None = each item once per epoch.
-        epoch_length: samples per epoch taken from the shuffled repeated list (None: all of it).
-    """
-    from stepwise.data.samplers import RepeatFactorSampler
-
-    factors = torch.ones(len(dataset), dtype=torch.float64) if repeat_factors is None else repeat_factors
-    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size,
-                      sampler=RepeatFactorSampler(factors, seed=seed, shuffle=True, epoch_length=epoch_length),
-                      collate_fn=collate,
-                      num_workers=num_workers, persistent_workers=False, drop_last=False,
-                      generator=torch.Generator().manual_seed(seed))
-
-
-def eval_loader(dataset: Dataset, batch_size: int, collate: Any = None, num_workers: int = 0) -> DataLoader:
-    """Sequential loader; the engine deals its batches out to the processes (``engine.shard_eval_loader``)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
-                      drop_last=False, generator=torch.Generator().manual_seed(0))
+from stepwise.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
+from stepwise.data.loaders import build_dataset, build_eval_loader, build_train_loader
+from stepwise.data.synthetic import ensure_synthetic
+from stepwise.engine import ForwardFn, Trainer, TrainSettings, detection_forward
+from stepwise.evaluation.detections import Detections
+from stepwise.models import build_detector, final_class_head, freeze_batch_norm, param_groups, trainable_only
+from stepwise.models.criterion import SetCriterion, build_criterion
+from stepwise.models.postprocess import PostProcess
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -99,49 +37,30 @@ def ensure_data(cfg: Any, accelerator: Accelerator) -> None:
     """Generate the built-in synthetic data on first use (main process; the others wait)."""
     if cfg.data.name == "synthetic":
         if accelerator.is_main_process:
-            from stepwise.data.synthetic import ensure_synthetic
             ensure_synthetic(cfg.data.root, cfg.data.preset, int(cfg.data.synthetic_seed))
         accelerator.wait_for_everyone()
 
 
-def build_datasets(cfg: Any, train_ann: str | None = None) -> tuple[Any, Any]:
-    """(train, val) ``LVISDetection``; val shares train's category map. ``train_ann`` overrides the file."""
-    from stepwise.data import build_dataset
-
-    train = build_dataset(cfg.data, "train", ann_file=train_ann)
+def build_datasets(cfg: Any, train_ann: str | None = None, categories: Any = None) -> tuple[Any, Any]:
+    """(train, val) ``LVISDetection``; ``train_ann`` overrides the training file; val shares train's
+    category map, or both use ``categories`` when given (a replay set: the full training file's map)."""
+    train = build_dataset(cfg.data, "train", ann_file=train_ann, categories=categories)
     val = build_dataset(cfg.data, "val", categories=train.categories)
     return train, val
 
 
 def build_loaders(cfg: Any, train_ds: Any, val_ds: Any, repeat_factors: torch.Tensor | None = None,
                   epoch_length: int | None = None) -> tuple[DataLoader, DataLoader]:
-    """Training loader and evaluation loader (``stage.eval_batch_size``; first ``stage.max_eval_images``
-    images when set). First refuses an empty training set and (with ``data.preflight``) runs :func:`preflight`.
-
-    ``repeat_factors`` (len(train_ds),): the sampler's per-image factors (a replay stage's step-wise RFS);
-    None: generic RFS with ``data.rfs_threshold`` (every image once per epoch when that is null), an epoch
-    of ``len(train_ds)`` samples with ``data.rfs_epoch=dataset`` (the whole repeated list with ``repeated``).
-    ``epoch_length``: samples per epoch drawn from the shuffled repeated list (None: all of it).
-    """
-    from stepwise.data import repeat_factors_from_dataset
-
+    """Training loader (:func:`~stepwise.data.loaders.build_train_loader`: ``repeat_factors``
+    (len(train_ds),) or generic RFS with ``data.rfs_threshold`` and ``data.rfs_epoch``, ``epoch_length``
+    samples per epoch) and evaluation loader (``stage.eval_batch_size``; first ``stage.max_eval_images``
+    images when set). First refuses an empty training set and (with ``data.preflight``) runs :func:`preflight`."""
     check_not_empty(train_ds)
-    limit = cfg.stage.get("max_eval_images")
-    if cfg.data.get("preflight", True):
+    limit = cfg.stage.max_eval_images
+    if cfg.data.preflight:
         preflight(cfg, train_ds, val_ds, val_indices=None if limit is None else range(min(int(limit), len(val_ds))))
-    threshold = cfg.data.get("rfs_threshold")
-    if repeat_factors is None and threshold is not None:
-        repeat_factors = repeat_factors_from_dataset(train_ds, float(threshold))
-        if cfg.data.rfs_epoch == "dataset":  # RFS changes the mix of an epoch, not its number of steps
-            epoch_length = len(train_ds)
-    workers = int(cfg.data.get("num_workers", 0) or 0)
-    collate = collate_fn(cfg.data)
-    train = train_loader(train_ds, int(cfg.data.batch_size), int(cfg.seed), collate, workers, repeat_factors,
-                         epoch_length)
-    if limit is not None:
-        val_ds = torch.utils.data.Subset(val_ds, range(min(int(limit), len(val_ds))))
-    eval_bs = cfg.stage.get("eval_batch_size") or cfg.data.batch_size
-    return train, eval_loader(val_ds, int(eval_bs), collate, workers)
+    train = build_train_loader(train_ds, cfg.data, int(cfg.seed), repeat_factors, epoch_length)
+    return train, build_eval_loader(val_ds, cfg.data, cfg.stage.eval_batch_size, limit)
 
 
 class PreflightError(ValueError):
@@ -174,9 +93,6 @@ def preflight(cfg: Any, train_ds: Any, val_ds: Any, val_indices: Any = None, dec
     :func:`stepwise.data.preflight.check_images`: headers, or a full decode when ``decode`` is True or
     (``decode=None``) the two sets hold at most ``data.preflight_decode_max`` images.
     """
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
     state = PartialState()
     message = None
     if state.is_main_process:
@@ -239,15 +155,11 @@ def build_model(cfg: Any, categories: Any, accelerator: Accelerator, init_from: 
     When the backbone is entirely frozen its BatchNorm layers are frozen too (statistics included), so a
     frozen part of the model stays bitwise unchanged in training mode.
     """
-    from stepwise.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
-    from stepwise.models import build_detector, trainable_only
-    from stepwise.models.backbone import freeze_batch_norm
-
     model = build_detector(cfg.model, cfg.head, categories)
-    prefixes = cfg.stage.get("trainable")
+    prefixes = cfg.stage.trainable
     if prefixes and not any(p.rstrip(".") == "backbone" or p.startswith("backbone.") for p in prefixes):
         freeze_batch_norm(model.backbone)
-    source = init_from if init_from is not None else cfg.get("init_from")
+    source = init_from if init_from is not None else cfg.init_from
     if source:
         state = load_checkpoint(resolve_checkpoint(source))
         if reinit:
@@ -264,25 +176,38 @@ def build_model(cfg: Any, categories: Any, accelerator: Accelerator, init_from: 
     return model
 
 
-def model_head(model: nn.Module) -> nn.Module:
-    """The classifier head of the final decoder layer (``class_embed[num_decoder_layers - 1]``)."""
-    model = getattr(model, "module", model)
-    return model.class_embed[model.transformer.decoder.num_layers - 1]
+def detector_criterion(cfg: Any, model: nn.Module, accelerator: Accelerator) -> SetCriterion:
+    """``SetCriterion`` for the detector (its final-layer head), ``num_boxes`` averaged over processes by
+    Accelerate."""
+    return build_criterion(cfg.loss, final_class_head(model), num_layers=int(cfg.model.dec_layers),
+                           two_stage=bool(cfg.model.two_stage),
+                           reduce_fn=lambda t: accelerator.reduce(t, reduction="mean"))
 
 
-def build_criterion(cfg: Any, model: nn.Module, accelerator: Accelerator) -> nn.Module:
-    """``SetCriterion`` for the detector, with ``num_boxes`` averaged over processes by Accelerate."""
-    from stepwise.models.criterion import build_criterion as build
+@dataclass
+class StageParts:
+    """What a training stage builds before its Trainer (every stage the same way, see the module doc)."""
 
-    return build(cfg.loss, model_head(model), num_layers=int(cfg.model.dec_layers),
-                 two_stage=bool(cfg.model.two_stage),
-                 reduce_fn=lambda t: accelerator.reduce(t, reduction="mean"))
+    cfg: Any
+    settings: TrainSettings
+    accelerator: Accelerator
+    categories: Any
+    model: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
 
 
-def optimizer_groups(cfg: Any, model: nn.Module) -> list[dict]:
-    """Deformable DETR's AdamW groups from ``cfg.stage`` (lr, lr_backbone, lr_linear_proj_mult, weight_decay)."""
-    from stepwise.models import param_groups
-    return param_groups(model, cfg.stage)
+def make_trainer(parts: StageParts, criterion: Any = None, forward_fn: ForwardFn = detection_forward) -> Trainer:
+    """The Trainer of every training stage: Deformable DETR's AdamW groups from ``cfg.stage``, evaluation by
+    the LVIS metrics on ``data.val_ann`` (AP1..AP4 counts from ``data.train_ann``); ``criterion`` default
+    :func:`detector_criterion`, ``forward_fn`` default the detector on an ``ImageBatch``."""
+    cfg, model, accelerator = parts.cfg, parts.model, parts.accelerator
+    return Trainer(
+        accelerator, model, criterion if criterion is not None else detector_criterion(cfg, model, accelerator),
+        parts.train_loader, parts.settings, Path(cfg.run_dir), param_groups=param_groups(model, cfg.stage),
+        val_loader=parts.val_loader, predict_fn=detection_predictor(model, parts.categories),
+        evaluate_fn=lvis_evaluator(cfg.data.val_ann, cfg.data.train_ann), forward_fn=forward_fn,
+        categories=parts.categories, config=cfg)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -293,8 +218,6 @@ def detection_columns(det: dict[str, torch.Tensor], image_id: int, category_ids:
     ``{"image_id", "category_id": (K,) int64 dataset ids, "bbox": (K, 4) float32 xywh, "score": (K,) float32}``
     (float32 as the model computed them; the results file holds their exact float64 values).
     """
-    from torchvision.ops import box_convert
-
     labels = det["labels"].detach().cpu().numpy()
     if labels.size and (labels.min() < 0 or labels.max() >= len(category_ids)):
         bad = int(labels.max() if labels.max() >= len(category_ids) else labels.min())
@@ -307,9 +230,7 @@ def detection_columns(det: dict[str, torch.Tensor], image_id: int, category_ids:
 def detection_predictor(model: nn.Module, categories: Any, num_top: int = 300) -> Any:
     """``predict_fn(model, batch) -> [detection_columns(...) per image]``: per image arrays, not one dict
     per detection, so gathering LVIS-size predictions across processes stays compact."""
-    from stepwise.models.postprocess import PostProcess
-
-    post = PostProcess(num_top=num_top, head=model_head(model))
+    post = PostProcess(num_top=num_top, head=final_class_head(model))
     category_ids = np.asarray(list(categories.ids), dtype=np.int64)
 
     def predict(model: nn.Module, batch: Any) -> list[dict[str, Any]]:
@@ -324,8 +245,6 @@ def detection_predictor(model: nn.Module, categories: Any, num_top: int = 300) -
 
 def records_to_detections(records: Sequence[dict[str, Any]]) -> Any:
     """``Detections`` of ``detection_columns`` records, in record order (the engine orders them by image id)."""
-    from stepwise.evaluation.detections import Detections
-
     if not records:
         return Detections.empty()
     counts = [len(r["score"]) for r in records]

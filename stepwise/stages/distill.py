@@ -11,13 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from stepwise.stages.finetune import run_replay_stage
+from stepwise.data.smooth_tail import head_classes
+from stepwise.distill import DistillCriterion, teacher_student_forward
+from stepwise.models import decoder_class_heads
+from stepwise.stages import common
+from stepwise.stages.finetune import build_replay_stage
+from stepwise.trained import load_trained_model
 
 
 def load_teacher(cfg: Any, device: torch.device) -> nn.Module:
     """The frozen head-class expert: rebuilt from its checkpoint, eval mode, ``requires_grad`` off."""
-    from stepwise.analysis.trained import load_trained_model
-
     teacher = load_trained_model(str(cfg.stage.teacher), device=device).model
     teacher.eval()
     for p in teacher.parameters():
@@ -25,34 +28,24 @@ def load_teacher(cfg: Any, device: torch.device) -> nn.Module:
     return teacher
 
 
-def decoder_class_heads(model: nn.Module) -> list[nn.Module]:
-    """The class head of every decoder layer, first to last (not the two-stage encoder's)."""
-    model = getattr(model, "module", model)
-    return list(model.class_embed[:model.transformer.decoder.num_layers])
+def distill_criterion(parts: common.StageParts, teacher: nn.Module) -> DistillCriterion:
+    """The student's set criterion plus the ``distill:`` block's terms from ``teacher``; head classes are
+    those with at least ``stepwise.min_images`` training images."""
+    cfg = parts.cfg
+    head = torch.as_tensor(head_classes(parts.categories.image_counts, int(cfg.stepwise.min_images)))
+    d = cfg.distill
+    return DistillCriterion(common.detector_criterion(cfg, parts.model, parts.accelerator),
+                            decoder_class_heads(parts.model), decoder_class_heads(teacher), head,
+                            feature=bool(d.feature), cls=bool(d.cls), shared_queries=bool(d.shared_queries),
+                            lambda_fm=float(d.lambda_fm), lambda_cls=float(d.lambda_cls),
+                            temperature=float(d.temperature), fm_normalize=str(d.fm_normalize),
+                            cls_layers=str(d.cls_layers))
 
 
 def run(cfg: Any) -> dict[str, Any] | None:
-    """Distil and evaluate; returns the final val metrics."""
-    from stepwise.data.smooth_tail import head_classes
-    from stepwise.distill import DistillCriterion, teacher_student_forward
-
-    teachers: dict[str, nn.Module] = {}
-
-    def make_forward(cfg: Any, model: nn.Module, accelerator: Any):
-        if "model" not in teachers:
-            teachers["model"] = load_teacher(cfg, accelerator.device)
-        accelerator.print(f"stepwise: teacher {cfg.stage.teacher} (frozen, eval mode)")
-        return teacher_student_forward(teachers["model"])
-
-    def make_criterion(cfg: Any, model: nn.Module, base: nn.Module, accelerator: Any, categories: Any):
-        if "model" not in teachers:
-            teachers["model"] = load_teacher(cfg, accelerator.device)
-        head = torch.as_tensor(head_classes(categories.image_counts, int(cfg.stepwise.min_images)))
-        d = cfg.distill
-        return DistillCriterion(base, decoder_class_heads(model), decoder_class_heads(teachers["model"]), head,
-                                feature=bool(d.feature), cls=bool(d.cls), shared_queries=bool(d.shared_queries),
-                                lambda_fm=float(d.lambda_fm), lambda_cls=float(d.lambda_cls),
-                                temperature=float(d.temperature), fm_normalize=str(d.fm_normalize),
-                                cls_layers=str(d.cls_layers))
-
-    return run_replay_stage(cfg, make_criterion=make_criterion, make_forward=make_forward)
+    """Distil and evaluate; returns the final val metrics. The teacher is loaded after the student is built
+    (the order the RNG streams of earlier runs followed) and before the criterion and forward that use it."""
+    parts = build_replay_stage(cfg)
+    teacher = load_teacher(cfg, parts.accelerator.device)
+    parts.accelerator.print(f"stepwise: teacher {cfg.stage.teacher} (frozen, eval mode)")
+    return common.make_trainer(parts, distill_criterion(parts, teacher), teacher_student_forward(teacher)).fit()

@@ -8,17 +8,21 @@ see :mod:`stepwise.data.samplers`); the factors used are written to ``<run_dir>/
 With ``stage.train_ann='${data.train_ann}' stage.trainable=[class_embed] stage.reinit=[class_embed]`` the
 same stage is the decoupled classifier re-training of the BAGS paper (any ``head=``).
 
-:func:`run_replay_stage` is shared with ``stage=distill``.
+:func:`build_replay_stage` is shared with ``stage=distill``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from stepwise.engine import Trainer, TrainSettings, make_accelerator
+from stepwise.data.annotation_index import AnnotationIndex
+from stepwise.data.categories import CategoryMap
+from stepwise.data.samplers import (GroupRule, dataset_classes, group_names, image_repeat_factors,
+                                    repeat_factor_report, stepwise_class_factors)
+from stepwise.engine import TrainSettings, make_accelerator
 from stepwise.stages import common
 from stepwise.utils.io import atomic_write_json
 
@@ -28,9 +32,6 @@ RFS_MODES = ("stepwise", "generic", None)
 def full_categories(cfg: Any) -> Any:
     """The category map of the full training file ``data.train_ann``: a replay set holds a subset of the
     annotations, but class frequencies, counts (grouped heads, RFS bins, AP1..AP4) describe the data set."""
-    from stepwise.data.annotation_index import AnnotationIndex
-    from stepwise.data.categories import CategoryMap
-
     return CategoryMap.from_index(AnnotationIndex.read(cfg.data.train_ann, "training annotation file"))
 
 
@@ -48,9 +49,6 @@ def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any
     ``stepwise.rfs.epoch``: "replay_set" (as many samples per epoch as the set has images, drawn from the
     shuffled repeated list: the public samplers' epoch) or "repeated" (the whole repeated list).
     """
-    from stepwise.data.samplers import (GroupRule, dataset_classes, group_names, image_repeat_factors,
-                                        repeat_factor_report, stepwise_class_factors)
-
     mode, rfs = cfg.stage.rfs, cfg.stepwise.rfs
     if mode not in RFS_MODES:
         raise ValueError(f"stage.rfs: unknown mode {mode!r}; choose stepwise, generic or null")
@@ -71,30 +69,23 @@ def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any
     epoch_length = len(train_ds) if rfs.epoch == "replay_set" else None
     report = repeat_factor_report(classes, factors, f, r, group, names, categories.ids, categories.image_counts,
                                   epoch_length)
-    report = {"mode": mode, "replay_set": cfg.stage.get("replay_set"), "rounding": str(rfs.rounding),
+    report = {"mode": mode, "replay_set": cfg.stage.replay_set, "rounding": str(rfs.rounding),
               "epoch": str(rfs.epoch),
               "rules": [vars(rule) for rule in rules] if mode == "stepwise" else None,
               "threshold": float(rfs.threshold) if mode == "generic" else None, **report}
     return factors, epoch_length, report
 
 
-def run_replay_stage(cfg: Any, make_criterion: Callable[..., Any] | None = None,
-                     make_forward: Callable[..., Any] | None = None) -> dict[str, Any] | None:
-    """Train on ``stage.train_ann`` from ``stage.init_from`` (root ``init_from`` wins) and evaluate.
-
-    ``make_criterion(cfg, model, base_criterion, accelerator)`` and ``make_forward(cfg, model, accelerator)``
-    let ``stage=distill`` add the teacher; by default the set criterion and the plain forward are used.
-    """
-    from stepwise.data import build_dataset
-    from stepwise.engine import detection_forward
-
+def build_replay_stage(cfg: Any) -> common.StageParts:
+    """Everything a replay stage trains with: data of ``stage.train_ann`` with the full training file's
+    category map, the sampler's factors (written to ``<run_dir>/repeat_factors.json``), and the model from
+    ``stage.init_from`` (root ``init_from`` wins) with ``stage.reinit`` prefixes left fresh."""
     settings = TrainSettings.from_config(cfg)
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(settings, run_dir)
     common.ensure_data(cfg, accelerator)
     categories = full_categories(cfg)
-    train_ds = build_dataset(cfg.data, "train", ann_file=str(cfg.stage.train_ann), categories=categories)
-    val_ds = build_dataset(cfg.data, "val", categories=categories)
+    train_ds, val_ds = common.build_datasets(cfg, train_ann=str(cfg.stage.train_ann), categories=categories)
     factors, epoch_length, report = replay_repeat_factors(cfg, train_ds, categories)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "repeat_factors.json", report, indent=1)
@@ -105,22 +96,12 @@ def run_replay_stage(cfg: Any, make_criterion: Callable[..., Any] | None = None,
                       f"{report['repeated_length']:.0f}; samples per epoch by group, uniform -> RFS: {shares}")
     train_loader, val_loader = common.build_loaders(cfg, train_ds, val_ds, repeat_factors=factors,
                                                     epoch_length=epoch_length)
-    init_from = cfg.get("init_from") or cfg.stage.init_from
+    init_from = cfg.init_from or cfg.stage.init_from
     model = common.build_model(cfg, categories, accelerator, init_from=str(init_from),
-                               reinit=list(cfg.stage.get("reinit") or ()))
-    criterion = common.build_criterion(cfg, model, accelerator)
-    if make_criterion is not None:
-        criterion = make_criterion(cfg, model, criterion, accelerator, categories)
-    forward = make_forward(cfg, model, accelerator) if make_forward is not None else detection_forward
-    trainer = Trainer(
-        accelerator, model, criterion, train_loader, settings, run_dir,
-        param_groups=common.optimizer_groups(cfg, model), val_loader=val_loader,
-        predict_fn=common.detection_predictor(model, categories),
-        evaluate_fn=common.lvis_evaluator(cfg.data.val_ann, cfg.data.train_ann),
-        forward_fn=forward, categories=categories, config=cfg)
-    return trainer.fit()
+                               reinit=list(cfg.stage.reinit or ()))
+    return common.StageParts(cfg, settings, accelerator, categories, model, train_loader, val_loader)
 
 
 def run(cfg: Any) -> dict[str, Any] | None:
     """Fine-tune and evaluate; returns the final val metrics."""
-    return run_replay_stage(cfg)
+    return common.make_trainer(build_replay_stage(cfg)).fit()

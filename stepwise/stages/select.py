@@ -20,6 +20,8 @@ reused (delete it to re-score); the selection itself is cheap and always re-run.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 from pathlib import Path
@@ -28,18 +30,26 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import send_to_device
 from torchvision.ops import box_convert, box_iou
-from tqdm.auto import tqdm
 
+from stepwise.data.annotation_index import AnnotationIndex
+from stepwise.data.categories import CategoryMap
+from stepwise.data.loaders import build_dataset, build_eval_loader
+from stepwise.data.smooth_tail import Quotas, ScoreTable, head_classes, select_replay_sets, write_replay_set_file
+from stepwise.engine import shard_predictions
+from stepwise.models import final_class_head
+from stepwise.models.matcher import build_matcher
+from stepwise.stages.common import ensure_data
+from stepwise.trained import load_trained_model
 from stepwise.utils.io import atomic_path, atomic_write_json
 
 SCORES_NAME = "scores.jsonl"
+OUTPUTS = ("d_head.json", "d_tail.json")  # the step is done when both replay sets exist
 
 
 def selection_source(cfg: Any) -> str:
     """The checkpoint to score with: root ``checkpoint=`` when given, else ``stage.checkpoint``."""
-    source = cfg.get("checkpoint") or cfg.stage.get("checkpoint")
+    source = cfg.checkpoint or cfg.stage.checkpoint
     if not source:
         raise ValueError("stage=select needs a pretrained model: set checkpoint=<file or run dir>")
     return str(source)
@@ -48,10 +58,8 @@ def selection_source(cfg: Any) -> str:
 @torch.no_grad()
 def score_batch(model: torch.nn.Module, matcher: Any, batch: Any, category_ids: tuple[int, ...]) -> list[dict]:
     """Score records of one ``ImageBatch``: the final layer's matched prediction for every target box."""
-    from stepwise.stages.common import model_head
-
     outputs = model(batch.images, batch.masks)
-    scores = model_head(model).scores(outputs.logits[-1]).float()  # (B, Q, C)
+    scores = final_class_head(model).scores(outputs.logits[-1]).float()  # (B, Q, C)
     boxes = outputs.boxes[-1].float()
     matches = matcher(scores, boxes, batch.targets)
     records = []
@@ -79,9 +87,6 @@ def limit_heap_fragmentation() -> None:
     over 100 batches of the large preset) although nothing is retained. With these two settings it stays
     flat (1.07 -> 1.10 GiB): the same effect as ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``.
     """
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -93,38 +98,28 @@ def limit_heap_fragmentation() -> None:
 
 
 def score_dataset(cfg: Any, accelerator: Accelerator, out_path: Path) -> int:
-    """Write ``scores.jsonl`` for the training set of ``cfg.data``; returns the number of images scored."""
+    """Write ``scores.jsonl`` for the training set of ``cfg.data`` (first ``stage.max_images`` images when
+    set; ``stage.batch_size`` a batch); returns the number of images scored."""
     limit_heap_fragmentation()
-    from stepwise.analysis.trained import load_trained_model
-    from stepwise.data import build_dataset
-    from stepwise.engine import shard_eval_loader
-    from stepwise.models.matcher import build_matcher
-    from stepwise.stages.common import collate_fn, eval_loader
-
     trained = load_trained_model(selection_source(cfg), device=accelerator.device)
-    model = trained.model.eval()
     dataset = build_dataset(cfg.data, "train", train_transforms=False, categories=trained.categories)
-    limit = cfg.stage.get("max_images")
-    if limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(int(limit), len(dataset))))
-    batch_size = int(cfg.stage.get("batch_size") or cfg.data.batch_size)
-    loader = eval_loader(dataset, batch_size, collate_fn(cfg.data), int(cfg.data.get("num_workers", 0) or 0))
-    shard = shard_eval_loader(loader, accelerator.num_processes, accelerator.process_index)
+    loader = build_eval_loader(dataset, cfg.data, cfg.stage.batch_size, cfg.stage.max_images)
     matcher = build_matcher(cfg.loss)
     part = out_path.with_name(f"scores.part{accelerator.process_index}.jsonl")
-    accelerator.print(f"stepwise: scoring {len(dataset)} training images with {trained.path}")
+    accelerator.print(f"stepwise: scoring {len(loader.dataset)} training images with {trained.path}")
+
+    def score(model: torch.nn.Module, batch: Any) -> list[dict]:
+        return score_batch(model, matcher, batch, trained.categories.ids)
+
     with open(part, "w") as f:
-        for batch in tqdm(shard, desc="select: scoring", dynamic_ncols=True,
-                          disable=not accelerator.is_main_process):
-            batch = send_to_device(batch, accelerator.device)
-            for record in score_batch(model, matcher, batch, trained.categories.ids):
-                f.write(json.dumps(record) + "\n")
+        for records in shard_predictions(accelerator, trained.model, loader, score, desc="select: scoring"):
+            f.writelines(json.dumps(record) + "\n" for record in records)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         merge_parts([out_path.with_name(f"scores.part{r}.jsonl") for r in range(accelerator.num_processes)],
                     out_path)
     accelerator.wait_for_everyone()
-    return len(dataset)
+    return len(loader.dataset)
 
 
 def merge_parts(parts: list[Path], out_path: Path) -> None:
@@ -142,10 +137,6 @@ def merge_parts(parts: list[Path], out_path: Path) -> None:
 
 def build_replay_sets(cfg: Any, scores_path: Path, run_dir: Path) -> dict[str, Any]:
     """Select D_head / D_tail from ``scores.jsonl`` and write them with ``summary.json``; returns the summary."""
-    from stepwise.data.annotation_index import AnnotationIndex
-    from stepwise.data.categories import CategoryMap
-    from stepwise.data.smooth_tail import Quotas, ScoreTable, head_classes, select_replay_sets, write_replay_set_file
-
     stage = cfg.stepwise
     index = AnnotationIndex.read(cfg.data.train_ann, "training annotation file")
     categories = CategoryMap.from_index(index)
@@ -184,8 +175,6 @@ def build_replay_sets(cfg: Any, scores_path: Path, run_dir: Path) -> dict[str, A
 
 def run(cfg: Any) -> dict[str, Any] | None:
     """Score (unless ``scores.jsonl`` exists), select and write the replay sets; returns the summary (rank 0)."""
-    from stepwise.stages.common import ensure_data
-
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     run_dir = Path(cfg.run_dir)
     ensure_data(cfg, accelerator)

@@ -1,6 +1,7 @@
 """A trained detector back from its checkpoint: the saved resolved config (plus overrides), the category
-map and the model with its weights, ready for inference. Used by ``stepwise.visualize`` and the
-``checkpoint=`` mode of ``stepwise.evaluate``.
+map and the model with its weights, ready for inference. Used by the stages (``stage=select`` scores with it,
+``stage=distill`` loads its teacher), ``stepwise.evaluate checkpoint=``, ``stepwise.visualize`` and the
+weight-norm plot.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from stepwise.checkpoint import CheckpointError, load_checkpoint, load_model_weights, resolve_checkpoint
 from stepwise.config import ConfigError
 from stepwise.data.categories import CategoryMap
+from stepwise.models import build_detector
 
 
 @dataclass
@@ -81,8 +83,6 @@ def load_trained_model(checkpoint: str | Path, overrides: Sequence[str] = (),
             or its weights do not fit the model its config describes (the file is named).
         ConfigError: a bad override.
     """
-    from stepwise.models import build_detector
-
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path, required=("model", "categories", "config"))
     if not isinstance(state["config"], Mapping) or not isinstance(state["categories"], Mapping):
