@@ -201,7 +201,7 @@ def test_ensure_synthetic_reuses_and_refuses(tmp_path):
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
-    def fail(root, plan, workers):
+    def fail(root, plan, workers, verbose=True):
         (root / "images").mkdir()
         raise KeyboardInterrupt
 
