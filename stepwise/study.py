@@ -7,6 +7,8 @@ config overrides applied to every run, after the study's ``base`` and the varian
 
 * ``seeds=N`` — seeds 0..N-1 (default: the study's ``seeds``), the root ``seed`` key of every run (model
   initialisation, sampler order and per-sample augmentation all follow it; the data set does not);
+  ``seeds=[1,2]`` — those seeds only (e.g. one seed per process or machine; ``report=true`` with all seeds
+  afterwards);
 * ``variants=a,b`` — only these variants; ``name=dir`` — write to ``<output_root>/<dir>`` instead of the
   study's name;
 * ``report=true`` — train nothing, write the report over the runs that have finished;
@@ -640,6 +642,19 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return options, overrides
 
 
+def parse_seeds(value: str) -> list[int]:
+    """``seeds=N`` -> seeds 0..N-1; ``seeds=[a,b]`` -> exactly those (one seed of a study per process or machine:
+    every run lives in its seed's directory, so several commands on different seeds never share a run)."""
+    if value.isdigit() and int(value) >= 1:
+        return list(range(int(value)))
+    if value.startswith("[") and value.endswith("]"):
+        items = [v.strip() for v in value[1:-1].split(",") if v.strip()]
+        if items and all(v.isdigit() for v in items) and len(set(items)) == len(items):
+            return sorted(int(v) for v in items)
+    raise ConfigError(f"seeds={value}: expected a positive integer N (seeds 0..N-1) or a list of distinct seeds "
+                      "like [1,2]")
+
+
 def _flag(options: Mapping[str, str], key: str) -> bool:
     value = options.get(key, "false").lower()
     if value not in ("true", "false", "1", "0", "yes", "no"):
@@ -656,11 +671,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     try:
         options, overrides = parse_args(argv)
         study = load_study(options["study"])
-        seeds_opt = options.get("seeds", study.seeds)
-        if not str(seeds_opt).isdigit() or int(seeds_opt) < 1:
-            raise ConfigError(f"seeds={seeds_opt}: expected a positive integer")
+        seeds = parse_seeds(str(options.get("seeds", study.seeds)))
         chosen = [v for v in options.get("variants", "").strip("[]").split(",") if v.strip()]
-        plan = build_plan(study, range(int(seeds_opt)), overrides, options.get("name"),
+        plan = build_plan(study, seeds, overrides, options.get("name"),
                           [v.strip() for v in chosen] or None)
         dry_run, report_only = _flag(options, "dry_run"), _flag(options, "report")
     except ConfigError as err:

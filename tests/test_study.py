@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -224,7 +225,12 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
 
 def test_study_file_and_argument_errors(tmp_path):
     from stepwise.config import ConfigError
-    from stepwise.study import build_plan, load_study, parse_args
+    from stepwise.study import build_plan, load_study, parse_args, parse_seeds
+
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("[2, 1]") == [1, 2] and parse_seeds("[0]") == [0]
+    for bad in ("0", "-1", "[]", "[1,1]", "[a]", "1,2", "two"):
+        with pytest.raises(ConfigError, match=f"seeds={re.escape(bad)}: expected"):
+            parse_seeds(bad)
 
     def study(text: str) -> Path:
         path = tmp_path / "s.yaml"
