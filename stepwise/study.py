@@ -487,16 +487,22 @@ def record_result(vr: VariantRun) -> dict[str, Any]:
 
 
 def load_result(vr: VariantRun) -> dict[str, Any] | None:
-    """The variant's ``result.json`` when it records the runs the plan has now (same identities), else None
-    (none yet, or written for other configs: the runs are planned again)."""
-    path = vr.dir / RESULT_NAME
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not a study result record ({err}); delete it to re-run the variant") from None
-    return record if record.get("runs") == run_keys(vr) else None
+    """The record of the runs the plan has now (same identities): the variant's own ``result.json``, else one
+    of another variant in the seed directory that holds the runs (this study's, or its ``pool``'s: the heads
+    study finds study=stepwise's ``baseline`` record for its ``sigmoid`` row). None if there is none (not yet,
+    or only records of other configs: the runs are planned again)."""
+    keys = run_keys(vr)
+    seed_dir = next(iter(vr.runs.values())).dir.parents[1]  # <study or pool>/seed<k>
+    for path in (vr.dir / RESULT_NAME, *sorted(seed_dir.glob(f"*/{RESULT_NAME}"))):
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not a study result record ({err}); delete it to re-run the variant") from None
+        if record.get("runs") == keys:
+            return record
+    return None
 
 
 def variant_result(vr: VariantRun) -> dict[str, Any] | None:

@@ -357,6 +357,14 @@ def test_pool_keeps_runs_in_another_studys_shared_dir(tmp_path):
     assert runs_b["ft_high_lr"].runs["finetune"].dir.parent == tmp_path / "runs" / "tiny" / "seed0" / "shared"
     assert runs_b["ft_high_lr"].runs["finetune"].dir != runs_a["ft_low_lr"].runs["finetune"].dir
     assert runs_b["ft"].dir == tmp_path / "runs" / "other" / "seed0" / "ft"  # links and report: its own dir
+    # a record of the pool's variant with the same runs is this row's result (run dirs gone or not)
+    from stepwise.study import RESULT_NAME, load_result, run_keys
+    assert load_result(runs_b["ft"]) is None
+    record = {"variant": "ft", "seed": 0, "runs": run_keys(runs_a["ft"]), "metrics": {"AP": 0.5}}
+    (runs_a["ft"].dir).mkdir(parents=True)
+    (runs_a["ft"].dir / RESULT_NAME).write_text(json.dumps(record))
+    assert load_result(runs_b["ft"]) == record and load_result(runs_a["ft"]) == record
+    assert load_result(runs_b["ft_high_lr"]) is None  # other runs: no record
     (tmp_path / "bad.yaml").write_text(text.replace("pool: tiny", "pool: ../elsewhere"))
     with pytest.raises(ConfigError, match="pool must be the name of a study directory"):
         load_study(str(tmp_path / "bad.yaml"))
