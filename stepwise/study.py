@@ -402,7 +402,7 @@ def wall_seconds(run_dir: Path) -> float | None:
 
 def run_step(run: StepRun, state: Any) -> None:
     """Run one step unless its outputs exist; an interrupted step resumes from its last checkpoint. The wall
-    time of each session is added to ``<run dir>/wall_time.json``."""
+    time of each session, an interrupted or failed one included, is added to ``<run dir>/wall_time.json``."""
     if step_done(run.config):
         state.print(f"stepwise: study: {run.key} (seed {run.seed}) done, skipping")
         return
@@ -413,11 +413,13 @@ def run_step(run: StepRun, state: Any) -> None:
     prepare_run_dir(cfg, state.is_main_process)
     state.wait_for_everyone()
     start = time.perf_counter()
-    importlib.import_module(f"stepwise.stages.{run.step}").run(cfg)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        atomic_write_json(run.dir / WALL_TIME_NAME, {"seconds": (wall_seconds(run.dir) or 0.0)
-                                                     + time.perf_counter() - start})
+    try:
+        importlib.import_module(f"stepwise.stages.{run.step}").run(cfg)
+        state.wait_for_everyone()
+    finally:  # an interrupted session's time counts too: the run resumes from its checkpoint next time
+        if state.is_main_process and run.dir.is_dir():
+            atomic_write_json(run.dir / WALL_TIME_NAME, {"seconds": (wall_seconds(run.dir) or 0.0)
+                                                         + time.perf_counter() - start})
     gc.collect()
 
 

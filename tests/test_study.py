@@ -317,6 +317,32 @@ def test_a_failed_run_skips_only_the_rows_that_depend_on_it(tmp_path, monkeypatc
     assert any(p.startswith("c seed 0:") and "FAILED (RuntimeError: scoring broke)" in p for p in pending)
 
 
+def test_an_interrupted_step_still_adds_its_wall_time(tmp_path, monkeypatch):
+    import stepwise.stages.pretrain as pretrain
+    from stepwise.study import build_plan, load_study, run_step, wall_seconds
+
+    path = tmp_path / "s.yaml"
+    path.write_text("variants: {a: {steps: [pretrain]}}")
+    run = build_plan(load_study(str(path)), range(1), [f"output_root={tmp_path}"])[0].runs["pretrain"]
+
+    class State:
+        is_main_process, num_processes = True, 1
+        print = staticmethod(lambda *a: None)
+        wait_for_everyone = staticmethod(lambda: None)
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_step(run, State())
+    first = wall_seconds(run.dir)
+    assert first is not None and first > 0
+    with pytest.raises(KeyboardInterrupt):
+        run_step(run, State())
+    assert wall_seconds(run.dir) > first  # summed over the sessions
+
+
 def test_eval_curve_reads_every_evaluation_and_keeps_the_last_of_a_repeated_one(tmp_path):
     from stepwise.analysis.study import curve_table
     from stepwise.study import eval_curve
