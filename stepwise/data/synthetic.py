@@ -663,7 +663,7 @@ def generate(out_dir: str | os.PathLike, preset: str | Preset = "small", seed: i
 
     Everything is written into a temporary sibling directory that is renamed onto ``out_dir`` at the
     end, so an interrupted run leaves no ``out_dir``. The temporary directory and the rendering workers go
-    away on any exit: an exception, Ctrl-C, SIGTERM or SIGHUP (turned into ``SystemExit`` while this runs
+    away on any exit: an exception, Ctrl-C, SIGTERM or SIGHUP (turned into exceptions while this runs
     in the main thread with the default handlers); after a SIGKILL the workers die with their parent
     (Linux) and the next call removes the dead process's temporary directory. ``workers`` processes
     render images (default: up to 8 CPUs); the bytes do not depend on it. Returns ``out_dir``.
@@ -674,10 +674,12 @@ def generate(out_dir: str | os.PathLike, preset: str | Preset = "small", seed: i
     plan = plan_dataset(preset, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    with _exit_on_signals():
+    with _exit_on_signals() as received:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         try:
             _write_dataset(tmp, plan, _default_workers() if workers is None else workers, verbose)
+            if received:  # interrupted, but the handler's exception was dropped (see _exit_on_signals)
+                _raise_for(received[0])
             if out.exists():
                 out.rmdir()  # empty, checked above
             os.rename(tmp, out)
@@ -714,24 +716,39 @@ def _process_alive(pid: int) -> bool:
 
 
 @contextmanager
-def _exit_on_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise ``SystemExit(128 + signum)`` so ``finally`` clauses run
-    (only where they have their default handler, and only in the main thread); restored afterwards."""
+def _exit_on_signals() -> Iterator[list[int]]:
+    """Within the block, SIGTERM and SIGHUP raise ``SystemExit(128 + signum)`` and SIGINT ``KeyboardInterrupt``
+    so ``finally`` clauses run (only where they have their default handler, and only in the main thread);
+    restored afterwards.
+
+    Yields the list of signals received. Python prints and drops an exception raised while the main thread
+    runs a ``__del__`` or weakref callback (a pool or progress bar being collected), so a signal can arrive
+    without interrupting anything: check the list before committing the block's work.
+    """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        _raise_for(signum)
+
     previous = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
-            previous[sig] = signal.signal(sig, _raise_exit)
+    for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
+                         (getattr(signal, "SIGHUP", None), signal.SIG_DFL)):
+        if sig is not None and signal.getsignal(sig) == default:
+            previous[sig] = signal.signal(sig, on_signal)
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _raise_exit(signum: int, frame: object) -> None:
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
