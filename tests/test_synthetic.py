@@ -234,13 +234,16 @@ def _alive(pid: int) -> bool:
 
 def _start_rendering(out: Path):
     """``make_synthetic`` of the small preset with 2 workers, returned once its workers render images."""
+    import signal
     import subprocess
     import sys
     import time
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # SIGINT as in a terminal even when the test run itself ignores it (a shell's background job: `cmd &`)
     proc = subprocess.Popen([sys.executable, "-m", "stepwise.make_synthetic", f"out={out}", "preset=small",
-                             "workers=2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "workers=2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         temps = list(out.parent.glob(f".{out.name}.tmp-*"))
@@ -331,7 +334,12 @@ def test_interrupt_dropped_inside_a_finalizer_still_stops_generate(tmp_path, mon
 
     monkeypatch.setattr(syn, "_write_dataset", write)
     out = tmp_path / "synthetic"
-    with pytest.raises(KeyboardInterrupt if sig == "SIGINT" else SystemExit):
-        syn.generate(out, "tiny", workers=1, verbose=False)
+    # Python's own SIGINT handler, as in a terminal (a background job of a shell starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt if sig == "SIGINT" else SystemExit):
+            syn.generate(out, "tiny", workers=1, verbose=False)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
