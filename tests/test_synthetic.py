@@ -320,8 +320,8 @@ def test_study_plan_is_lvis_like_and_has_a_large_val_split():
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_interrupt_dropped_inside_a_finalizer_still_stops_generate(tmp_path, monkeypatch, sig):
-    # CI once saw make_synthetic exit 0 after SIGINT: Python drops an exception raised while the main thread
-    # runs a __del__ (here, a collected object receiving the signal), so the rendering went on to the end.
+    # Python drops an exception raised while the main thread runs a __del__ (here, a collected object
+    # receiving the signal); before, the rendering then went on to the end and the data set was written.
     import signal
 
     class SignalsOnCollection:
