@@ -625,7 +625,8 @@ def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, comman
         "wall_seconds": wall, "variants": summary, "pretrain_curves": curves, "pending": pending}, indent=1)
     per_class = {v: average_per_class(tables[v]) for v in study.plot if v in tables}
     if any(entry["per_seed"] for entry in summary.values()):
-        plot_study(summary, per_class, out_dir / "study.png")
+        plot_study(summary, per_class, out_dir / "study.png",
+                   reference=next((r for r in study.compare if summary.get(r, {}).get("per_seed")), None))
     if curves:
         plot_curves(curves, out_dir / "pretrain_curves.png")
     return summary

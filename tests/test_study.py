@@ -417,3 +417,25 @@ def test_paired_differences_are_per_seed_differences():
     rows = paired_table(summary, "baseline", ("AP", "APr"))
     assert rows[2] == "| method | 3 | +2.0 ± 1.0 | +4.5 ± 0.7 |"  # 2.0 = 2 x 1.0: not marked
     assert rows[3] == "| late | 1 | -5.0 | +0.0 |"
+
+
+def test_study_plot_middle_panel_shows_the_paired_differences(tmp_path, monkeypatch):
+    """study.png's middle panel: per variant, bars at the mean same-seed difference to the reference and a dot
+    per seed; no such panel without a reference."""
+    import stepwise.analysis.study as report
+
+    results = {"baseline": {"per_seed": {"0": {"AP": 0.50, "APr": 0.30}, "1": {"AP": 0.60, "APr": 0.40}}},
+               "method": {"per_seed": {"0": {"AP": 0.52, "APr": 0.35}, "1": {"AP": 0.63, "APr": 0.44}}}}
+    summary = report.summarize(results)
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, out: figures.append(fig) or Path(out))
+    report.plot_study(summary, {}, tmp_path / "a.png", metrics=("AP", "APr"), reference="baseline")
+    report.plot_study(summary, {}, tmp_path / "b.png", metrics=("AP", "APr"))
+    with_reference, without = figures
+    assert len(with_reference.axes) == 3 and len(without.axes) == 2
+    middle = with_reference.axes[1]
+    heights = [patch.get_height() for patch in middle.patches]
+    assert heights == pytest.approx([2.5, 4.5])  # AP: (2 + 3) / 2, APr: (5 + 4) / 2 points
+    dots = sorted(y for line in middle.lines if line.get_marker() == "o" for y in line.get_ydata())
+    assert dots == pytest.approx([2.0, 3.0, 4.0, 5.0])
+    assert [t.get_text() for t in middle.get_xticklabels()] == ["method"]

@@ -75,21 +75,30 @@ CURVE_METRICS = ("AP", "APr")
 PAIRED_METRICS = ("AP", "APr", "APc", "APf")
 
 
+def per_seed_differences(summary: Mapping[str, Mapping[str, Any]], reference: str,
+                         columns: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, list[float]]]:
+    """Per variant other than ``reference`` and per column, the list of (variant − ``reference``) on each seed
+    both rows finished (seeds where either value is missing are left out)."""
+    ref = summary[reference].get("per_seed", {})
+    out = {}
+    for variant, entry in summary.items():
+        if variant == reference:
+            continue
+        mine = entry.get("per_seed", {})
+        out[variant] = {c: [mine[k][c] - ref[k][c] for k in mine
+                            if k in ref and mine[k].get(c) is not None and ref[k].get(c) is not None]
+                        for c in columns}
+    return out
+
+
 def paired_differences(summary: Mapping[str, Mapping[str, Any]], reference: str,
                        columns: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, tuple]]:
     """Per variant, ``(mean, std, n)`` over seeds of (variant − ``reference``) on the same seed, per column.
 
     Rows of one seed share their pretrain, so the paired difference leaves out the seed-to-seed spread of
     the starting point that the per-row std includes. Seeds missing from either row are skipped."""
-    ref = summary[reference].get("per_seed", {})
-    out = {}
-    for variant, entry in summary.items():
-        if variant == reference:
-            continue
-        seeds = [k for k in entry.get("per_seed", {}) if k in ref]
-        out[variant] = {c: mean_std([None if entry["per_seed"][k].get(c) is None or ref[k].get(c) is None
-                                     else entry["per_seed"][k][c] - ref[k][c] for k in seeds]) for c in columns}
-    return out
+    return {variant: {c: mean_std(values) for c, values in diffs.items()}
+            for variant, diffs in per_seed_differences(summary, reference, columns).items()}
 
 
 def paired_table(summary: Mapping[str, Mapping[str, Any]], reference: str,
@@ -162,33 +171,56 @@ def study_markdown(summary: Mapping[str, Mapping[str, Any]], title: str, notes: 
 
 
 def plot_study(summary: Mapping[str, Mapping[str, Any]], per_class: Mapping[str, list[dict]],
-               out: str | Path, metrics: Sequence[str] = BAR_METRICS) -> Path:
+               out: str | Path, metrics: Sequence[str] = BAR_METRICS, reference: str | None = None) -> Path:
     """Top: per variant, bars of the mean of ``metrics`` with ± std error bars and every seed as a dot.
+    Middle (when ``reference`` has finished seeds): per variant, the same-seed difference to ``reference``
+    (bars: mean, error bars: std, dots: seeds) -- the bars from 0 above hide 1-point differences.
     Bottom: per-class AP against training instances for the variants in ``per_class`` (seed means).
     Writes a PNG; returns its path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     variants = [v for v, e in summary.items() if e.get("per_seed")]
-    fig, (bars, scatter) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(variants) + 3), 9))
-    width = 0.8 / len(metrics)
+    paired = reference is not None and bool(summary.get(reference, {}).get("per_seed"))
+    rows = 3 if paired else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(max(8.0, 1.1 * len(variants) + 3), 4.5 * rows))
+    bars, scatter = axes[0], axes[-1]
     x = np.arange(len(variants))
-    for k, metric in enumerate(metrics):
-        pos = x + (k - (len(metrics) - 1) / 2) * width
-        means = [100 * (summary[v]["mean"][metric] or 0.0) for v in variants]
-        stds = [100 * (summary[v]["std"][metric] or 0.0) for v in variants]
-        bars.bar(pos, means, width, yerr=stds, capsize=2, label=metric, alpha=0.8)
-        for p, v in zip(pos, variants):
-            seeds = [100 * m[metric] for m in summary[v]["per_seed"].values() if m.get(metric) is not None]
-            bars.plot([p] * len(seeds), seeds, "o", ms=3, color="black", alpha=0.6, zorder=3)
+    _grouped_bars(bars, x, {m: {v: [100 * s[m] for s in summary[v]["per_seed"].values() if s.get(m) is not None]
+                                for v in variants} for m in metrics}, variants)
     bars.set_xticks(x, variants, rotation=30, ha="right")
     bars.set_ylabel("box AP (%)")
     bars.set_title("mean over seeds (error bars: sample std, dots: seeds)")
     bars.legend(ncols=len(metrics))
+    if paired:
+        diff_ax = axes[1]
+        others = [v for v in variants if v != reference]
+        diffs = per_seed_differences({v: summary[v] for v in [reference] + others}, reference, metrics)
+        _grouped_bars(diff_ax, np.arange(len(others)),
+                      {m: {v: [100 * d for d in diffs[v][m]] for v in others} for m in metrics}, others)
+        diff_ax.axhline(0.0, color="black", lw=0.8)
+        diff_ax.set_xticks(np.arange(len(others)), others, rotation=30, ha="right")
+        diff_ax.set_ylabel(f"− {reference} (points)")
+        diff_ax.set_title(f"same-seed difference to {reference} (bars: mean, error bars: std, dots: seeds)")
+        diff_ax.grid(axis="y", alpha=0.3)
     draw_per_class(scatter, per_class)
     scatter.set_title("per-class AP, mean over seeds (lines: running mean)")
     fig.tight_layout()
     return save_figure(fig, out)
+
+
+def _grouped_bars(ax: Any, x: np.ndarray, values: Mapping[str, Mapping[str, Sequence[float]]],
+                  variants: Sequence[str]) -> None:
+    """On ``ax``, one bar group per variant at ``x``: per metric the mean of ``values[metric][variant]`` with a
+    sample-std error bar (none for one value) and each value as a dot."""
+    width = 0.8 / len(values)
+    for k, (metric, per_variant) in enumerate(values.items()):
+        pos = x + (k - (len(values) - 1) / 2) * width
+        stats = [mean_std(per_variant[v]) for v in variants]
+        ax.bar(pos, [m or 0.0 for m, _, _ in stats], width, yerr=[s or 0.0 for _, s, _ in stats], capsize=2,
+               label=metric, color=f"C{k}", alpha=0.8)
+        for p, v in zip(pos, variants):
+            ax.plot([p] * len(per_variant[v]), per_variant[v], "o", ms=3, color="black", alpha=0.6, zorder=3)
 
 
 def plot_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], out: str | Path,
