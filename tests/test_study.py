@@ -439,3 +439,149 @@ def test_study_plot_middle_panel_shows_the_paired_differences(tmp_path, monkeypa
     dots = sorted(y for line in middle.lines if line.get_marker() == "o" for y in line.get_ydata())
     assert dots == pytest.approx([2.0, 3.0, 4.0, 5.0])
     assert [t.get_text() for t in middle.get_xticklabels()] == ["method"]
+
+
+class _State:
+    is_main_process, num_processes = True, 1
+    print = staticmethod(lambda *a: None)
+    wait_for_everyone = staticmethod(lambda: None)
+
+
+class _FakeProcess:
+    """A job process that ends at its first poll: writes the step's outputs (exit 0) or a traceback (exit 1)."""
+
+    def __init__(self, run, log, fail, events):
+        self.run, self.log, self.fail, self.events, self.code = run, log, fail, events, None
+        self.signals = []
+
+    def poll(self):
+        if self.code is None:
+            from stepwise.stages import stage_outputs
+
+            self.events.append(("end", self.run.key))
+            if self.fail:
+                self.log.write_text("Traceback ...\nRuntimeError: scoring broke\n")
+                self.code = 1
+            else:
+                for name in stage_outputs(self.run.step):
+                    (self.run.dir / name).parent.mkdir(parents=True, exist_ok=True)
+                    (self.run.dir / name).write_text("{}")
+                self.code = 0
+        return self.code
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+
+    def wait(self, timeout=None):
+        return self.code
+
+    def kill(self):
+        pass
+
+
+def _four_variant_plan(tmp_path):
+    from stepwise.study import build_plan, load_study
+
+    path = tmp_path / "s.yaml"
+    path.write_text("variants: {a: {steps: [pretrain]}, b: {steps: [pretrain, select, finetune]},\n"
+                    "           c: {from: b, overrides: [stage.finetune.lr=1e-5]}, d: {steps: [pretrain],\n"
+                    "           overrides: [data.rfs_threshold=0.001]}, e: {steps: [pretrain, finetune],\n"
+                    "           overrides: ['stage.finetune.train_ann=${data.train_ann}']}}")
+    return build_plan(load_study(str(path)), range(1), [f"output_root={tmp_path}", f"data.root={tmp_path / 'd'}"])
+
+
+def test_jobs_start_runs_when_their_inputs_finish_and_skip_what_follows_a_failure(tmp_path, monkeypatch):
+    import stepwise.study as study_mod
+    from stepwise.study import Job, run_plan_jobs
+
+    plan = _four_variant_plan(tmp_path)
+    rows = {vr.variant.name: vr.runs for vr in plan}
+    events, recorded = [], []
+    monkeypatch.setattr(study_mod, "ensure_plan_data", lambda plan: None)
+    monkeypatch.setattr(study_mod, "record_result", lambda vr: recorded.append(vr.variant.name))
+
+    def launch(run, slot, threads, devices):
+        running = sum(1 for kind, _ in events if kind == "start") - sum(1 for kind, _ in events if kind == "end")
+        assert running < 2 and threads == 3 and devices == ()
+        events.append(("start", run.key))
+        log = tmp_path / f"{run.key}.log"
+        return Job(run, _FakeProcess(run, log, run.step == "select", events), log)
+
+    failed = run_plan_jobs(plan, _State(), jobs=2, threads=3, launch=launch, poll_s=0)
+    started = [key for kind, key in events if kind == "start"]
+    # the two pretrains first, side by side; then the selection and e's finetune; nothing after the selection
+    assert started[:2] == [rows["a"]["pretrain"].key, rows["d"]["pretrain"].key]
+    assert set(started[2:]) == {rows["b"]["select"].key, rows["e"]["finetune"].key} and len(started) == 4
+    assert events.index(("start", rows["e"]["finetune"].key)) > events.index(("end", rows["a"]["pretrain"].key))
+    select = rows["b"]["select"].dir
+    assert list(failed) == [select] and "RuntimeError: scoring broke" in failed[select]
+    assert sorted(recorded) == ["a", "d", "e"]
+    # a second call starts only what is not done: the selection again (and, were it to pass, the finetunes)
+    events.clear()
+    run_plan_jobs(plan, _State(), jobs=2, threads=3, launch=launch, poll_s=0)
+    assert [key for kind, key in events if kind == "start"] == [rows["b"]["select"].key]
+
+
+def test_jobs_are_stopped_when_the_study_is_interrupted(tmp_path, monkeypatch):
+    import signal
+
+    import stepwise.study as study_mod
+    from stepwise.study import Job, run_plan_jobs
+
+    plan = _four_variant_plan(tmp_path)
+    processes = []
+    monkeypatch.setattr(study_mod, "ensure_plan_data", lambda plan: None)
+
+    class Endless(_FakeProcess):
+        def poll(self):
+            return None
+
+    def launch(run, slot, threads, devices):
+        processes.append(Endless(run, tmp_path / "log", False, []))
+        return Job(run, processes[-1], tmp_path / "log")
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_mod.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_plan_jobs(plan, _State(), jobs=2, threads=1, launch=launch)
+    assert len(processes) == 2 and all(p.signals == [signal.SIGINT] for p in processes)
+
+
+def test_job_env_gives_each_slot_its_threads_and_gpu(monkeypatch):
+    from stepwise.config import ConfigError
+    from stepwise.study import job_env, parse_jobs
+
+    env = job_env(1, 3, ["4", "7"])
+    assert env["OMP_NUM_THREADS"] == "3" and env["MKL_NUM_THREADS"] == "3" and env["CUDA_VISIBLE_DEVICES"] == "7"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert "CUDA_VISIBLE_DEVICES" not in job_env(0, 1, [])
+    assert parse_jobs("2") == 2
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(ConfigError, match="jobs="):
+            parse_jobs(bad)
+
+
+def test_study_with_two_jobs_runs_each_step_in_its_own_process(tmp_path):
+    from stepwise.study import main
+
+    study = write_tiny_study(tmp_path / "tiny.yaml")
+    args = [f"study={study}", "seeds=[1]", "jobs=2", f"output_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}"]
+    summary = main(args)
+    seed = tmp_path / "runs" / "tiny" / "seed1"
+    shared = sorted(p.name for p in (seed / "shared").iterdir())
+    assert [name.split("-")[0] for name in shared] == ["finetune", "finetune", "pretrain", "select"]
+    assert sorted(p.name for p in (seed / "logs").glob("*.log")) == [f"{name}.log" for name in shared]
+    pretrain_log = (seed / "logs" / f"{shared[2]}.log").read_text()
+    assert "stepwise: study: pretrain-" in pretrain_log  # the step ran in the job's process, output in its log
+    for variant in ("ft", "ft_low_lr"):
+        record = json.loads((seed / variant / "result.json").read_text())
+        metrics = json.loads((seed / variant / "finetune" / "eval" / "metrics.json").read_text())
+        assert record["metrics"] == metrics and summary[variant]["per_seed"]["1"]["AP"] == metrics["AP"]
+        assert all(v is not None for v in record["wall_seconds"].values())
+    config = (seed / "ft" / "finetune" / "config.yaml").read_text()
+    assert f"init_from: {(seed / 'ft' / 'pretrain').resolve()}" in config
+    before = outputs(tmp_path / "runs")
+    main(args)  # a re-run trains nothing
+    assert outputs(tmp_path / "runs") == before

@@ -34,12 +34,9 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -48,6 +45,7 @@ from tqdm.auto import tqdm
 from stepwise.utils.bins import instance_bin_index
 
 from stepwise.utils.io import atomic_write_json, read_json
+from stepwise.utils.signals import exit_on_signals, raise_for_signal
 
 FORMAT_VERSION = 1
 URL_ROOT = "http://synthetic.stepwise"
@@ -674,12 +672,12 @@ def generate(out_dir: str | os.PathLike, preset: str | Preset = "small", seed: i
     plan = plan_dataset(preset, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    with _exit_on_signals() as received:
+    with exit_on_signals() as received:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         try:
             _write_dataset(tmp, plan, _default_workers() if workers is None else workers, verbose)
-            if received:  # interrupted, but the handler's exception was dropped (see _exit_on_signals)
-                _raise_for(received[0])
+            if received:  # interrupted, but the handler's exception was dropped (see exit_on_signals)
+                raise_for_signal(received[0])
             if out.exists():
                 out.rmdir()  # empty, checked above
             os.rename(tmp, out)
@@ -713,43 +711,6 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # exists, another user's
         return True
     return True
-
-
-@contextmanager
-def _exit_on_signals() -> Iterator[list[int]]:
-    """Within the block, SIGTERM and SIGHUP raise ``SystemExit(128 + signum)`` and SIGINT ``KeyboardInterrupt``
-    so ``finally`` clauses run (only where they have their default handler, and only in the main thread);
-    restored afterwards.
-
-    Yields the list of signals received. Python prints and drops an exception raised while the main thread
-    runs a ``__del__`` or weakref callback (a pool or progress bar being collected), so a signal can arrive
-    without interrupting anything: check the list before committing the block's work.
-    """
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def on_signal(signum: int, frame: object) -> None:
-        received.append(signum)
-        _raise_for(signum)
-
-    previous = {}
-    for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
-                         (getattr(signal, "SIGHUP", None), signal.SIG_DFL)):
-        if sig is not None and signal.getsignal(sig) == default:
-            previous[sig] = signal.signal(sig, on_signal)
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _raise_for(signum: int) -> None:
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
 
 
 def read_meta(root: str | os.PathLike) -> dict | None:
