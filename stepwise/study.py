@@ -528,7 +528,7 @@ def run_job_file(path: str) -> None:
     config = spec.config
     OmegaConf.set_struct(config, True)
     run = StepRun(str(spec.step), str(spec.key), int(spec.seed), Path(spec.dir), config, list(spec.variants))
-    with exit_on_signals():  # SIGTERM from the scheduler: the run's wall time is still written
+    with exit_on_signals():  # SIGTERM from stop_jobs or a scheduler: the run's wall time is still written
         run_step(run, PartialState(cpu=not torch.cuda.is_available()))
 
 
@@ -537,17 +537,23 @@ def _last_line(path: Path) -> str:
     return next((line for line in reversed(lines) if line), "")
 
 
-def stop_jobs(jobs: Mapping[int, Job], grace_s: float = 60.0) -> None:
-    """SIGINT to every job still running (each writes its wall time and stops; it resumes from its last
-    checkpoint next time), then wait up to ``grace_s`` seconds before killing it."""
+def stop_jobs(jobs: Mapping[int, Job], grace_s: float = 60.0, settle_s: float = 5.0) -> None:
+    """Stop the jobs still running: ``settle_s`` seconds for those that got the same interrupt (Ctrl-C reaches
+    the whole process group) to end by themselves, then SIGTERM (which, unlike SIGINT, a study started under
+    nohup does not ignore; the job writes its wall time and resumes from its last checkpoint next time), then
+    a kill after ``grace_s`` more seconds."""
+    for sig, wait_s in ((None, settle_s), (signal.SIGTERM, grace_s)):
+        for job in jobs.values():
+            if sig is not None and job.process.poll() is None:
+                job.process.send_signal(sig)
+        deadline = time.monotonic() + wait_s
+        for job in jobs.values():
+            try:
+                job.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
     for job in jobs.values():
         if job.process.poll() is None:
-            job.process.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + grace_s
-    for job in jobs.values():
-        try:
-            job.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
             job.process.kill()
             job.process.wait()
 
@@ -568,7 +574,8 @@ def run_plan_jobs(plan: Sequence[VariantRun], state: Any, jobs: int, threads: in
 
     A run starts when the runs it reads have finished; pre-trainings first (:func:`ordered_needs`). A run
     whose process fails is recorded with its log's last line, and the runs after it do not start; the rest
-    go on. On an interrupt or SIGTERM the running jobs are stopped (:func:`stop_jobs`) before it propagates.
+    go on. On an interrupt, SIGTERM or SIGHUP the running jobs are stopped (:func:`stop_jobs`) before it
+    propagates.
     Returns ``{run dir: error}`` of the failed runs."""
     pending = []
     for vr in plan:

@@ -452,7 +452,7 @@ class _FakeProcess:
 
     def __init__(self, run, log, fail, events):
         self.run, self.log, self.fail, self.events, self.code = run, log, fail, events, None
-        self.signals = []
+        self.signals, self.killed = [], False
 
     def poll(self):
         if self.code is None:
@@ -476,7 +476,7 @@ class _FakeProcess:
         return self.code
 
     def kill(self):
-        pass
+        self.killed = True
 
 
 def _four_variant_plan(tmp_path):
@@ -546,7 +546,7 @@ def test_jobs_are_stopped_when_the_study_is_interrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(study_mod.time, "sleep", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_plan_jobs(plan, _State(), jobs=2, threads=1, launch=launch)
-    assert len(processes) == 2 and all(p.signals == [signal.SIGINT] for p in processes)
+    assert len(processes) == 2 and all(p.signals == [signal.SIGTERM] and p.killed for p in processes)
 
 
 def test_job_env_gives_each_slot_its_threads_and_gpu(monkeypatch):
@@ -585,3 +585,46 @@ def test_study_with_two_jobs_runs_each_step_in_its_own_process(tmp_path):
     before = outputs(tmp_path / "runs")
     main(args)  # a re-run trains nothing
     assert outputs(tmp_path / "runs") == before
+
+
+def test_a_terminated_study_stops_its_jobs_and_keeps_their_wall_time(tmp_path):
+    """SIGTERM to a jobs=2 study started the nohup way (SIGINT ignored): its job processes end, having written
+    their wall time, and the step resumes from its checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    study = write_tiny_study(tmp_path / "tiny.yaml")
+    cmd = [sys.executable, "-m", "stepwise.study", f"study={study}", "seeds=[0]", "jobs=2",
+           f"output_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}", "stage.pretrain.max_steps=100000",
+           "stage.pretrain.epochs=1000"]
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    shared = tmp_path / "runs" / "tiny" / "seed0" / "shared"
+    deadline = time.monotonic() + 240
+    while not list(shared.glob("pretrain-*/checkpoints/step_*.pt")):
+        assert parent.poll() is None and time.monotonic() < deadline, "the pretrain job never checkpointed"
+        time.sleep(0.5)
+    spec = next((shared.parent / "logs").glob("pretrain-*.yaml"))
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=120) != 0
+
+    def alive() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if str(spec).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    assert alive() == []
+    run = next(shared.glob("pretrain-*"))
+    assert json.loads((run / "wall_time.json").read_text())["seconds"] > 0
+    from stepwise.study import build_plan, load_study, plan_text
+    overrides = cmd[6:]
+    text = plan_text(load_study(str(study)), build_plan(load_study(str(study)), [0], overrides))
+    assert re.search(rf"{run.name}\s+resumes at step \d+", text)
