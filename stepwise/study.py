@@ -76,7 +76,7 @@ NOT_READ = {"pretrain": ("stepwise", "distill"), "select": ("stepwise.rfs", "dis
 WALL_TIME_NAME = "wall_time.json"
 RESULT_NAME = "result.json"  # a finished variant's record in its directory: all the report reads of its runs
 FILE_KEYS = ("description", "seeds", "base", "steps", "plot", "variants", "pool", "compare")
-VARIANT_KEYS = ("description", "from", "steps", "overrides")
+VARIANT_KEYS = ("description", "from", "steps", "overrides", "step_overrides")
 
 
 # ------------------------------------------------------------------------------------------ study file
@@ -88,6 +88,7 @@ class Variant:
     steps: tuple[str, ...]
     overrides: tuple[str, ...]
     description: str = ""
+    step_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # step -> overrides of that step only
 
     @property
     def final_step(self) -> str:
@@ -175,7 +176,14 @@ def load_study(spec: str) -> Study:
         steps = _steps(entry["steps"], f"{where}.steps") if "steps" in entry else \
             (parent.steps if parent else default_steps)
         overrides = (parent.overrides if parent else ()) + _strings(entry.get("overrides"), f"{where}.overrides")
-        return Variant(name, steps, overrides, str(entry.get("description", "")))
+        own = entry.get("step_overrides") or {}
+        if not isinstance(own, dict) or set(own) - set(STEPS):
+            raise ConfigError(f"{where}.step_overrides: expected a mapping from steps {list(STEPS)} to override "
+                              f"lists, got {own!r}")
+        per_step = dict(parent.step_overrides) if parent else {}
+        for step, values in own.items():
+            per_step[step] = per_step.get(step, ()) + _strings(values, f"{where}.step_overrides.{step}")
+        return Variant(name, steps, overrides, str(entry.get("description", "")), per_step)
 
     variants = {name: resolve(str(name)) for name in entries}
     plot = _strings(raw.get("plot"), f"{path}: plot") or tuple(list(variants)[:4])
@@ -249,16 +257,19 @@ def _map_paths(obj: Any, prefix: str, fn: Any) -> Any:
     return obj
 
 
-def plan_variant(study_dir: Path, variant: Variant, seed: int, cfg: DictConfig,
+def plan_variant(study_dir: Path, variant: Variant, seed: int, cfg: DictConfig | Mapping[str, DictConfig],
                  shared: dict[str, StepRun], pool_dir: Path | None = None) -> VariantRun:
-    """The runs of ``variant`` on ``seed`` from its composed ``stage=all`` config ``cfg``; runs already in
-    ``shared`` (same seed, same identity) are reused, new ones added to it. Runs live in
-    ``<pool_dir>/seed<k>/shared/`` (default ``pool_dir``: ``study_dir``), the variant's links in ``study_dir``."""
+    """The runs of ``variant`` on ``seed`` from its composed ``stage=all`` config ``cfg`` (or one per step,
+    ``{step: cfg}``, where the variant has ``step_overrides``); runs already in ``shared`` (same seed, same
+    identity) are reused, new ones added to it. Runs live in ``<pool_dir>/seed<k>/shared/`` (default
+    ``pool_dir``: ``study_dir``), the variant's links in ``study_dir``."""
+    configs = {step: cfg for step in variant.steps} if isinstance(cfg, DictConfig) else cfg
     seed_dir = (pool_dir or study_dir) / f"seed{seed}"
-    prefix = f"{cfg.output_root}/{cfg.exp}/"
+    first = configs[variant.steps[0]]
+    prefix = f"{first.output_root}/{first.exp}/"
     runs: dict[str, StepRun] = {}
     for step in variant.steps:
-        tree = OmegaConf.to_container(step_config(cfg, step), resolve=True)
+        tree = OmegaConf.to_container(step_config(configs[step], step), resolve=True)
         tree.pop("run_dir")  # <prefix><step> itself; set to the shared run directory below
 
         def upstream(name: str, rest: str, as_key: bool) -> str:
@@ -297,13 +308,21 @@ def build_plan(study: Study, seeds: Sequence[int], overrides: Sequence[str], nam
         shared: dict[str, StepRun] = {}
         for vname in names:
             variant = study.variants[vname]
-            try:
-                cfg = load_config(["stage=all", *study.base, *variant.overrides, *overrides, f"seed={seed}",
-                                   f"exp={name or study.name}/seed{seed}/{vname}"])
-            except ConfigError as err:
-                raise ConfigError(f"study {study.path}, variant {vname!r}: {err}") from None
-            root = Path(cfg.output_root)
-            plan.append(plan_variant(root / (name or study.name), variant, seed, cfg, shared,
+            configs: dict[str, DictConfig] = {}
+            for step in variant.steps:  # one composition unless the variant overrides single steps
+                extra = variant.step_overrides.get(step, ())
+                same = next((c for s, c in configs.items() if variant.step_overrides.get(s, ()) == extra), None)
+                if same is not None:
+                    configs[step] = same
+                    continue
+                try:
+                    configs[step] = load_config(["stage=all", *study.base, *variant.overrides, *extra, *overrides,
+                                                 f"seed={seed}", f"exp={name or study.name}/seed{seed}/{vname}"])
+                except ConfigError as err:
+                    where = f", step {step} (step_overrides {list(extra)})" if extra else ""
+                    raise ConfigError(f"study {study.path}, variant {vname!r}{where}: {err}") from None
+            root = Path(configs[variant.steps[0]].output_root)
+            plan.append(plan_variant(root / (name or study.name), variant, seed, configs, shared,
                                      root / study.pool if study.pool else None))
     return plan
 
@@ -327,7 +346,9 @@ def describe(run: StepRun) -> str:
     rfs = stage.get("rfs") if run.step != "pretrain" else run.config.data.rfs_threshold
     rfs = "uniform" if rfs is None else rfs
     steps = f" max_steps={stage.max_steps}" if stage.get("max_steps") else ""
-    return f"epochs={stage.epochs}{steps} lr={stage.lr:g} train={train} rfs={rfs}"
+    head = run.config.head.name
+    return f"epochs={stage.epochs}{steps} lr={stage.lr:g} train={train} rfs={rfs}" + \
+        ("" if head == "sigmoid" else f" head={head}")
 
 
 def plan_text(study: Study, plan: Sequence[VariantRun]) -> str:
@@ -400,7 +421,8 @@ def link_variant(vr: VariantRun) -> None:
             pass
     atomic_write_json(vr.dir / "variant.json", {
         "variant": vr.variant.name, "seed": vr.seed, "steps": {s: str(r.dir) for s, r in vr.runs.items()},
-        "final_step": vr.variant.final_step, "overrides": list(vr.variant.overrides)}, indent=1)
+        "final_step": vr.variant.final_step, "overrides": list(vr.variant.overrides),
+        "step_overrides": {s: list(o) for s, o in vr.variant.step_overrides.items()}}, indent=1)
 
 
 def wall_seconds(run_dir: Path) -> float | None:
@@ -715,6 +737,7 @@ def collect(plan: Sequence[VariantRun], failed: Mapping[Path, str] | None = None
     for vr in plan:
         v = vr.variant
         entry = results.setdefault(v.name, {"steps": list(v.steps), "overrides": list(v.overrides),
+                                            "step_overrides": {s: list(o) for s, o in v.step_overrides.items()},
                                             "description": v.description, "per_seed": {}, "runs": {}})
         record = variant_result(vr)
         if record is None:

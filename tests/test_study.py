@@ -225,6 +225,15 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     for head in ("sigmoid", "bags", "hybrid_bags", "bacl"):
         assert runs[head]["pretrain"] is runs[f"{head}_stepwise"]["pretrain"]
         assert runs[f"{head}_stepwise"]["distill"].config.head.name == head
+        # the papers' protocol: the sigmoid pretrain, the classifier re-initialised as `head` and trained alone
+        decoupled = runs[f"{head}_decoupled"]
+        assert decoupled["pretrain"] is runs["sigmoid"]["pretrain"]
+        tune = decoupled["finetune"].config
+        pre = decoupled["pretrain"].config.stage
+        assert (tune.head.name, list(tune.stage.trainable), list(tune.stage.reinit)) == (head, ["class_embed"],
+                                                                                        ["class_embed"])
+        assert (tune.stage.epochs, tune.stage.lr, list(tune.stage.lr_drop)) == (pre.epochs, pre.lr, list(pre.lr_drop))
+        assert tune.stage.train_ann == tune.data.train_ann and tune.stage.rfs is None
 
 
 def test_study_file_and_argument_errors(tmp_path):
@@ -628,3 +637,60 @@ def test_a_terminated_study_stops_its_jobs_and_keeps_their_wall_time(tmp_path):
     overrides = cmd[6:]
     text = plan_text(load_study(str(study)), build_plan(load_study(str(study)), [0], overrides))
     assert re.search(rf"{run.name}\s+resumes at step \d+", text)
+
+
+def test_step_overrides_retrain_a_new_head_type_on_a_shared_sigmoid_pretrain(tmp_path):
+    """``step_overrides``: the heads study's decoupled rows (sigmoid pretrain shared, finetune with another
+    head): the pretrain is one run, the finetune builds a BAGS classifier, loads everything else from the
+    sigmoid checkpoint, trains only the classifier, and the row is recorded."""
+    import torch
+
+    from stepwise.config import ConfigError
+    from stepwise.study import build_plan, load_study, main
+
+    text = write_tiny_study(tmp_path / "tiny.yaml").read_text()
+    variants = """variants:
+  sig:
+    steps: [pretrain]
+  sig_decoupled:
+    steps: [pretrain, finetune]
+    overrides:
+      - stage.finetune.train_ann=${data.train_ann}
+      - stage.finetune.rfs=null
+      - "stage.finetune.trainable=[class_embed]"
+      - "stage.finetune.reinit=[class_embed]"
+  bags_decoupled:
+    from: sig_decoupled
+    step_overrides: {finetune: [head=bags, head.beta=4]}
+"""
+    path = tmp_path / "heads.yaml"
+    path.write_text(text[:text.index("plot:")] + "plot: [sig]\n" + variants)
+    study = load_study(str(path))
+    assert study.variants["bags_decoupled"].step_overrides == {"finetune": ("head=bags", "head.beta=4")}
+    assert study.variants["sig_decoupled"].step_overrides == {}
+    args = [f"output_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}"]
+    rows = {vr.variant.name: vr.runs for vr in build_plan(study, [0], args)}
+    assert rows["sig"]["pretrain"] is rows["sig_decoupled"]["pretrain"] is rows["bags_decoupled"]["pretrain"]
+    assert rows["bags_decoupled"]["pretrain"].config.head.name == "sigmoid"
+    finetune = rows["bags_decoupled"]["finetune"].config
+    assert (finetune.head.name, finetune.head.beta) == ("bags", 4)
+    assert rows["sig_decoupled"]["finetune"] is not rows["bags_decoupled"]["finetune"]
+    assert rows["sig_decoupled"]["finetune"].config.head.name == "sigmoid"
+
+    main([f"study={path}", "seeds=1", *args])
+    pre = torch.load(rows["sig"]["pretrain"].dir / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    post = torch.load(rows["bags_decoupled"]["finetune"].dir / "checkpoint_final.pt", map_location="cpu",
+                      weights_only=False)
+    weights = [k for k in pre["model"] if k.startswith("class_embed.") and k.endswith("weight")]
+    num_classes = pre["model"][weights[0]].shape[0]  # sigmoid: C rows; BAGS: C + 4 groups' "others" + G0's 2
+    assert weights and all(post["model"][k].shape[0] == num_classes + 4 + 2 for k in weights)
+    rest = [k for k in pre["model"] if not k.startswith("class_embed.") and k in post["model"]]  # frozen BN
+    assert len(rest) > 0.9 * len([k for k in pre["model"] if not k.startswith("class_embed.")])  # keeps no counter
+    assert rest and all(torch.equal(pre["model"][k], post["model"][k]) for k in rest)  # only the classifier trained
+    report = json.loads((tmp_path / "runs" / "heads" / "study.json").read_text())
+    assert report["pending"] == [] and set(report["variants"]) == {"sig", "sig_decoupled", "bags_decoupled"}
+    assert report["variants"]["bags_decoupled"]["step_overrides"] == {"finetune": ["head=bags", "head.beta=4"]}
+
+    path.write_text(path.read_text().replace("step_overrides: {finetune:", "step_overrides: {tune:"))
+    with pytest.raises(ConfigError, match="step_overrides: expected a mapping from steps"):
+        load_study(str(path))
