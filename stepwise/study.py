@@ -88,7 +88,7 @@ class Variant:
     steps: tuple[str, ...]
     overrides: tuple[str, ...]
     description: str = ""
-    step_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # step -> overrides of that step only
+    step_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)  # step -> its own overrides
 
     @property
     def final_step(self) -> str:
@@ -257,13 +257,12 @@ def _map_paths(obj: Any, prefix: str, fn: Any) -> Any:
     return obj
 
 
-def plan_variant(study_dir: Path, variant: Variant, seed: int, cfg: DictConfig | Mapping[str, DictConfig],
+def plan_variant(study_dir: Path, variant: Variant, seed: int, configs: Mapping[str, DictConfig],
                  shared: dict[str, StepRun], pool_dir: Path | None = None) -> VariantRun:
-    """The runs of ``variant`` on ``seed`` from its composed ``stage=all`` config ``cfg`` (or one per step,
-    ``{step: cfg}``, where the variant has ``step_overrides``); runs already in ``shared`` (same seed, same
-    identity) are reused, new ones added to it. Runs live in ``<pool_dir>/seed<k>/shared/`` (default
-    ``pool_dir``: ``study_dir``), the variant's links in ``study_dir``."""
-    configs = {step: cfg for step in variant.steps} if isinstance(cfg, DictConfig) else cfg
+    """The runs of ``variant`` on ``seed`` from its composed ``stage=all`` config per step (``{step: cfg}``;
+    one object for all steps unless the variant has ``step_overrides``); runs already in ``shared`` (same
+    seed, same identity) are reused, new ones added to it. Runs live in ``<pool_dir>/seed<k>/shared/``
+    (default ``pool_dir``: ``study_dir``), the variant's links in ``study_dir``."""
     seed_dir = (pool_dir or study_dir) / f"seed{seed}"
     first = configs[variant.steps[0]]
     prefix = f"{first.output_root}/{first.exp}/"
@@ -308,19 +307,19 @@ def build_plan(study: Study, seeds: Sequence[int], overrides: Sequence[str], nam
         shared: dict[str, StepRun] = {}
         for vname in names:
             variant = study.variants[vname]
+            composed: dict[tuple[str, ...], DictConfig] = {}  # by the step's extra overrides: one, usually
             configs: dict[str, DictConfig] = {}
-            for step in variant.steps:  # one composition unless the variant overrides single steps
+            for step in variant.steps:
                 extra = variant.step_overrides.get(step, ())
-                same = next((c for s, c in configs.items() if variant.step_overrides.get(s, ()) == extra), None)
-                if same is not None:
-                    configs[step] = same
-                    continue
-                try:
-                    configs[step] = load_config(["stage=all", *study.base, *variant.overrides, *extra, *overrides,
-                                                 f"seed={seed}", f"exp={name or study.name}/seed{seed}/{vname}"])
-                except ConfigError as err:
-                    where = f", step {step} (step_overrides {list(extra)})" if extra else ""
-                    raise ConfigError(f"study {study.path}, variant {vname!r}{where}: {err}") from None
+                if extra not in composed:
+                    try:
+                        composed[extra] = load_config(["stage=all", *study.base, *variant.overrides, *extra,
+                                                       *overrides, f"seed={seed}",
+                                                       f"exp={name or study.name}/seed{seed}/{vname}"])
+                    except ConfigError as err:
+                        where = f", step {step} (step_overrides {list(extra)})" if extra else ""
+                        raise ConfigError(f"study {study.path}, variant {vname!r}{where}: {err}") from None
+                configs[step] = composed[extra]
             root = Path(configs[variant.steps[0]].output_root)
             plan.append(plan_variant(root / (name or study.name), variant, seed, configs, shared,
                                      root / study.pool if study.pool else None))
