@@ -144,6 +144,32 @@ def test_number_of_sampled_others_and_determinism():
     assert g0.rows.tolist() == [0, 1, 2, 3, 4] and g1.rows.tolist() == [3, 0, 1, 2, 4]
 
 
+def test_foreground_first_draws_other_groups_matches_before_unmatched_queries():
+    labels = torch.full((200,), 3)  # 3 = no-object
+    labels[[5, 50]] = 0  # group 0's positives: 16 "others" to draw
+    labels[[7, 90, 150]] = 2  # group 1's positives: the other group's objects
+    valid = torch.ones(200, dtype=torch.bool)
+    valid[90] = False  # an ignored match is no candidate
+    uniform = GroupSoftmaxHead(D, [0, 0, 1], beta=8.0)
+    first = GroupSoftmaxHead(D, [0, 0, 1], beta=8.0, others="foreground_first")
+    seen_uniform = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        g0, g1 = first.sample_groups(labels, valid)
+        others = set(g0.rows[2:].tolist())
+        assert len(others) == 16 and {7, 150} <= others and 90 not in others and not {5, 50} & others
+        assert g1.num_positive == 2 and {5, 50} <= set(g1.rows[2:].tolist())  # 90 ignored: 2 positives
+        torch.manual_seed(seed)
+        seen_uniform += len({7, 150} & set(uniform.sample_groups(labels, valid)[0].rows[2:].tolist()))
+    assert seen_uniform < 20  # uniform: each foreign match drawn with probability 16/197
+    with pytest.raises(ValueError, match="others"):
+        GroupSoftmaxHead(D, [0, 0, 1], others="foreground")
+    cats = categories([3, 15, 150])
+    assert build_head(load_config(["head=bags"]).head, D, 3, categories=cats).others == "uniform"
+    built = build_head(load_config(["head=hybrid_bags", "head.others=foreground_first"]).head, D, 3, categories=cats)
+    assert built.others == "foreground_first"
+
+
 # ------------------------------------------------------------------------------------------- losses
 # classes 0, 1 in group 0 (cols 2, 3, others 4); class 2 in group 1 (col 5, others 6)
 LOGITS = torch.tensor([[[1.0, 0.0, 2.0, 0.0, 1.0, 0.5, -0.5],
