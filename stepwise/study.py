@@ -25,7 +25,8 @@ A run that fails is reported and the rows that do not depend on it go on; the co
 status 1 after writing the report.
 
 Sharing: the runs of one seed share their common prefix. Each step's identity is a hash of its resolved
-config (without bookkeeping keys and the blocks the step does not read) in which every path to an earlier
+config (without bookkeeping keys, the blocks the step does not read and ``ADDED_OPTIONS`` at their old
+behaviour) in which every path to an earlier
 step of the variant is replaced by that step's identity; steps of different variants with equal identities
 are one run. Every run lives in ``<output_root>/<study>/seed<k>/shared/<step>-<hash>/`` (a study file's
 ``pool: <other study>`` keeps its runs in that study's ``shared/`` instead, so equal runs of two studies
@@ -71,6 +72,9 @@ RESERVED = ("seed", "exp", "stage", "run_dir", "resume", "overwrite")  # set by 
 BOOKKEEPING = ("run_dir", "exp", "output_root", "resume", "overwrite", "data.num_workers", "data.preflight",
                "data.preflight_decode_max", "stage.trackers", "stage.log_every", "stage.keep_last",
                "stage.checkpoint_every_steps", "stage.eval_every_epochs")
+# Options added after studies were recorded, with the value at which a run computes what it computed before the
+# option existed: at that value the option stays out of the run's identity, so adding it keeps recorded runs.
+ADDED_OPTIONS = {"head.others": "uniform"}
 NOT_READ = {"pretrain": ("stepwise", "distill"), "select": ("stepwise.rfs", "distill"),
             "finetune": ("distill",), "distill": ()}  # root blocks a step does not read (dropped from its hash)
 WALL_TIME_NAME = "wall_time.json"
@@ -237,6 +241,15 @@ class VariantRun:
     runs: dict[str, StepRun]
 
 
+def _select(tree: dict, dotted: str) -> Any:
+    """The value at ``dotted`` in a nested dict, None where a part is missing."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
 def _drop(tree: dict, dotted: str) -> None:
     *parents, last = dotted.split(".")
     for part in parents:
@@ -282,6 +295,9 @@ def plan_variant(study_dir: Path, variant: Variant, seed: int, configs: Mapping[
         identity = _map_paths(tree, prefix, lambda n, r: upstream(n, r, True))
         for key in (*BOOKKEEPING, *NOT_READ[step]):
             _drop(identity, key)
+        for key, old_behaviour in ADDED_OPTIONS.items():
+            if _select(identity, key) == old_behaviour:
+                _drop(identity, key)
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
         key = f"{step}-{digest}"
         if key not in shared:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from stepwise.config import load_config
 from stepwise.data.categories import CategoryMap
@@ -168,6 +169,11 @@ def test_foreground_first_draws_other_groups_matches_before_unmatched_queries():
     assert build_head(load_config(["head=bags"]).head, D, 3, categories=cats).others == "uniform"
     built = build_head(load_config(["head=hybrid_bags", "head.others=foreground_first"]).head, D, 3, categories=cats)
     assert built.others == "foreground_first"
+    old = load_config(["head=bags"]).head  # a config saved before the option existed draws uniformly
+    OmegaConf.set_struct(old, False)
+    del old["others"]
+    OmegaConf.set_struct(old, True)
+    assert build_head(old, D, 3, categories=cats).others == "uniform"
 
 
 # ------------------------------------------------------------------------------------------- losses

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 TINY_STUDY = """
 description: two variants that share pretrain and selection
@@ -234,6 +235,31 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
                                                                                         ["class_embed"])
         assert (tune.stage.epochs, tune.stage.lr, list(tune.stage.lr_drop)) == (pre.epochs, pre.lr, list(pre.lr_drop))
         assert tune.stage.train_ann == tune.data.train_ann and tune.stage.rfs is None
+    # the investigation rows: the same re-training with one head option changed
+    fg_first, all_negatives = runs["bags_decoupled_fg_first"]["finetune"], runs["bacl_decoupled_all_negatives"]["finetune"]
+    assert fg_first is not runs["bags_decoupled"]["finetune"] and fg_first.config.head.others == "foreground_first"
+    assert all_negatives is not runs["bacl_decoupled"]["finetune"]
+    assert all_negatives.config.head.weight_threshold == 0.0
+
+
+def test_an_option_added_at_its_old_behaviour_keeps_the_run_identity(tmp_path):
+    """A config saved before ``head.others`` existed and one with its default plan the same run (recorded
+    studies stay valid); another value is another run."""
+    from stepwise.config import load_config
+    from stepwise.study import ADDED_OPTIONS, Variant, plan_variant
+
+    assert ADDED_OPTIONS["head.others"] == "uniform"
+    variant = Variant("v", ("pretrain",), ("head=bags",))
+
+    def key(*overrides, drop_others=False):
+        cfg = load_config(["stage=all", "head=bags", f"output_root={tmp_path}", "exp=s/seed0/v", *overrides])
+        if drop_others:
+            OmegaConf.set_struct(cfg, False)
+            del cfg.head["others"]
+        return plan_variant(tmp_path / "s", variant, 0, {"pretrain": cfg}, {}).runs["pretrain"].key
+
+    assert key() == key(drop_others=True) == key("head.others=uniform")
+    assert key("head.others=foreground_first") != key()
 
 
 def test_study_file_and_argument_errors(tmp_path):

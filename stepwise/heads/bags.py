@@ -295,7 +295,8 @@ def instance_counts(categories: Any, num_classes: int, head: str) -> list[int]:
 
 
 def _common_options(cfg_head) -> dict[str, Any]:
-    return {"beta": float(cfg_head.beta), "others": str(cfg_head.others), "g0_loss": str(cfg_head.g0_loss), "g0_alpha": float(cfg_head.g0_alpha),
+    # configs saved before ``others`` existed (checkpoints, study plans) drew "others" uniformly
+    return {"beta": float(cfg_head.beta), "others": str(cfg_head.get("others", "uniform")), "g0_loss": str(cfg_head.g0_loss), "g0_alpha": float(cfg_head.g0_alpha),
             "g0_gamma": float(cfg_head.g0_gamma), "eos_coef": float(cfg_head.eos_coef),
             "prior_prob": float(cfg_head.prior_prob)}
 
