@@ -87,14 +87,12 @@ def count_errors(gt: dict, dets, group_of: dict[int, int], label: str, iou: floa
     ann_box = np.array([a["bbox"] for a in gt["annotations"]], dtype=np.float64).reshape(-1, 4)
     ann_order = np.argsort(ann_img, kind="stable")
     det_order = np.lexsort((np.arange(len(dets)), -dets.score, dets.image_id))  # by image, score desc
-    det_img = dets.image_id[det_order]
+    ann_img, det_img = ann_img[ann_order], dets.image_id[det_order]  # both sorted by image: one slice per image
     for img in gt["images"]:
-        lo, hi = np.searchsorted(ann_img[ann_order], img["id"], side="left"), np.searchsorted(ann_img[ann_order], img["id"], side="right")
-        g = ann_order[lo:hi]
+        g = ann_order[_image_rows(ann_img, img["id"])]
         g_cat, g_box = ann_cat[g], ann_box[g]
         counts.num_gt += len(g)
-        lo, hi = np.searchsorted(det_img, img["id"], side="left"), np.searchsorted(det_img, img["id"], side="right")
-        d = det_order[lo:hi]
+        d = det_order[_image_rows(det_img, img["id"])]
         d = d[np.isin(dets.category_id[d], np.concatenate([g_cat, np.asarray(img["neg_category_ids"], np.int64)]))]
         if len(d) == 0:
             continue
@@ -114,6 +112,11 @@ def count_errors(gt: dict, dets, group_of: dict[int, int], label: str, iou: floa
                 same_group = group_of[int(d_cat[winner])] == group_of[int(g_cat[j])]
                 counts.objects["top_wrong_same_group" if same_group else "top_wrong_other_group"] += 1
     return counts
+
+
+def _image_rows(sorted_ids: np.ndarray, image_id: int) -> slice:
+    """The slice of ``sorted_ids`` (ascending) equal to ``image_id``."""
+    return slice(*np.searchsorted(sorted_ids, [image_id, image_id + 1]))
 
 
 def _top_detections(out: dict[str, int], ious: np.ndarray, same: np.ndarray, d_cat: np.ndarray,
