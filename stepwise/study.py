@@ -446,9 +446,27 @@ def wall_seconds(run_dir: Path) -> float | None:
     return float(json.loads(path.read_text())["seconds"]) if path.is_file() else None
 
 
+def run_threads(run_dir: Path) -> list[int]:
+    """The CPU thread counts this step has run with (``wall_time.json``; one entry per distinct count)."""
+    path = run_dir / WALL_TIME_NAME
+    return list(json.loads(path.read_text()).get("threads", [])) if path.is_file() else []
+
+
+def add_session(run_dir: Path, seconds: float) -> None:
+    """Add one session's wall time and torch's CPU thread count to ``<run dir>/wall_time.json``. The thread
+    count is kept because it changes float summation order: the same seed and config are bit-for-bit
+    reproducible on one machine only at the same count (docs/study.md)."""
+    import torch
+
+    atomic_write_json(run_dir / WALL_TIME_NAME,
+                      {"seconds": (wall_seconds(run_dir) or 0.0) + seconds,
+                       "threads": sorted({*run_threads(run_dir), torch.get_num_threads()})})
+
+
 def run_step(run: StepRun, state: Any) -> None:
     """Run one step unless its outputs exist; an interrupted step resumes from its last checkpoint. The wall
-    time of each session, an interrupted or failed one included, is added to ``<run dir>/wall_time.json``."""
+    time and thread count of each session, an interrupted or failed one included, are added to
+    ``<run dir>/wall_time.json``."""
     if step_done(run.config):
         state.print(f"stepwise: study: {run.key} (seed {run.seed}) done, skipping")
         return
@@ -464,8 +482,7 @@ def run_step(run: StepRun, state: Any) -> None:
         state.wait_for_everyone()
     finally:  # an interrupted session's time counts too: the run resumes from its checkpoint next time
         if state.is_main_process and run.dir.is_dir():
-            atomic_write_json(run.dir / WALL_TIME_NAME, {"seconds": (wall_seconds(run.dir) or 0.0)
-                                                         + time.perf_counter() - start})
+            add_session(run.dir, time.perf_counter() - start)
     gc.collect()
 
 

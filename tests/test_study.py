@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 TINY_STUDY = """
@@ -358,7 +359,7 @@ def test_a_failed_run_skips_only_the_rows_that_depend_on_it(tmp_path, monkeypatc
 
 def test_an_interrupted_step_still_adds_its_wall_time(tmp_path, monkeypatch):
     import stepwise.stages.pretrain as pretrain
-    from stepwise.study import build_plan, load_study, run_step, wall_seconds
+    from stepwise.study import build_plan, load_study, run_step, run_threads, wall_seconds
 
     path = tmp_path / "s.yaml"
     path.write_text("variants: {a: {steps: [pretrain]}}")
@@ -377,9 +378,15 @@ def test_an_interrupted_step_still_adds_its_wall_time(tmp_path, monkeypatch):
         run_step(run, State())
     first = wall_seconds(run.dir)
     assert first is not None and first > 0
-    with pytest.raises(KeyboardInterrupt):
-        run_step(run, State())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # a resumed session with another thread count: both are recorded
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_step(run, State())
+    finally:
+        torch.set_num_threads(threads)
     assert wall_seconds(run.dir) > first  # summed over the sessions
+    assert run_threads(run.dir) == [threads, threads + 1]
 
 
 def test_eval_curve_reads_every_evaluation_and_keeps_the_last_of_a_repeated_one(tmp_path):
