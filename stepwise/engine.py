@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from stepwise.checkpoint import (FINAL_NAME, TRAINING_KEYS, check_finite_weights, checkpoint_path, find_latest,
                                  head_state, load_checkpoint, optimizer_state_names, preserved_rng,
                                  prune_checkpoints, restore_head_state, rng_state, save_checkpoint, set_rng_state)
+from stepwise.utils import cpu_threads
 from stepwise.utils.finite import NonFiniteCostError, first_non_finite, named_tensors
 from stepwise.utils.io import atomic_write_text, write_error
 
@@ -257,6 +258,7 @@ class Trainer:
         done = skip
         try:
             for batch in loader:
+                cpu_threads.tick(acc.device)  # fewer threads while other processes hold cores
                 with acc.accumulate(self.model):
                     try:
                         outputs, targets = self.forward_fn(self.model, batch)
@@ -550,6 +552,7 @@ def shard_predictions(accelerator: Accelerator, model: nn.Module, loader: torch.
     try:
         with preserved_rng():
             for batch in tqdm(shard, desc=desc, dynamic_ncols=True, disable=not accelerator.is_main_process):
+                cpu_threads.tick(accelerator.device)
                 yield predict_fn(model, send_to_device(batch, accelerator.device))
     finally:
         model.train(was_training)

@@ -61,6 +61,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stepwise.config import CONFIG_DIR, ConfigError, load_config, prepare_run_dir
 from stepwise.stages.all import TRAINING_STEPS, set_resume, step_config, step_done
+from stepwise.utils import cpu_threads
 from stepwise.utils.io import atomic_write_json, atomic_write_text
 from stepwise.utils.signals import exit_on_signals
 
@@ -455,12 +456,11 @@ def run_threads(run_dir: Path) -> list[int]:
 def add_session(run_dir: Path, seconds: float) -> None:
     """Add one session's wall time and torch's CPU thread count to ``<run dir>/wall_time.json``. The thread
     count is kept because it changes float summation order: the same seed and config are bit-for-bit
-    reproducible on one machine only at the same count (docs/study.md)."""
-    import torch
-
+    reproducible on one machine only at the same count (docs/study.md); a session whose count followed the
+    machine's load (stepwise/utils/cpu_threads.py) adds every count it used."""
     atomic_write_json(run_dir / WALL_TIME_NAME,
                       {"seconds": (wall_seconds(run_dir) or 0.0) + seconds,
-                       "threads": sorted({*run_threads(run_dir), torch.get_num_threads()})})
+                       "threads": sorted({*run_threads(run_dir), *cpu_threads.used_counts()})})
 
 
 def run_step(run: StepRun, state: Any) -> None:
@@ -477,6 +477,7 @@ def run_step(run: StepRun, state: Any) -> None:
     prepare_run_dir(cfg, state.is_main_process)
     state.wait_for_everyone()
     start = time.perf_counter()
+    cpu_threads.reset_used()  # this session's counts only
     try:
         importlib.import_module(f"stepwise.stages.{run.step}").run(cfg)
         state.wait_for_everyone()

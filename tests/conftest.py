@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+# The suite compares weights bit for bit between runs in one process: a thread count that followed the
+# machine's load (stepwise/utils/cpu_threads.py) would make that depend on what else runs. Tests of the
+# governor set the mode themselves.
+os.environ.setdefault("STEPWISE_CPU_THREADS", "fixed")
 
 
 def _make_untrained_checkpoint(root: Path) -> tuple[Path, object]:

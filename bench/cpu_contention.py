@@ -1,0 +1,162 @@
+"""CPU training throughput on a busy machine: the old thread setting (torch's fixed count) against the new one
+(``STEPWISE_CPU_THREADS=auto``, stepwise/utils/cpu_threads.py), idle and beside competing processes, in one run.
+
+    python bench/cpu_contention.py                       # tiny model, batch 4, 128x128, 20 s per cell
+    python bench/cpu_contention.py --seconds 40 --repeats 2 --json contention.json
+
+Each cell is a fresh process that trains the tiny Deformable DETR (stepwise's model, criterion and fused AdamW on
+a fixed random batch, as bench/train_throughput.py) for ``--warmup`` seconds, then counts the images it trains in
+``--seconds`` more, calling ``cpu_threads.tick`` between steps as the engine's training loop does. Competitors,
+started before the cell and stopped after it by this script:
+
+- ``busy x1`` / ``busy x2``: one / two ``while True: pass`` Python processes (a 1-core busy process each);
+- ``train (old)``: another training process with its own threads and the old setting (``stepwise.study jobs=2``
+  without the fix, an evaluation, a second experiment);
+- ``train (new)``: the same with the new setting (two stepwise runs side by side).
+
+Ratios: a cell's images/s over the idle figure of the old setting measured in the same run. The machine should be
+otherwise idle: the script prints the other processes' CPU load measured during each idle cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"old": {"STEPWISE_CPU_THREADS": "fixed"}, "new": {"STEPWISE_CPU_THREADS": "auto"}}
+COMPETITORS = ("idle", "busy x1", "busy x2", "train (old)", "train (new)")
+BUSY = [sys.executable, "-c", "while True: pass"]
+
+
+# --------------------------------------------------------------------------------------------- the cell
+def train_worker(warmup_s: float, seconds: float, batch: int, size: tuple[int, int]) -> dict:
+    """Train the tiny model for ``warmup_s`` + ``seconds`` (``seconds`` <= 0: until killed); returns images/s over
+    the measured part, the thread counts used and the other processes' load (CPUs) over it."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from stepwise.config import load_config
+    from stepwise.models import build_detector, param_groups
+    from stepwise.models.criterion import build_criterion
+    from stepwise.utils import cpu_threads
+
+    cfg = load_config(["model=tiny", "model.backbone_weights=null", "head=sigmoid"])
+    torch.manual_seed(0)
+    classes = 80
+    model = build_detector(cfg.model, cfg.head, classes).train()
+    criterion = build_criterion(cfg.loss, model.class_embed[-1], num_layers=cfg.model.dec_layers,
+                                two_stage=cfg.model.two_stage)
+    stage = OmegaConf.to_container(cfg.stage, resolve=True)
+    optimizer = torch.optim.AdamW(param_groups(model, stage), fused=True)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *size, generator=g)
+    targets = [{"labels": torch.randint(classes, (6,), generator=g),
+                "boxes": torch.cat([0.2 + 0.6 * torch.rand(6, 2, generator=g), 0.05 + 0.3 * torch.rand(6, 2, generator=g)], 1)}
+               for _ in range(batch)]
+
+    def step() -> None:
+        cpu_threads.tick("cpu")
+        loss = criterion.total(criterion(model(images), targets))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    cpus = cpu_threads.usable_cpus()
+    start = time.monotonic()
+    while time.monotonic() - start < warmup_s or seconds <= 0:
+        step()
+    before, count = cpu_threads.read_sample(cpus), 0
+    while time.monotonic() - before.wall < seconds:
+        step()
+        count += 1
+    after = cpu_threads.read_sample(cpus)
+    return {"img_s": count * batch / (after.wall - before.wall), "threads": sorted(cpu_threads.used_counts()),
+            "other_load": cpu_threads.other_load(before, after)}
+
+
+def run_cell(setting: str, competitor: str, args: argparse.Namespace) -> dict:
+    """One measurement: start the competitors, train in a fresh process with ``setting``, stop them."""
+    env = {**os.environ, **SETTINGS[setting]}
+    worker = [sys.executable, __file__, "--worker", "--warmup", str(args.warmup), "--batch", str(args.batch),
+              "--size", *map(str, args.size)]
+    others = []
+    if competitor.startswith("busy"):
+        others = [subprocess.Popen(BUSY) for _ in range(int(competitor[-1]))]
+    elif competitor.startswith("train"):
+        mode = "old" if "old" in competitor else "new"
+        others = [subprocess.Popen([*worker, "--seconds", "0"], env={**os.environ, **SETTINGS[mode]},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(2.0 if others else 0.0)  # a competing trainer is past its imports
+        out = subprocess.run([*worker, "--seconds", str(args.seconds)], env=env, check=True, capture_output=True,
+                             text=True, cwd=ROOT)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        for process in others:
+            process.kill()
+            process.wait()
+
+
+# --------------------------------------------------------------------------------------------- driver
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=4.0, help="warm-up seconds per cell (not measured)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
+    parser.add_argument("--repeats", type=int, default=1, help="measure every cell this many times (median)")
+    parser.add_argument("--competitors", default=",".join(COMPETITORS),
+                        help=f"comma-separated subset of: {', '.join(COMPETITORS)}")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.competitor_list = [c.strip() for c in args.competitors.split(",") if c.strip()]
+    unknown = sorted(set(args.competitor_list) - set(COMPETITORS))
+    if unknown:
+        parser.error(f"unknown competitors {unknown}; choose from {', '.join(COMPETITORS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(train_worker(args.warmup, args.seconds, args.batch, tuple(args.size))), flush=True)
+        return 0
+    import statistics
+
+    import torch
+
+    print(f"tiny model, batch {args.batch}, {args.size[0]}x{args.size[1]}, {args.warmup:g} s warm-up + "
+          f"{args.seconds:g} s measured per cell, median of {args.repeats}; {len(os.sched_getaffinity(0))} usable "
+          f"CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads by default)")
+    rows = []
+    for competitor in args.competitor_list:
+        for setting in SETTINGS:
+            cells = [run_cell(setting, competitor, args) for _ in range(args.repeats)]
+            img_s = statistics.median(c["img_s"] for c in cells)
+            rows.append({"beside": competitor, "setting": setting, "img_s": img_s, "cells": cells,
+                         "threads": sorted({t for c in cells for t in c["threads"]})})
+            extra = f", other load {cells[0]['other_load']:.2f} CPUs" if competitor == "idle" else ""
+            print(f"  measured {competitor:12s} {setting}: {img_s:6.2f} img/s{extra}", flush=True)
+    idle = {r["setting"]: r["img_s"] for r in rows if r["beside"] == "idle"}
+    base = idle.get("old")
+    print("\n| beside | setting | img/s | vs old idle | vs same setting idle | threads used |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        vs_old = f"{r['img_s'] / base:.2f}" if base else "-"
+        vs_same = f"{r['img_s'] / idle[r['setting']]:.2f}" if r["setting"] in idle else "-"
+        print(f"| {r['beside']} | {r['setting']} | {r['img_s']:.2f} | {vs_old} | {vs_same} | "
+              f"{','.join(map(str, r['threads']))} |")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
