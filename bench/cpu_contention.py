@@ -12,7 +12,11 @@ started before the cell and stopped after it by this script:
 - ``busy x1`` / ``busy x2``: one / two ``while True: pass`` Python processes (a 1-core busy process each);
 - ``train (old)``: another training process with its own threads and the old setting (``stepwise.study jobs=2``
   without the fix, an evaluation, a second experiment);
-- ``train (new)``: the same with the new setting (two stepwise runs side by side).
+- ``train (new)``: the same with the new setting (two stepwise runs side by side);
+- ``render``: ``stepwise.make_synthetic``'s data generation (one rendering process per CPU) over and over.
+
+``--settings`` adds the other candidates: ``passive`` (``OMP_WAIT_POLICY=PASSIVE``: sleeping waits), ``spin1k``
+(``GOMP_SPINCOUNT=1000``), ``1-thread`` (``OMP_NUM_THREADS=1``), each with the count fixed.
 
 Ratios: a cell's images/s over the idle figure of the old setting measured in the same run. The machine should be
 otherwise idle: the script prints the other processes' CPU load measured during each idle cell.
@@ -23,15 +27,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"old": {"STEPWISE_CPU_THREADS": "fixed"}, "new": {"STEPWISE_CPU_THREADS": "auto"}}
-COMPETITORS = ("idle", "busy x1", "busy x2", "train (old)", "train (new)")
+SETTINGS = {  # old = torch's fixed count with libgomp's defaults, as before; the rest are the candidates measured
+    "old": {"STEPWISE_CPU_THREADS": "fixed"}, "new": {"STEPWISE_CPU_THREADS": "auto"},
+    "passive": {"STEPWISE_CPU_THREADS": "fixed", "OMP_WAIT_POLICY": "PASSIVE"},
+    "spin1k": {"STEPWISE_CPU_THREADS": "fixed", "GOMP_SPINCOUNT": "1000"},
+    "1-thread": {"STEPWISE_CPU_THREADS": "fixed", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+COMPETITORS = ("idle", "busy x1", "busy x2", "train (old)", "train (new)", "render")
 BUSY = [sys.executable, "-c", "while True: pass"]
+# make_synthetic's renders (a process per CPU), again and again into a temporary directory
+RENDER = [sys.executable, "-c", "import itertools, shutil, sys, tempfile\n"
+          "from stepwise.data.synthetic import generate\n"
+          "with tempfile.TemporaryDirectory() as tmp:\n"
+          "    for seed in itertools.count():\n"
+          "        generate(f'{tmp}/d', 'large', seed, verbose=False); shutil.rmtree(f'{tmp}/d')"]
 
 
 # --------------------------------------------------------------------------------------------- the cell
@@ -82,24 +97,27 @@ def train_worker(warmup_s: float, seconds: float, batch: int, size: tuple[int, i
 
 def run_cell(setting: str, competitor: str, args: argparse.Namespace) -> dict:
     """One measurement: start the competitors, train in a fresh process with ``setting``, stop them."""
-    env = {**os.environ, **SETTINGS[setting]}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(SETTINGS[setting])
     worker = [sys.executable, __file__, "--worker", "--warmup", str(args.warmup), "--batch", str(args.batch),
               "--size", *map(str, args.size)]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
     others = []
     if competitor.startswith("busy"):
-        others = [subprocess.Popen(BUSY) for _ in range(int(competitor[-1]))]
+        others = [subprocess.Popen(BUSY, **quiet) for _ in range(int(competitor[-1]))]
     elif competitor.startswith("train"):
         mode = "old" if "old" in competitor else "new"
-        others = [subprocess.Popen([*worker, "--seconds", "0"], env={**os.environ, **SETTINGS[mode]},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        others = [subprocess.Popen([*worker, "--seconds", "0"], env={**os.environ, **SETTINGS[mode]}, **quiet)]
+    elif competitor == "render":
+        others = [subprocess.Popen(RENDER, **quiet)]
     try:
         time.sleep(2.0 if others else 0.0)  # a competing trainer is past its imports
         out = subprocess.run([*worker, "--seconds", str(args.seconds)], env=env, check=True, capture_output=True,
                              text=True, cwd=ROOT)
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
-        for process in others:
-            process.kill()
+        for process in others:  # each in its own session: its pool workers go too
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
@@ -113,6 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="measure every cell this many times (median)")
     parser.add_argument("--competitors", default=",".join(COMPETITORS),
                         help=f"comma-separated subset of: {', '.join(COMPETITORS)}")
+    parser.add_argument("--settings", default="old,new", help=f"comma-separated subset of: {', '.join(SETTINGS)}")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -120,6 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.competitor_list) - set(COMPETITORS))
     if unknown:
         parser.error(f"unknown competitors {unknown}; choose from {', '.join(COMPETITORS)}")
+    args.setting_list = [c.strip() for c in args.settings.split(",") if c.strip()]
+    if sorted(set(args.setting_list) - set(SETTINGS)) or "old" not in args.setting_list:
+        parser.error(f"--settings: a subset of {', '.join(SETTINGS)} that includes old (the ratios' base)")
     return args
 
 
@@ -137,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
           f"CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads by default)")
     rows = []
     for competitor in args.competitor_list:
-        for setting in SETTINGS:
+        for setting in args.setting_list:
             cells = [run_cell(setting, competitor, args) for _ in range(args.repeats)]
             img_s = statistics.median(c["img_s"] for c in cells)
             rows.append({"beside": competitor, "setting": setting, "img_s": img_s, "cells": cells,

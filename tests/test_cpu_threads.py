@@ -135,3 +135,19 @@ def test_a_training_run_starts_the_governor_and_logs_it(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if "stepwise: CPU threads:" in line]
     assert len(lines) == 1 and "up to 2 of" in lines[0] and "STEPWISE_CPU_THREADS=fixed keeps 2" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_contention_bench_prints_old_and_new_beside_a_busy_process():
+    bench = Path(__file__).resolve().parents[1] / "bench" / "cpu_contention.py"
+    cmd = [sys.executable, str(bench), "--seconds", "1", "--warmup", "0.5", "--size", "64", "64", "--batch", "1",
+           "--competitors", "idle,busy x1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| idle") or
+            line.startswith("| busy")]
+    assert [(r[0], r[1]) for r in rows] == [("| idle", "old"), ("| idle", "new"), ("| busy x1", "old"),
+                                            ("| busy x1", "new")]
+    assert all(float(r[2]) > 0 for r in rows)
+    bad = subprocess.run([sys.executable, str(bench), "--settings", "new"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "includes old" in bad.stderr
