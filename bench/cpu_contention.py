@@ -18,6 +18,9 @@ started before the cell and stopped after it by this script:
 ``--settings`` adds the other candidates: ``passive`` (``OMP_WAIT_POLICY=PASSIVE``: sleeping waits), ``spin1k``
 (``GOMP_SPINCOUNT=1000``), ``1-thread`` (``OMP_NUM_THREADS=1``), each with the count fixed.
 
+CPU s / image: the trainer's own CPU time per image; where it grows beside a competitor while images/s falls,
+the threads are spinning at barriers instead of computing.
+
 Ratios: a cell's images/s over the idle figure of the old setting measured in the same run. The machine should be
 otherwise idle: the script prints the other processes' CPU load measured during each idle cell.
 """
@@ -92,7 +95,8 @@ def train_worker(warmup_s: float, seconds: float, batch: int, size: tuple[int, i
         count += 1
     after = cpu_threads.read_sample(cpus)
     return {"img_s": count * batch / (after.wall - before.wall), "threads": sorted(cpu_threads.used_counts()),
-            "other_load": cpu_threads.other_load(before, after)}
+            "other_load": cpu_threads.other_load(before, after),
+            "cpu_s_per_img": (after.own - before.own) / max(1, count * batch)}
 
 
 def run_cell(setting: str, competitor: str, args: argparse.Namespace) -> dict:
@@ -162,19 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         for setting in args.setting_list:
             cells = [run_cell(setting, competitor, args) for _ in range(args.repeats)]
             img_s = statistics.median(c["img_s"] for c in cells)
-            rows.append({"beside": competitor, "setting": setting, "img_s": img_s, "cells": cells,
+            cpu = statistics.median(c["cpu_s_per_img"] for c in cells)
+            rows.append({"beside": competitor, "setting": setting, "img_s": img_s, "cpu_s_per_img": cpu, "cells": cells,
                          "threads": sorted({t for c in cells for t in c["threads"]})})
             extra = f", other load {cells[0]['other_load']:.2f} CPUs" if competitor == "idle" else ""
             print(f"  measured {competitor:12s} {setting}: {img_s:6.2f} img/s{extra}", flush=True)
     idle = {r["setting"]: r["img_s"] for r in rows if r["beside"] == "idle"}
     base = idle.get("old")
-    print("\n| beside | setting | img/s | vs old idle | vs same setting idle | threads used |")
-    print("|---|---|---|---|---|---|")
+    print("\n| beside | setting | img/s | vs old idle | vs same setting idle | threads used | CPU s / image |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         vs_old = f"{r['img_s'] / base:.2f}" if base else "-"
         vs_same = f"{r['img_s'] / idle[r['setting']]:.2f}" if r["setting"] in idle else "-"
         print(f"| {r['beside']} | {r['setting']} | {r['img_s']:.2f} | {vs_old} | {vs_same} | "
-              f"{','.join(map(str, r['threads']))} |")
+              f"{','.join(map(str, r['threads']))} | {r['cpu_s_per_img']:.3f} |")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
