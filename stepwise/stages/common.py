@@ -34,11 +34,22 @@ from stepwise.models.postprocess import PostProcess
 
 # ------------------------------------------------------------------------------------------------- data
 def ensure_data(cfg: Any, accelerator: Accelerator) -> None:
-    """Generate the built-in synthetic data on first use (main process; the others wait)."""
-    if cfg.data.name == "synthetic":
+    """Generate the built-in data (``data.name`` synthetic or emoji_lvis) on first use (main process; the
+    others wait)."""
+    if cfg.data.name in ("synthetic", "emoji_lvis"):
         if accelerator.is_main_process:
-            ensure_synthetic(cfg.data.root, cfg.data.preset, int(cfg.data.synthetic_seed))
+            ensure_builtin_data(cfg.data)
         accelerator.wait_for_everyone()
+
+
+def ensure_builtin_data(data: Any) -> None:
+    """Generate ``data`` (a data config) under ``data.root`` when it is a built-in data set not made yet."""
+    if data.name == "synthetic":
+        ensure_synthetic(data.root, data.preset, int(data.synthetic_seed))
+    elif data.name == "emoji_lvis":
+        from stepwise.data.emoji_lvis import ensure_emoji
+
+        ensure_emoji(data.root, data.preset, int(data.synthetic_seed))
 
 
 def build_datasets(cfg: Any, train_ann: str | None = None, categories: Any = None) -> tuple[Any, Any]:
