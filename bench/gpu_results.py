@@ -1,16 +1,19 @@
 """Verdicts and the results table of bench/gpu_check.sh (standard library only: it must work even when
 the wheel install of a check failed).
 
-    python3 bench/gpu_results.py verdict --work W --step NAME --rc RC --seconds S [--timeout T] [--dry-run]
-    python3 bench/gpu_results.py report --work W --out OUTDIR [--command CMD]
+    python3 bench/gpu_results.py verdict --work W --step NAME --rc RC --seconds S [--timeout T] [--planned P]
+    python3 bench/gpu_results.py report --work W --out OUTDIR [--header K=V ...] [--order a,b]
 
-`verdict` reads one step's log (W/NAME.log) and artifacts (W/msda.json, W/throughput.json,
+`verdict` reads one step's log (W/NAME.log) and artifacts (W/op.json, W/msda.json, W/throughput.json,
 W/runs/smoke_*/pretrain/metrics.jsonl), prints one line `VERDICT step: summary`, and appends the
-record to W/results.jsonl. `report` prints the table of all steps and writes OUTDIR/gpu_results.md.
+record to W/results.jsonl. `report` prints the table of all steps so far and writes OUTDIR/gpu_results.md
+(bench/gpu_check.sh calls it after every step, so a cut run still leaves the finished steps' results).
 
 Verdicts: PASS (ran, every target met), MISS (ran, a target missed: the figures are still real), FAIL
 (exit status not 0, timed out, or its output is missing or broken), SKIP (not run, with the reason).
-Targets (the project's GPU scorecard): GPU tests pass; CUDA fp32 >= 10x the grid_sample reference
+Targets (the project's GPU scorecard): the carried op wheel loads (a build on the device is a MISS,
+however its figures come out) and matches the float64 reference in float32/float16/bfloat16 forward
+and backward; GPU tests pass; CUDA fp32 >= 10x the grid_sample reference
 (forward and forward+backward, encoder and decoder shapes); bf16 faster than fp32; CUDA fp32 peak
 memory no more than the reference's; the training step faster with the compiled op than with the
 reference op; the smoke runs' losses finite and falling, and the bf16 runs' final loss within
@@ -109,18 +112,53 @@ def verdict_tests(log: str, rc: int, dry_run: bool, what: str) -> Verdict:
     return Verdict("PASS", f"{what}: {shown}")
 
 
+def verdict_op(work: Path, dry_run: bool) -> Verdict:
+    data = read_json(work / "op.json")
+    if data is None or not data.get("rows"):
+        return Verdict("FAIL", "no op.json rows")
+    rows = data["rows"]
+    failed = [r for r in rows if not r["ok"]]
+    worst = {}
+    for r in rows:
+        err = max(r["output"], r["grad_value"], r["grad_locations"], r["grad_weights"])
+        worst[(r["device"], r["dtype"])] = max(worst.get((r["device"], r["dtype"]), 0.0), err)
+    parts = [f"{dev} {dt} {err:.1e}" for (dev, dt), err in worst.items()]
+    source = {"carried": "carried wheel, no compile",
+              "built": f"BUILT ON THE DEVICE as a fallback in {data.get('build_seconds')} s "
+                       f"({data.get('source_reason')})"}.get(data.get("source"), f"source {data.get('source')}")
+    summary = f"{source}; worst relative error vs float64 (fwd+bwd): {', '.join(parts)}"
+    if len(data.get("devices", [])) == 1 and data["devices"][0].startswith("cuda"):
+        summary += "; one CUDA device (non-default index not checked)"
+    if dry_run:
+        summary += " (dry run: CPU kernel, the carried wheel under the image's torch)"
+    details = [f"- library: {data.get('library')} (torch {data.get('torch')}, GPU {data.get('gpu')})", "",
+               "| device | dtype | shape | output | grad_value | grad_loc | grad_weights | tolerance | ok |",
+               "|---|---|---|---|---|---|---|---|---|"]
+    details += [f"| {r['device']} | {r['dtype']} | {r['shape']} | {r['output']:.1e} | {r['grad_value']:.1e} | "
+                f"{r['grad_locations']:.1e} | {r['grad_weights']:.1e} | {r['tolerance']:.0e} | {r['ok']} |" for r in rows]
+    if failed:
+        return Verdict("FAIL", f"{len(failed)} of {len(rows)} rows over tolerance; {summary}", details)
+    if data.get("source") == "built":
+        return Verdict("MISS", summary + "; missed: the carried wheel did not serve", details)
+    return Verdict("PASS", summary, details)
+
+
 def verdict_msda(work: Path, log: str, dry_run: bool) -> Verdict:
     data = read_json(work / "msda.json")
     if data is None or not data.get("rows"):
         return Verdict("FAIL", "no msda.json rows")
     details = ["```", *table_lines(log, "shape "), "```"]
     rows = data["rows"]
+    name = data.get("device_name") or data.get("gpu") or data["device"]
+    bandwidth = (f"{name}: copy {data['bandwidth'] / 1e12:.3g} TB/s ({data.get('bandwidth_source', 'given')})"
+                 if data.get("bandwidth") else name)
+    details.insert(0, f"- {bandwidth}")
     if not data["device"].startswith("cuda"):
         best = max(rows, key=lambda r: r["fwdbwd_speed"])
-        return Verdict("PASS", f"{data['device']}: {len(rows)} rows, best forward+backward speed "
+        return Verdict("PASS", f"{bandwidth}; {len(rows)} rows, best forward+backward speed "
                                f"{best['fwdbwd_speed']:.1f}x ({best['implementation']}, {best['shape']})"
                                + (" (dry run: CPU rehearsal)" if dry_run else ""), details)
-    missed, parts = [], []
+    missed, parts = [], [bandwidth]
     for shape in sorted({r["shape"] for r in rows}, reverse=True):
         by = {r["implementation"]: r for r in rows if r["shape"] == shape}
         fp32, bf16, fp16 = by.get("CUDA fp32"), by.get("CUDA bf16"), by.get("CUDA fp16")
@@ -156,9 +194,10 @@ def verdict_throughput(work: Path, log: str, dry_run: bool) -> Verdict:
         return Verdict("FAIL", "no throughput.json rows")
     details = [f"model {data['model']}, batch {data['batch']}, size {data['size'][0]}x{data['size'][1]}, "
                f"{data['iters']} steps, torch {data['torch']}, transformers {data['transformers']}; equal weights: "
-               f"max |difference| {data['equal_weights_max_diff']:.1e}", "", "```",
-               *table_lines(log, "dtype "), "```"]
-    parts, missed = [], []
+               f"max |difference| {data['equal_weights_max_diff']:.1e}",
+               f"HF's deformable attention on {data['device']}: {data.get('hf_attention', 'not recorded')}",
+               "", "```", *table_lines(log, "dtype "), "```"]
+    parts, missed = [f"HF attention: {data.get('hf_attention', 'not recorded').split(' (')[0]}"], []
     for dtype in dict.fromkeys(r["dtype"] for r in data["rows"]):
         by = {r["impl"]: r for r in data["rows"] if r["dtype"] == dtype}
         text = []
@@ -222,8 +261,10 @@ def last_lines(log: str, count: int = 3) -> str:
 
 def verdict_for(step: str, work: Path, log: str, rc: int, dry_run: bool) -> Verdict:
     """The verdict of one finished step from its exit status, log and artifacts."""
-    if step in ("gpu-tests", "op-cpu-tests"):
-        return verdict_tests(log, rc, dry_run, {"gpu-tests": "pytest -m gpu", "op-cpu-tests": "tests/test_ops.py"}[step])
+    if step == "gpu-tests":
+        return verdict_tests(log, rc, dry_run, "pytest -m gpu")
+    if step == "op" and (work / "op.json").is_file():
+        return verdict_op(work, dry_run)
     if rc != 0:
         return Verdict("FAIL", f"exit status {rc}: {last_lines(log)}")
     if step == "msda":
@@ -232,14 +273,14 @@ def verdict_for(step: str, work: Path, log: str, rc: int, dry_run: bool) -> Verd
         return verdict_throughput(work, log, dry_run)
     if step == "smoke":
         return verdict_smoke(work, dry_run)
-    # env, wheels, build, args: their logs end with a line 'summary: ...'
+    # install: its log ends with a line 'summary: ...'
     summaries = [line[len("summary: "):] for line in log.splitlines() if line.startswith("summary: ")]
     return Verdict("PASS", summaries[-1] if summaries else last_lines(log, 1))
 
 
 # ------------------------------------------------------------------------------------------ records
 def record_verdict(work: Path, step: str, rc: int | None, seconds: float, timeout: float | None,
-                   dry_run: bool, skip_reason: str | None = None) -> dict:
+                   dry_run: bool, skip_reason: str | None = None, planned: float | None = None) -> dict:
     """Compute, append to W/results.jsonl and return one step's record."""
     if skip_reason is not None:
         verdict = Verdict("SKIP", skip_reason)
@@ -251,7 +292,7 @@ def record_verdict(work: Path, step: str, rc: int | None, seconds: float, timeou
         else:
             verdict = verdict_for(step, work, log, rc, dry_run)
     record = {"step": step, "status": verdict.status, "summary": verdict.summary, "rc": rc,
-              "seconds": round(seconds, 1), "timeout": timeout, "details": verdict.details}
+              "seconds": round(seconds, 1), "timeout": timeout, "planned": planned, "details": verdict.details}
     with open(work / "results.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
@@ -264,12 +305,18 @@ def read_records(work: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def planned(record: dict) -> str:
+    """The planned device seconds of a record ('-' where none was given)."""
+    value = record.get("planned")
+    return "-" if value is None else f"{value:g}"
+
+
 def format_table(records: list[dict]) -> str:
     """The plain-text table printed at the end of the check."""
     width = max([len(r["step"]) for r in records] + [4])
-    lines = [f"{'step':{width}}  {'verdict':7}  {'seconds':>7}  summary"]
+    lines = [f"{'step':{width}}  {'verdict':7}  {'seconds':>7}  {'planned':>7}  summary"]
     for r in records:
-        lines.append(f"{r['step']:{width}}  {r['status']:7}  {r['seconds']:7.1f}  {r['summary']}")
+        lines.append(f"{r['step']:{width}}  {r['status']:7}  {r['seconds']:7.1f}  {planned(r):>7}  {r['summary']}")
     counts = {s: sum(r["status"] == s for r in records) for s in STATUSES}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no steps")
     return "\n".join(lines)
@@ -279,9 +326,10 @@ def format_markdown(records: list[dict], header: dict) -> str:
     """gpu_results.md: what ran where, the verdict table, and each step's details."""
     out = ["# GPU check results", ""]
     out += [f"- {k}: {v}" for k, v in header.items()]
-    out += ["", "| step | verdict | seconds | summary |", "|---|---|---|---|"]
+    out += ["", "| step | verdict | seconds | planned device s | summary |", "|---|---|---|---|---|"]
     for r in records:
-        out.append(f"| {r['step']} | {r['status']} | {r['seconds']:.1f} | {r['summary'].replace('|', '/')} |")
+        out.append(f"| {r['step']} | {r['status']} | {r['seconds']:.1f} | {planned(r)} | "
+                   f"{r['summary'].replace('|', '/')} |")
     for r in records:
         if r["details"]:
             out += ["", f"## {r['step']}", "", *r["details"]]
@@ -310,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--timeout", type=float, default=None)
     v.add_argument("--dry-run", action="store_true")
     v.add_argument("--skip", default=None, help="record the step as skipped, with this reason")
+    v.add_argument("--planned", type=float, default=None, help="the step's planned device seconds")
     r = sub.add_parser("report", help="print the table and write OUT/gpu_results.md")
     r.add_argument("--work", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True)
@@ -319,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verdict":
         if args.skip is None and args.rc is None:
             parser.error("verdict needs --rc (or --skip REASON)")
-        rec = record_verdict(args.work, args.step, args.rc, args.seconds, args.timeout, args.dry_run, args.skip)
+        rec = record_verdict(args.work, args.step, args.rc, args.seconds, args.timeout, args.dry_run, args.skip,
+                             args.planned)
         print(f"{rec['status']} {rec['step']}: {rec['summary']}", flush=True)
         return 0
     records = read_records(args.work)

@@ -12,8 +12,9 @@ torch.cuda.max_memory_allocated; on the CPU the resident-set high-water mark (Vm
 Ratios: speed = reference time / time (higher is faster), memory = peak / reference peak.
 
 Bandwidth floor (CUDA): the least bytes any implementation must move through device memory for these
-inputs in its dtype, divided by --bandwidth (default 4.3 TB/s, the device-to-device copy rate measured
-on the H200, bytes read + written). Forward: the value rows the sampling points touch (unique
+inputs in its dtype, divided by the device's copy bandwidth. --bandwidth measure (the default) measures it
+on the device first: a 1 GiB device-to-device copy timed with CUDA events (10 copies after 2 warm-ups,
+bytes read + written), printed with the GPU's name; --bandwidth 3.35e12 gives a figure instead (bytes/s). Forward: the value rows the sampling points touch (unique
 (batch, pixel, head) corners inside the maps, x channels), locations, weights, output. Backward adds
 grad_output, those value rows, locations and weights read again, and grad_value (whole tensor),
 grad_locations, grad_weights written. "floor" = that time / measured time (1.00 = bandwidth bound).
@@ -34,7 +35,44 @@ import torch
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 HEADS, CHANNELS, POINTS, BATCH = 8, 32, 4, 2
 SHAPES = {"encoder": sum(h * w for h, w in LEVELS), "decoder": 300}
-BANDWIDTH = 4.3e12  # bytes/s: the H200's measured device-to-device copy rate (read + written)
+COPY_BYTES = 1 << 30  # the copy that measures the device's bandwidth
+COPY_REPEATS = 10
+
+
+def measure_copy_bandwidth(device: str, nbytes: int = COPY_BYTES, repeats: int = COPY_REPEATS) -> float:
+    """Bytes/s of a device-to-device copy of ``nbytes`` (read + written), the median of ``repeats`` copies
+    after two warm-ups: CUDA events on a GPU, the wall clock on the CPU."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src.fill_(1)
+    dst = torch.empty_like(src)
+    cuda = device.startswith("cuda")
+    times = []
+    for i in range(repeats + 2):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - t0
+        if i >= 2:
+            times.append(seconds)
+    del src, dst
+    if cuda:
+        torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def implementations(device: str) -> list[tuple[str, str, torch.dtype]]:
@@ -199,14 +237,24 @@ def _measure_in_child(args) -> dict:
     return measure(*args)
 
 
-def run(shapes: list[str], device: str, repeats: int, bandwidth: float = BANDWIDTH) -> dict:
-    """Measure every implementation on every shape, print the table; returns the rows (see --json)."""
+def run(shapes: list[str], device: str, repeats: int, bandwidth: float | None = None,
+        copy_bytes: int = COPY_BYTES) -> dict:
+    """Measure every implementation on every shape, print the table; returns the rows (see --json).
+    ``bandwidth``: bytes/s for the floor; None measures the device's copy bandwidth first."""
     torch.set_grad_enabled(True)
     impls = implementations(device)
     cuda = device.startswith("cuda")
+    name = device_name(device)
+    if bandwidth is None:
+        bandwidth = measure_copy_bandwidth(device, copy_bytes)
+        source = f"measured: {copy_bytes / 2**30:g} GiB device-to-device copy, read + written"
+    else:
+        source = "given with --bandwidth"
+    print(f"{name}: copy bandwidth {bandwidth / 1e12:.3g} TB/s ({source})"
+          + ("; the floor below uses it" if cuda else "; no floor on the CPU"))
     print(f"device {device}, repeats {repeats}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"peak memory from {PeakMemory(device).method}"
-          + (f", bandwidth floor at {bandwidth / 1e12:g} TB/s" if cuda else ""))
+          + (f", bandwidth floor at {bandwidth / 1e12:.3g} TB/s" if cuda else ""))
     header = f"{'shape':8} {'implementation':16} {'fwd ms':>9} {'speed':>6} {'f+b ms':>9} {'speed':>6} " \
              f"{'fwd MiB':>8} {'ratio':>6} {'f+b MiB':>8} {'ratio':>6}"
     print(header + (f" {'fwd floor':>9} {'f+b floor':>9}" if cuda else ""))
@@ -239,6 +287,7 @@ def run(shapes: list[str], device: str, repeats: int, bandwidth: float = BANDWID
                 flush=True,
             )
     return {"device": device, "torch": torch.__version__, "repeats": repeats, "bandwidth": bandwidth,
+            "bandwidth_source": source, "device_name": name,
             "gpu": torch.cuda.get_device_name(device) if cuda else None, "rows": rows}
 
 
@@ -247,8 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes", default="encoder,decoder", help="comma-separated: encoder, decoder")
-    parser.add_argument("--bandwidth", type=float, default=BANDWIDTH,
-                        help="bytes/s for the bandwidth floor (default: the H200's measured 4.3e12)")
+    parser.add_argument("--bandwidth", default="measure",
+                        help="bytes/s for the bandwidth floor, or 'measure' (default): the device's copy bandwidth")
+    parser.add_argument("--copy-mib", type=int, default=COPY_BYTES >> 20,
+                        help="size of the copy that measures the bandwidth (default 1024)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
@@ -257,11 +308,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    if args.bandwidth <= 0:
-        parser.error("--bandwidth must be > 0")
+    if args.bandwidth == "measure":
+        bandwidth = None
+    else:
+        try:
+            bandwidth = float(args.bandwidth)
+        except ValueError:
+            parser.error(f"--bandwidth must be 'measure' or bytes/s, got {args.bandwidth!r}")
+        if bandwidth <= 0:
+            parser.error("--bandwidth must be > 0")
+    if args.copy_mib < 1:
+        parser.error("--copy-mib must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    result = run(shapes, args.device, args.repeats, args.bandwidth)
+    result = run(shapes, args.device, args.repeats, bandwidth, args.copy_mib << 20)
     if args.json is not None:
         from stepwise.utils.io import atomic_write_json
 

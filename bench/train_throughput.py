@@ -13,13 +13,17 @@ queries, levels, dropout, box refine, two-stage) and ours gets its weights throu
 BatchNorm, stem and layer1 frozen (as Deformable DETR; the bench freezes them in HF too, which
 transformers 5 no longer does for timm backbones). The script first checks that both models give the
 same outputs in eval mode and train the same number of parameters. Differences that remain: HF's loss
-has no two-stage encoder-proposal term, and its deformable attention is its pure-PyTorch one.
+has no two-stage encoder-proposal term. HF's deformable attention path on the device is detected at
+run time and named in the table ("HF (PyTorch attn)": its grid_sample implementation, as on a machine
+without the hub kernels; "HF (kernel attn)" when a custom kernel replaces it): one forward of its
+MultiScaleDeformableAttention on the device, counting grid_sample calls.
 
 Speed: all implementations train in one process, their steps interleaved (the order rotating), so a
-busy machine slows each alike; images/s = batch / median step time. Peak memory: each implementation
-in a fresh process, what its first two steps add above the model weights (gradients, AdamW state,
-activations): on CUDA torch.cuda.max_memory_allocated, on the CPU the process's resident-set
-high-water mark (VmHWM, as bench/msda.py). Ratios are ours / HF: speed > 1 is faster, memory < 1 is
+busy machine slows each alike; images/s = batch / median step time. Peak memory: what an
+implementation's first two steps add above its model weights (gradients, AdamW state, activations). On
+CUDA torch.cuda.max_memory_allocated, measured in the timing process (one fresh process per dtype),
+each implementation's two steps in turn before the timed steps, so they also warm up; on the CPU the
+process's resident-set high-water mark (VmHWM, as bench/msda.py), each implementation in a fresh process. Ratios are ours / HF: speed > 1 is faster, memory < 1 is
 smaller. Where the compiled deformable attention op exists, ours runs both with it and with the
 pure-PyTorch reference op (issue 4: the training step with the compiled op vs the reference), and under
 bf16/fp16 autocast also with ``model.msda_low_precision=true`` ("ours (low-prec. op)": the op's
@@ -30,6 +34,7 @@ bench/gpu_check.sh.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import math
 import multiprocessing
@@ -239,6 +244,51 @@ def make_trainer(impl: str, spec: dict, state: dict) -> tuple[Callable[[], float
     return step, trainable_count(model)
 
 
+def hf_attention_path(model: torch.nn.Module, device: str) -> str:
+    """Which deformable attention HF's model runs on ``device``: one forward of a copy of its first
+    MultiScaleDeformableAttention there on small inputs, counting torch.nn.functional.grid_sample calls
+    (HF's pure-PyTorch path samples with it; a custom kernel does not)."""
+    module = next((m for m in model.modules() if type(m).__name__ == "MultiScaleDeformableAttention"), None)
+    if module is None:
+        return "unknown (no MultiScaleDeformableAttention module)"
+    attn = copy.deepcopy(module).to(device)
+    shapes = [(4, 6), (2, 3)]
+    n, heads, channels, points = 1, 2, 8, 2
+    s = sum(h * w for h, w in shapes)
+    spatial = torch.tensor(shapes, dtype=torch.long, device=device)
+    starts = torch.tensor([0, shapes[0][0] * shapes[0][1]], dtype=torch.long, device=device)
+    value = torch.randn(n, s, heads, channels, device=device)
+    loc = torch.rand(n, 3, heads, len(shapes), points, 2, device=device)
+    weights = torch.rand(n, 3, heads, len(shapes), points, device=device).softmax(-1)
+    calls = 0
+    original = torch.nn.functional.grid_sample
+
+    def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    forward = type(attn).forward
+    where = f"{getattr(forward, '__module__', '?')}.{getattr(forward, '__qualname__', '?')}"
+    torch.nn.functional.grid_sample = counting
+    try:
+        with torch.no_grad():
+            attn(value, spatial, shapes, starts, loc, weights, 64)
+    except Exception as err:  # noqa: BLE001 - another transformers signature: say so, do not guess
+        return f"unknown (probe failed: {type(err).__name__}: {err})"
+    finally:
+        torch.nn.functional.grid_sample = original
+    if "forward" in vars(attn):
+        where = "instance forward replaced"
+    if calls:
+        return f"pure PyTorch (grid_sample, {calls} calls per attention; {where})"
+    return f"custom kernel (no grid_sample call; {where})"
+
+
+def hf_label(path: str) -> str:
+    return {"pure": "HF (PyTorch attn)", "custom": "HF (kernel attn)"}.get(path.split()[0], "HF (attn unknown)")
+
+
 def _load_state(spec: dict) -> dict:
     return torch.load(spec["state_path"], map_location="cpu", weights_only=True)
 
@@ -261,6 +311,34 @@ def time_interleaved(spec: dict, impls: list[str]) -> dict[str, list[float]]:
             if i >= spec["warmup"]:
                 times[impl].append(time.perf_counter() - start)
     return times
+
+
+def time_and_memory_cuda(spec: dict, impls: list[str]) -> dict[str, dict]:
+    """CUDA, one process: each implementation built in turn and its peak memory over its first
+    ``MEMORY_STEPS`` steps measured above everything allocated before it (the others' weights and
+    optimizer state stay constant), then the interleaved timing. Returns impl -> {times, peak, ...}."""
+    torch.manual_seed(0)
+    state = _load_state(spec)
+    steps, results = {}, {}
+    for impl in impls:
+        step, trainable = make_trainer(impl, spec, state)
+        gc.collect()
+        memory = PeakMemory(spec["device"])
+        for _ in range(MEMORY_STEPS):
+            step()
+        results[impl] = {"peak": memory.peak(), "method": memory.method, "trainable": trainable, "times": []}
+        steps[impl] = step
+    del state
+    sync = lambda: torch.cuda.synchronize(spec["device"])  # noqa: E731
+    for i in range(spec["warmup"] + spec["iters"]):
+        for impl in impls[i % len(impls):] + impls[:i % len(impls)]:
+            sync()
+            start = time.perf_counter()
+            steps[impl]()
+            sync()
+            if i >= spec["warmup"]:
+                results[impl]["times"].append(time.perf_counter() - start)
+    return results
 
 
 def peak_memory(spec: dict, impl: str) -> dict:
@@ -305,16 +383,21 @@ def implementations_for(impls: list[str], dtype: str) -> list[str]:
 
 
 def measure_all(spec: dict, impls: list[str]) -> list[dict]:
-    """Step times (one process, interleaved) and peak memory (a fresh process each) per implementation."""
+    """Step times (one process, interleaved) and peak memory per implementation: on CUDA in that same
+    process, on the CPU a fresh process each."""
+    if spec["device"].startswith("cuda"):
+        results = in_fresh_process(time_and_memory_cuda, spec, impls)
+        return [results[impl] for impl in impls]
     times = in_fresh_process(time_interleaved, spec, impls)
     return [{"times": times[impl], **in_fresh_process(peak_memory, spec, impl)} for impl in impls]
 
 
-def summarize(impls: list[str], results: list[dict], batch: int, dtype: str) -> list[dict]:
+def summarize(impls: list[str], results: list[dict], batch: int, dtype: str,
+              labels: dict[str, str] = LABELS) -> list[dict]:
     """One row per implementation: images/s, speed vs HF, median step, peak memory and its ratio to HF."""
     ips = {i: batch / statistics.median(r["times"]) for i, r in zip(impls, results)}
     peak = {i: r["peak"] for i, r in zip(impls, results)}
-    return [{"dtype": dtype, "impl": impl, "label": LABELS[impl], "images_per_s": ips[impl],
+    return [{"dtype": dtype, "impl": impl, "label": labels[impl], "images_per_s": ips[impl],
              "speed_vs_hf": ips[impl] / ips["hf"] if "hf" in ips else None,
              "step_ms": statistics.median(r["times"]) * 1e3, "peak_mib": peak[impl] / 2.0**20,
              "memory_vs_hf": peak[impl] / max(peak["hf"], 1) if "hf" in peak else None,
@@ -325,12 +408,12 @@ def print_table(rows: list[dict], header: bool = True) -> None:
     """The rows of ``summarize``, then the compiled op vs the reference op (and vs the low-precision op)."""
     if header:
         print(f"peak memory: above the weights, from {rows[0]['memory_method']}; ratios ours / HF")
-        print(f"{'dtype':5} {'implementation':20} {'img/s':>8} {'vs HF':>6} {'step ms':>9} {'peak MiB':>9} "
+        print(f"{'dtype':5} {'implementation':21} {'img/s':>8} {'vs HF':>6} {'step ms':>9} {'peak MiB':>9} "
               f"{'vs HF':>6} {'trainable':>10}")
     for r in rows:
         speed = f"{r['speed_vs_hf']:5.2f}x" if r["speed_vs_hf"] is not None else f"{'-':>6}"
         mem = f"{r['memory_vs_hf']:6.2f}" if r["memory_vs_hf"] is not None else f"{'-':>6}"
-        print(f"{r['dtype']:5} {r['label']:20} {r['images_per_s']:8.2f} {speed} {r['step_ms']:9.1f} "
+        print(f"{r['dtype']:5} {r['label']:21} {r['images_per_s']:8.2f} {speed} {r['step_ms']:9.1f} "
               f"{r['peak_mib']:9.1f} {mem} {r['trainable']:10d}", flush=True)
     by = {r["impl"]: r for r in rows}
     for impl, other in (("ours", "ours-reference"), ("ours-lowp", "ours")):
@@ -398,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     diff = check_same_model(cfg, args.classes, hf, build_ours(cfg, args.classes, state))
     print(f"equal weights: outputs agree (max |difference| {diff:.1e}), {trainable_count(hf)} trainable parameters")
+    hf_attention = hf_attention_path(hf, args.device) if "hf" in args.impl_list else "not run"
+    labels = {**LABELS, "hf": hf_label(hf_attention)}
+    print(f"HF deformable attention on {args.device}: {hf_attention} (transformers {transformers.__version__})")
     del hf
     impls = implementations(args.device, args.impl_list)
     print(f"device {args.device}, batch {args.batch}, size {args.size[0]}x{args.size[1]}, {args.warmup} warm-up + "
@@ -413,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                         size=tuple(args.size), boxes=args.boxes, warmup=args.warmup, iters=args.iters,
                         state_path=state_path)
             these = implementations_for(impls, dtype)
-            table = summarize(these, measure_all(spec, these), args.batch, dtype)
+            table = summarize(these, measure_all(spec, these), args.batch, dtype, labels)
             print_table(table, header=dtype == args.dtypes[0])
             rows += table
     if args.json is not None:
@@ -423,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.json, {
             "model": args.model, "device": args.device, "gpu": gpu, "batch": args.batch, "size": list(args.size),
             "iters": args.iters, "warmup": args.warmup, "torch": torch.__version__,
-            "transformers": transformers.__version__, "equal_weights_max_diff": diff, "rows": rows}, indent=1)
+            "transformers": transformers.__version__, "hf_attention": hf_attention,
+            "equal_weights_max_diff": diff, "rows": rows}, indent=1)
     return 0
 
 

@@ -9,9 +9,13 @@ or "8.0;8.6;9.0"). FORCE_CUDA=0 forces a CPU-only build. MAX_JOBS limits paralle
 
 The Python package `stepwise_ops` itself is part of the main `stepwise` distribution; this setup
 installs only the extension, as the top-level module `stepwise_ops_C`, so it never shadows an
-editable install of the package.
+editable install of the package. A build outside the source tree (a wheel, `build_ext --build-lib DIR`)
+also writes `stepwise_ops_C.build.json` next to the library, and the version's local tag names the
+CUDA architectures, torch and CUDA (ops/build_info.py); the wheel requires exactly the torch it was
+built against.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +30,8 @@ except ImportError:  # pragma: no cover - build-time message
 
 HERE = Path(__file__).resolve().parent
 os.chdir(HERE)  # relative source paths and the in-place target must not depend on the caller's cwd
+sys.path.insert(0, str(HERE))
+from build_info import INFO_FILE, build_info, public_version  # noqa: E402  (ops/build_info.py)
 
 
 def cuda_problem() -> str | None:
@@ -55,10 +61,24 @@ def want_cuda() -> bool:
     return wanted and problem is None
 
 
+WITH_CUDA = want_cuda()
+INFO = build_info(torch.__version__, torch.version.cuda, WITH_CUDA, os.environ.get("TORCH_CUDA_ARCH_LIST"))
+
+
+class BuildExt(BuildExtension.with_options(no_python_abi_suffix=False)):
+    """torch's build_ext, plus the build record next to the library when building outside the source tree."""
+
+    def run(self):
+        super().run()
+        if not self.inplace:
+            Path(self.build_lib).mkdir(parents=True, exist_ok=True)
+            (Path(self.build_lib) / INFO_FILE).write_text(json.dumps(INFO, indent=1) + "\n")
+
+
 def extension():
     sources = ["csrc/ms_deform_attn.cpp", "csrc/ms_deform_attn_cpu.cpp"]
     cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
-    if not want_cuda():
+    if not WITH_CUDA:
         return CppExtension("stepwise_ops_C", sources, extra_compile_args={"cxx": cxx})
     nvcc = ["-O3", "-DSTEPWISE_WITH_CUDA"]
     return CUDAExtension(
@@ -70,13 +90,14 @@ def extension():
 
 setup(
     name="stepwise-ops-kernels",
-    version="0.1.0",
+    version=INFO["version"],
     description="Compiled multi-scale deformable attention kernels for stepwise_ops (CPU and CUDA)",
     # No Python packages: the extension is a top-level module. Its in-place build lands in
     # stepwise_ops/, where the editable `stepwise` install maps the package.
     packages=[],
     package_dir={"": "stepwise_ops"},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    install_requires=[f"torch=={public_version(torch.__version__)}"],  # the library is tied to torch's ABI
+    cmdclass={"build_ext": BuildExt},
     zip_safe=False,
 )

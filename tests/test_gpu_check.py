@@ -1,8 +1,11 @@
-"""The GPU check's parts that need no GPU (issue 16): wheel resolution and checks, the CUDA toolkit
-finder, the bandwidth floor's byte count, the verdicts and results table, and the script's arguments.
+"""The GPU check's parts that need no GPU: wheel resolution and checks, the op wheel's build record
+(sm_90), the choice between the carried op and a build on the device, the CUDA toolkit finder, the
+bandwidth floor (byte count, copy bandwidth), HF's attention path, the verdicts and results table, the
+script's arguments and its plan (<= 300 s).
 
-The CUDA build of the dry run takes minutes on a 2-core machine and CI already compiles the CUDA kernel
-(.ci/run), so it is not run here; the full dry run is `bench/gpu_check.sh --dry-run OUTDIR` (ops/README.md).
+The op wheel's CUDA build takes minutes on a 2-core machine and CI already compiles the CUDA kernel
+(.ci/run), so it is not built here; `bench/gpu_wheels.sh && bench/gpu_check.sh --dry-run OUTDIR` is the
+full rehearsal (ops/README.md), and test_carried_op_wheel_names_sm_90 checks the wheel it leaves in .whl/.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
 
 
 @pytest.fixture(scope="module")
 def bench_modules():
     sys.path.insert(0, str(BENCH))
     try:
-        yield {name: importlib.import_module(name) for name in ("gpu_wheels", "gpu_results", "cuda_home", "msda")}
+        yield {name: importlib.import_module(name)
+               for name in ("gpu_wheels", "gpu_results", "cuda_home", "msda", "op_check", "train_throughput")}
     finally:
         sys.path.remove(str(BENCH))
 
@@ -267,11 +272,13 @@ def test_records_table_and_markdown(bench_modules, tmp_path):
     assert records[0]["summary"] == "built in 61s, sm_90"
     assert records[1]["summary"].startswith("timed out after 120 s")
     table = r.format_table(records).splitlines()
-    assert table[0].split() == ["step", "verdict", "seconds", "summary"]
+    assert table[0].split() == ["step", "verdict", "seconds", "planned", "summary"]
     assert table[1].split()[:3] == ["build", "PASS", "61.0"]
     assert table[-1] == "1 PASS, 1 FAIL, 1 SKIP"
     md = r.format_markdown(records, {"GPU": "NVIDIA H200"})
-    assert "- GPU: NVIDIA H200" in md and "| msda | FAIL | 120.0 | timed out after 120 s" in md
+    assert "- GPU: NVIDIA H200" in md and "| msda | FAIL | 120.0 | - | timed out after 120 s" in md
+    r.record_verdict(tmp_path, "op", None, 0.0, None, dry_run=False, skip_reason="no op wheel", planned=30)
+    assert "| op | SKIP | 0.0 | 30 | no op wheel |" in r.format_markdown(r.read_records(tmp_path), {})
 
 
 # ------------------------------------------------------------------------------------------ the script
@@ -282,7 +289,7 @@ def run_script(*args, env=None, timeout=300):
 
 def test_script_arguments(tmp_path):
     assert run_script("--help").returncode == 0
-    bad = run_script("--steps", "env,warp", str(tmp_path))
+    bad = run_script("--steps", "op,warp", str(tmp_path))
     assert bad.returncode == 64 and "unknown step warp" in bad.stderr
     assert run_script("--frobnicate", str(tmp_path)).returncode == 64
     no_out = run_script(env={"OUT": ""})
@@ -290,14 +297,183 @@ def test_script_arguments(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_of_the_fast_steps(tmp_path):
-    """env, wheels (skipped: no wheels in the folder given) and args, through the real script."""
-    root = Path(__file__).resolve().parents[1]
+def test_dry_run_of_the_cheap_steps(tmp_path):
+    """install and op through the real script, with no wheels: both skipped with the reason, the plan
+    printed, the results written as each step ends."""
     env = {"GPU_CHECK_WHEELS": str(tmp_path / "no_wheels"), "PYTHON": sys.executable,
-           "PYTHONPATH": f"{root}:{root / 'ops'}"}
-    run = run_script("--dry-run", "--steps", "env,wheels,args", str(tmp_path / "out"), env=env)
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'ops'}"}
+    run = run_script("--dry-run", "--steps", "install,op", str(tmp_path / "out"), env=env)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "PASS env:" in run.stdout and "SKIP wheels: no wheels in" in run.stdout and "PASS args:" in run.stdout
+    assert "SKIP install: no wheels in" in run.stdout
+    assert "SKIP op: no op wheel in" in run.stdout and "never compiles" in run.stdout
+    assert "planned total after install: 30 s" in run.stdout
     md = (tmp_path / "out" / "gpu_results.md").read_text()
-    assert "| args | PASS |" in md and "- mode: dry run (no GPU)" in md
+    assert "| install | SKIP | 0.0 | 30 |" in md and "- mode: dry run (no GPU)" in md
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.log", "gpu_results.md", "logs.tar.gz"]
+
+
+def test_plan_fits_five_minutes_most_important_first():
+    run = run_script("--plan")
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines() if line.startswith("  ")]
+    steps = [r[0] for r in rows]
+    assert steps == ["install", "op", "msda", "throughput", "gpu-tests", "smoke"]
+    planned = {r[0]: int(r[1]) for r in rows}
+    assert sum(v for k, v in planned.items() if k != "install") <= 300
+    assert planned["install"] <= 60
+    assert f"planned total after install: {sum(planned.values()) - planned['install']} s (budget 300 s)" in run.stdout
+    boxes = {r[0]: int(r[5]) for r in rows}  # "name N s time box B s"
+    assert all(boxes[k] == 2 * planned[k] for k in ("msda", "throughput", "gpu-tests", "smoke"))
+
+
+# ------------------------------------------------------------------------------------------ the op wheel
+def test_op_build_record_names_sm_90():
+    sys.path.insert(0, str(ROOT / "ops"))
+    try:
+        build_info = importlib.import_module("build_info")
+    finally:
+        sys.path.remove(str(ROOT / "ops"))
+    info = build_info.build_info("2.11.0+cu130", "13.0", True, "9.0", python=(3, 12))
+    assert info["cuda_archs"] == ["sm_90"] and info["python"] == "cp312" and info["cuda"] == "13.0"
+    assert info["version"] == "0.1.0+sm90.torch2.11.0.cu130" and info["torch_requirement"] == "torch==2.11.0"
+    assert build_info.cuda_archs("8.0;8.6 9.0+PTX;9.0") == ["sm_80", "sm_86", "sm_90"]
+    assert build_info.build_info("2.14.1", None, False, "9.0")["version"] == "0.1.0+cpu.torch2.14.1"
+    with pytest.raises(ValueError, match="not a compute capability"):
+        build_info.cuda_archs("hopper")
+
+
+def make_op_wheel(folder: Path, info: dict, version: str, tag: str = "cp312-cp312-linux_x86_64") -> Path:
+    path = folder / f"stepwise_ops_kernels-{version}-{tag}.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"stepwise_ops_kernels-{version}.dist-info/METADATA",
+                    f"Metadata-Version: 2.1\nName: stepwise-ops-kernels\nVersion: {version}\n"
+                    "Requires-Dist: torch==2.11.0\n")
+        zf.writestr("stepwise_ops_C.build.json", json.dumps(info))
+        zf.writestr("stepwise_ops_C.cpython-312-x86_64-linux-gnu.so", b"\x7fELF")
+    return path
+
+
+def test_op_wheel_problems(bench_modules, tmp_path):
+    w = bench_modules["gpu_wheels"]
+    good = {"cuda_archs": ["sm_90"], "cuda": "13.0", "torch": "2.11.0+cu130", "python": "cp312"}
+    path = make_op_wheel(tmp_path, good, "0.1.0+sm90.torch2.11.0.cu130")
+    assert w.op_wheel_problems(path, "2.11.0") == []
+    assert w.op_wheel_info(path)["cuda_archs"] == ["sm_90"]
+    other = tmp_path / "other"
+    other.mkdir()
+    bad = make_op_wheel(other, {**good, "cuda_archs": ["sm_80"], "torch": "2.14.1"}, "0.1.0+sm80.torch2.14.1",
+                        tag="cp311-cp311-linux_x86_64")
+    problems = "\n".join(w.op_wheel_problems(bad, "2.11.0"))
+    assert "built for ['sm_80'], not sm_90" in problems and "does not name sm_90" in problems
+    assert "not a CPython 3.12 wheel" in problems and "built against torch 2.14.1, the image has 2.11.0" in problems
+    # check_wheels sees it among the other wheels, and a manifest that expects an op wheel needs one
+    (other / "manifest.json").write_text(json.dumps({"roots": [], "wheels": [], "op": None}))
+    found = "\n".join(w.check_wheels(other, {"torch"}))
+    assert "not sm_90" in found and "no op wheel recorded" in found
+
+
+def test_carried_op_wheel_names_sm_90(bench_modules):
+    """The op wheel bench/gpu_wheels.sh left in .whl/ (skipped where it has not run: it compiles for minutes)."""
+    w = bench_modules["gpu_wheels"]
+    wheels = sorted((ROOT / ".whl").glob("stepwise_ops_kernels-*.whl"))
+    if not wheels:
+        pytest.skip("no op wheel in .whl/ (bench/gpu_wheels.sh builds it)")
+    assert len(wheels) == 1
+    assert w.op_wheel_problems(wheels[0], w.image_versions()["torch"]) == []
+    assert "sm90" in wheels[0].name and "sm_90" in w.op_wheel_info(wheels[0])["cuda_archs"]
+
+
+def test_decide_uses_the_carried_op_whenever_it_serves(bench_modules):
+    o = bench_modules["op_check"]
+    loads = o.Probe(True, None, True, "/site/stepwise_ops_C.so", "2.11.0+cu130")
+    sm90 = {"cuda_archs": ["sm_90"]}
+    assert o.decide(loads, sm90, "sm_90").action == "use"
+    assert "no compile" in o.decide(loads, sm90, "sm_90").reason
+    assert o.decide(loads, None, "sm_90").action == "use"  # no record: loading with CUDA decides
+    assert o.decide(o.Probe(True, None, False, "/x.so", "2.11.0"), sm90, None).action == "use"  # dry run: CPU
+    broken = o.Probe(False, "OSError: undefined symbol: _ZN3c10", False, "/x.so")
+    assert o.decide(broken, sm90, "sm_90") == o.Decision(
+        "build", "the carried library does not load: OSError: undefined symbol: _ZN3c10")
+    assert "no CUDA kernel" in o.decide(o.Probe(True, None, False, "/x.so"), sm90, "sm_90").reason
+    assert "built for sm_80, the device is sm_90" in o.decide(loads, {"cuda_archs": ["sm_80"]}, "sm_90").reason
+    assert o.decide(None, None, "sm_90").action == "build"
+
+
+def test_prepare_refuses_to_compile_when_the_carried_op_loads(tmp_path):
+    """The script's op step through bench/op_check.py prepare: with a carried library that loads, the build
+    command (a stub here) never runs; with none, it runs and the record says the op was built there."""
+    import stepwise_ops  # noqa: F401 - loads the library CI built
+    from stepwise_ops import _library
+
+    lib = _library.find_library()
+    if lib is None:
+        pytest.skip("stepwise_ops_C is not built here")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / lib.name).write_bytes(lib.read_bytes())
+    (site / "stepwise_ops_C.build.json").write_text(json.dumps({"cuda_archs": ["sm_90"]}))
+    marker = tmp_path / "compiled"
+    env = {**os.environ, "GPU_CHECK_OP_BUILD_CMD": f"touch {marker}"}
+
+    def prepare(site_dir, arch, work):
+        return subprocess.run([sys.executable, str(BENCH / "op_check.py"), "prepare", "--site", str(site_dir),
+                               "--wheels", str(tmp_path / "no_wheels"), "--build-dir", str(tmp_path / "build"),
+                               "--work", str(work), "--device-arch", arch], capture_output=True, text=True, env=env,
+                              timeout=120)
+
+    run = prepare(site, "none", tmp_path / "w1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "carried wheel used, compile refused" in run.stdout and not marker.exists()
+    record = json.loads((tmp_path / "w1" / "op_source.json").read_text())
+    assert record["source"] == "carried" and Path(record["library"]).parent == site
+
+    empty = tmp_path / "empty_site"
+    empty.mkdir()
+    run = prepare(empty, "sm_90", tmp_path / "w2")
+    assert "FALLBACK, building on the device: no carried op library" in run.stdout
+    assert marker.exists()  # the (stub) build ran
+    record = json.loads((tmp_path / "w2" / "op_source.json").read_text())
+    assert record["source"] in ("built", "none") and record["source"] != "carried"
+
+
+# ------------------------------------------------------------------------------------------ bandwidth, HF path
+def test_copy_bandwidth_is_measured(bench_modules):
+    m = bench_modules["msda"]
+    bandwidth = m.measure_copy_bandwidth("cpu", nbytes=1 << 20, repeats=3)
+    assert 1e6 < bandwidth < 1e14  # bytes/s, read + written
+    assert "CPU" in m.device_name("cpu")
+
+
+def test_hf_attention_path_is_detected(bench_modules):
+    t = bench_modules["train_throughput"]
+    from transformers.models.deformable_detr import modeling_deformable_detr as hf
+
+    holder = torch.nn.Sequential(hf.MultiScaleDeformableAttention())
+    path = t.hf_attention_path(holder, "cpu")
+    assert path.startswith("pure PyTorch (grid_sample") and t.hf_label(path) == "HF (PyTorch attn)"
+
+    class MultiScaleDeformableAttention(torch.nn.Module):  # a kernel stand-in: no grid_sample
+        def forward(self, value, shapes, shapes_list, starts, loc, weights, step):
+            return value.new_zeros(loc.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+
+    path = t.hf_attention_path(torch.nn.Sequential(MultiScaleDeformableAttention()), "cpu")
+    assert path.startswith("custom kernel") and t.hf_label(path) == "HF (kernel attn)"
+    assert t.hf_attention_path(torch.nn.Linear(2, 2), "cpu").startswith("unknown")
+
+
+def test_op_verdict(bench_modules, tmp_path):
+    r = bench_modules["gpu_results"]
+    row = {"device": "cuda:0", "dtype": "bfloat16", "shape": "four_levels", "output": 1e-3, "grad_value": 2e-3,
+           "grad_locations": 3e-3, "grad_weights": 1e-3, "tolerance": 5e-2, "ok": True}
+    data = {"devices": ["cuda:0"], "gpu": "NVIDIA H100", "torch": "2.11.0", "library": "/s/x.so",
+            "source": "carried", "rows": [row]}
+    (tmp_path / "op.json").write_text(json.dumps(data))
+    verdict = r.verdict_op(tmp_path, dry_run=False)
+    assert verdict.status == "PASS" and "carried wheel, no compile" in verdict.summary
+    assert "cuda:0 bfloat16 3.0e-03" in verdict.summary and "non-default index not checked" in verdict.summary
+    (tmp_path / "op.json").write_text(json.dumps({**data, "source": "built", "build_seconds": 80.0,
+                                                  "source_reason": "the carried library does not load"}))
+    verdict = r.verdict_op(tmp_path, dry_run=False)
+    assert verdict.status == "MISS" and "BUILT ON THE DEVICE as a fallback in 80.0 s" in verdict.summary
+    (tmp_path / "op.json").write_text(json.dumps({**data, "rows": [{**row, "ok": False}]}))
+    assert r.verdict_op(tmp_path, dry_run=False).status == "FAIL"
