@@ -80,7 +80,7 @@ def test_boxes_inside_images_and_images_exist(tiny, tiny_data):
             assert im.size == (first["width"], first["height"])
 
 
-def test_frequencies_follow_image_counts_and_lvis_fractions(tiny_data):
+def test_frequencies_follow_image_counts_and_lvis_fractions(tiny, tiny_data):
     """r/c/f follow LVIS v1's thresholds on the written counts and its 337/461/405 fractions."""
     data = tiny_data["train"]
     images = defaultdict(set)
@@ -92,6 +92,7 @@ def test_frequencies_follow_image_counts_and_lvis_fractions(tiny_data):
         n = len(images[cat["id"]])
         assert cat["image_count"] == n and cat["instance_count"] == instances[cat["id"]]
         assert cat["frequency"] == ("r" if n <= 10 else "c" if n <= 100 else "f")
+    assert emo.read_meta(tiny)["summary"]["bins_off_plan"] == 0
     counts = Counter(c["frequency"] for c in data["categories"])
     assert dict(counts) == emo.bin_sizes(24) == {"r": 7, "c": 9, "f": 8}
     assert emo.bin_sizes(1203) == {"r": 337, "c": 461, "f": 405}

@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -71,7 +72,9 @@ INSTALL_HINT = "install the project's dependencies with `pip install -e .` (or `
 
 # LVIS v1: 337 rare, 461 common, 405 frequent of 1,203 classes.
 LVIS_V1_BINS = {"r": 337, "c": 461, "f": 405}
-IMAGE_RANGES = {"r": (1, 10), "c": (11, 100)}  # training images per class; f: (101, preset.max_images)
+# Training images per class (f: 102 to preset.max_images). Common and frequent start one image above LVIS's
+# thresholds, so a class whose only instance in an image ends up hidden still stays in its bin.
+IMAGE_RANGES = {"r": (1, 10), "c": (12, 100)}
 SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3FE": "medium-dark",
               "1F3FF": "dark"}
 # Words that name the same thing inside one subgroup (car / taxi / police car are one family).
@@ -379,18 +382,33 @@ class EmojiClass:
 
 
 def _class_name(e: Emoji) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", e.name).strip("_")
+    """LVIS-style name: ASCII lower case words joined by '_' ('São Tomé & Príncipe Flag' -> sao_tome_and_...)."""
+    ascii_name = unicodedata.normalize("NFKD", e.name.replace("&", " and ")).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_")
+
+
+def _family_order(artwork: Artwork, families: dict[str, list[str]], rng: np.random.Generator) -> list[str]:
+    """Families in the order the vocabulary takes them: one family of each Unicode group in turn (groups
+    and the families inside each in random order), so that every vocabulary spreads over smileys, people,
+    animals, food, travel, activities, objects, symbols and flags instead of filling up with the large
+    skin-tone families of people."""
+    by_group: dict[str, list[str]] = defaultdict(list)
+    for fam in sorted(families):
+        by_group[artwork.emoji[families[fam][0]].group].append(fam)
+    groups = [sorted(by_group)[i] for i in rng.permutation(len(by_group))]
+    shuffled = {g: [by_group[g][i] for i in rng.permutation(len(by_group[g]))] for g in groups}
+    return [shuffled[g][k] for k in range(max(map(len, shuffled.values()))) for g in groups if k < len(shuffled[g])]
 
 
 def build_vocabulary(artwork: Artwork, preset: str | EmojiPreset, rng: np.random.Generator) -> list[EmojiClass]:
-    """Choose whole families (at most ``max_family_size`` members each) until ``num_classes``, then deal
+    """Choose whole families (at most ``max_family_size`` members each; :func:`_family_order`) until
+    ``num_classes``, then deal
     frequencies round-robin over family positions: position 0 of every family (largest families first)
     takes the frequent slots first, later positions the common, then the rare ones; so a rare class sits
     at the end of a family whose head is frequent. Training image counts are log-uniform in each bin."""
     p = get_preset(preset)
     families = derive_families(artwork)
-    names = sorted(families)
-    order = [names[i] for i in rng.permutation(len(names))]
+    order = _family_order(artwork, families, rng)
     chosen: list[tuple[str, list[str]]] = []
     total = 0
     for fam in order:
@@ -399,9 +417,12 @@ def build_vocabulary(artwork: Artwork, preset: str | EmojiPreset, rng: np.random
             continue
         if len(members) > p.max_family_size:
             members = sorted(rng.choice(members, size=p.max_family_size, replace=False).tolist())
-        members = members[: p.num_classes - total]
-        if len(members) < 2:
+        take = min(len(members), p.num_classes - total)
+        if p.num_classes - total - take == 1:  # never leave one class to fill: no family has one member
+            take -= 1
+        if take < 2:
             continue
+        members = members[:take]
         chosen.append((fam, [members[i] for i in rng.permutation(len(members))]))
         total += len(members)
         if total == p.num_classes:
@@ -414,7 +435,7 @@ def build_vocabulary(artwork: Artwork, preset: str | EmojiPreset, rng: np.random
     chosen.sort(key=lambda fm: -len(fm[1]))  # stable: equal sizes keep the random order
     slots = [(pos, fi) for pos in range(max(len(m) for _, m in chosen)) for fi, (_, m) in enumerate(chosen)
              if pos < len(m)]
-    ranges = {**IMAGE_RANGES, "f": (101, p.max_images)}
+    ranges = {**IMAGE_RANGES, "f": (102, p.max_images)}
     classes = []
     for (pos, fi), tier in zip(slots, tiers):
         fam, members = chosen[fi]
@@ -551,7 +572,22 @@ def _plan_image(rng: np.random.Generator, image_id: int, split: str, cats: list[
         inst = _place(rng, placed, lambda h=h: (_new_instance(rng, h, 0, width, height, p, side()), p.max_cover))
         if inst is not None:
             placed.append(inst)
-    return ImagePlan(image_id, split, width, height, int(rng.integers(2**31)), placed + forced)
+    return ImagePlan(image_id, split, width, height, int(rng.integers(2**31)), _keep_visible(placed + forced))
+
+
+def _keep_visible(instances: list[Instance], limit: float = 0.6, rounds: int = 6) -> list[Instance]:
+    """Drawing order in which no annotated instance is hidden: one whose box the boxes drawn after it cover by
+    more than ``limit`` (sum over them, an over-estimate) moves to the end, on top; repeated a few rounds.
+    So a class keeps the training images it was dealt (what its frequency bin is counted on)."""
+    order = list(instances)
+    for _ in range(rounds):
+        boxes = [_approx_box(o) for o in order]
+        hidden = [i for i, o in enumerate(order) if o.category_id
+                  and sum(_covers(boxes[j], boxes[i]) for j in range(i + 1, len(order))) > limit]
+        if not hidden:
+            break
+        order = [o for i, o in enumerate(order) if i not in hidden] + [order[i] for i in hidden]
+    return order
 
 
 def _deal(rng: np.random.Generator, images_per_class: dict[int, int], p: EmojiPreset) -> list[list[int]]:
@@ -849,8 +885,10 @@ def summary_of(plan: EmojiPlan, train: dict, val: dict) -> dict:
     """Counts per split, classes per frequency bin, families."""
     freq = Counter(c["frequency"] for c in train["categories"])
     fams = Counter(c.family for c in plan.classes)
+    by_id = {c.category_id: c for c in plan.classes}
     out = {"preset": plan.preset.name, "seed": plan.seed, "classes": len(plan.classes),
            "frequency_bins": {k: freq.get(k, 0) for k in "rcf"}, "families": len(fams),
+           "bins_off_plan": sum(c["frequency"] != by_id[c["id"]].planned_frequency for c in train["categories"]),
            "largest_family": max(fams.values())}
     for name, data in (("train", train), ("val", val)):
         n_img = max(1, len(data["images"]))
@@ -865,7 +903,8 @@ def format_summary(s: dict) -> str:
     """A few human-readable lines from :func:`summary_of`."""
     f = s["frequency_bins"]
     lines = [f"emoji preset={s['preset']} seed={s['seed']}: {s['classes']} classes in {s['families']} look-alike "
-             f"families (largest {s['largest_family']}); r={f['r']} c={f['c']} f={f['f']} by train images"]
+             f"families (largest {s['largest_family']}); r={f['r']} c={f['c']} f={f['f']} by train images"
+             + (f" ({s['bins_off_plan']} classes off their planned bin)" if s["bins_off_plan"] else "")]
     for split in ("train", "val"):
         t = s[split]
         lines.append(f"  {split}: {t['images']} images, {t['instances']} instances ({t['instances_per_image']} per "
