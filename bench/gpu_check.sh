@@ -115,7 +115,10 @@ export PY="${PYTHON:-python3}" REPO DRY_RUN WHEELS="${GPU_CHECK_WHEELS:-.whl}"  
 export GPU_CHECK_CACHE="${GPU_CHECK_CACHE:-${TMPDIR:-/tmp}/stepwise_gpu_check_cache}"
 export WORK; WORK="$(mktemp -d "${TMPDIR:-/tmp}/stepwise_gpu_check.XXXXXX")"
 export SITE="$WORK/site" BUILD="$WORK/build"
-mkdir -p "$SITE" "$BUILD/lib"
+# Where the carried wheels are installed for the image's Python: SITE on the device; in the dry run a
+# folder the CPU machine's own Python never sees (its packages are built for another Python and torch).
+if [ "$DRY_RUN" = 1 ]; then export SITE312="$WORK/site312"; else export SITE312="$SITE"; fi
+mkdir -p "$SITE" "$SITE312" "$BUILD/lib"
 # The repository's packages, an op compiled here (the fallback only) and the carried wheels come first.
 export PYTHONPATH="$REPO:$REPO/ops:$BUILD/lib:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -232,15 +235,16 @@ EOF
     echo "summary: file-list check of $n wheels only (no Python 3.12 here to install them with)"
     return 0
   fi
-  "$py312" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+  "$py312" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE312" \
     "$WHEELS"/*.whl || exit 1
   if standin=$(image_standin_python); then
-    PYTHONPATH= PYTHONNOUSERSITE=1 "$standin" bench/gpu_wheels.py check --wheels "$WHEELS" --target "$SITE" \
+    PYTHONPATH= PYTHONNOUSERSITE=1 "$standin" bench/gpu_wheels.py check --wheels "$WHEELS" --target "$SITE312" \
       --import all || exit 1
     echo "summary: $n wheels (the op's included) installed with $py312 into a scratch target; all imported" \
       "(image stand-in venv: the image's torch and packages)"
   else
-    PYTHONPATH= "$py312" bench/gpu_wheels.py check --wheels "$WHEELS" --target "$SITE" --import self-contained || exit 1
+    PYTHONPATH= "$py312" bench/gpu_wheels.py check --wheels "$WHEELS" --target "$SITE312" --import self-contained \
+      || exit 1
     echo "summary: $n wheels installed with $py312 into a scratch target; self-contained ones imported"
   fi
 }
@@ -256,7 +260,8 @@ step_op() {
   set -u
   local oppy
   oppy=$(op_python) || { echo "no Python 3.12 stand-in for the image here"; exit 1; }
-  "$oppy" bench/op_check.py prepare --site "$SITE" --wheels "$WHEELS" --build-dir "$BUILD" --work "$WORK" \
+  [ "$DRY_RUN" = 1 ] && export PYTHONPATH="$REPO/ops:$SITE312"  # the stand-in: the carried op alone
+  "$oppy" bench/op_check.py prepare --site "$SITE312" --wheels "$WHEELS" --build-dir "$BUILD" --work "$WORK" \
     "${DRY_FLAG[@]}" || exit 1
   "$oppy" bench/op_check.py correct --json "$WORK/op.json" --source "$WORK/op_source.json"
 }
@@ -350,7 +355,7 @@ run_step smoke step_smoke
 ELAPSED=$(( $(date +%s) - START ))
 report " (done)"
 (cd "$WORK" && tar -czf "$OUTDIR/logs.tar.gz" --exclude='*.pt' --exclude='*.pth' --exclude='*.safetensors' \
-   --exclude='./data' --exclude='./site' --exclude='./build/tmp' --exclude='*.so' --exclude='events.out.*' .)
+   --exclude='./data' --exclude='./site' --exclude='./site312' --exclude='./build/tmp' --exclude='*.so' --exclude='events.out.*' .)
 echo "gpu_check: ${ELAPSED}s; results in $OUTDIR: gpu_results.md, gpu_check.log, logs.tar.gz and the steps' JSON"
 [ "$KEEP_WORK" = 1 ] && echo "work folder kept: $WORK" || rm -rf "$WORK"
 if grep -q '| FAIL |' "$OUTDIR/gpu_results.md"; then exit 1; fi

@@ -66,6 +66,7 @@ def test_tiny_run_prints_the_table():
     number = r"(\d+\.\d+)"
     ours = re.search(rf"^fp32\s+ours \((?:compiled|reference) op\)\s+{number}\s+{number}x\s+{number}\s+{number}"
                      rf"\s+{number}", out, re.M)
-    hf = re.search(rf"^fp32\s+HF transformers\s+{number}\s+1\.00x", out, re.M)
+    hf = re.search(rf"^fp32\s+HF \(PyTorch attn\)\s+{number}\s+1\.00x", out, re.M)
+    assert "HF deformable attention on cpu: pure PyTorch (grid_sample" in out
     assert ours and hf, out
     assert float(ours.group(1)) > 0 and float(ours.group(2)) > 0
