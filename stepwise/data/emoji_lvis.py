@@ -79,6 +79,8 @@ SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3
               "1F3FF": "dark"}
 # Words that name the same thing inside one subgroup (car / taxi / police car are one family).
 WORD_ALIASES = {"AUTOMOBILE": "CAR", "TAXI": "CAR", "CARS": "CAR"}
+MIN_INK = 0.2  # classes need filled artwork: thin line art all but vanishes at 12 px (it can be a distractor)
+VISIBLE_ALPHA = 0.25  # a pixel belongs to the topmost object drawn there with at least this opacity
 FLAG_COLOURS = {"red": (210, 40, 40), "white": (245, 245, 245), "blue": (40, 70, 170), "green": (40, 140, 60),
                 "yellow": (245, 200, 40), "black": (30, 30, 30)}
 
@@ -185,6 +187,13 @@ class Artwork:
     @lru_cache(maxsize=None)  # noqa: B019 - one Artwork per process
     def font(self, size: int) -> ImageFont.FreeTypeFont:
         return ImageFont.truetype(io.BytesIO(self.font_bytes), size, layout_engine=ImageFont.Layout.BASIC)
+
+    @lru_cache(maxsize=None)  # noqa: B019
+    def ink(self, hexcode: str) -> float:
+        """Share of an emoji's box its opaque pixels fill (drawn at 48 px): ~0.1 for line art (arrows, a
+        paperclip), 0.5-0.8 for filled pictures."""
+        alpha = np.asarray(self.sprite(hexcode, 48).getchannel("A"))
+        return float((alpha > 127).mean())
 
     @lru_cache(maxsize=4096)  # noqa: B019
     def sprite(self, hexcode: str, size: int) -> Image.Image:
@@ -401,18 +410,18 @@ def _family_order(artwork: Artwork, families: dict[str, list[str]], rng: np.rand
 
 
 def build_vocabulary(artwork: Artwork, preset: str | EmojiPreset, rng: np.random.Generator) -> list[EmojiClass]:
-    """Choose whole families (at most ``max_family_size`` members each; :func:`_family_order`) until
-    ``num_classes``, then deal
-    frequencies round-robin over family positions: position 0 of every family (largest families first)
-    takes the frequent slots first, later positions the common, then the rare ones; so a rare class sits
-    at the end of a family whose head is frequent. Training image counts are log-uniform in each bin."""
+    """Choose whole families (their members with ``MIN_INK`` or more, at most ``max_family_size`` of them;
+    :func:`_family_order`) until ``num_classes``, then deal frequencies round-robin over family positions:
+    position 0 of every family (largest families first) takes the frequent slots first, later positions the
+    common, then the rare ones; so a rare class sits at the end of a family whose head is frequent. Training
+    image counts are log-uniform in each bin."""
     p = get_preset(preset)
     families = derive_families(artwork)
     order = _family_order(artwork, families, rng)
     chosen: list[tuple[str, list[str]]] = []
     total = 0
     for fam in order:
-        members = families[fam]
+        members = [h for h in families[fam] if artwork.ink(h) >= MIN_INK]
         if len(members) < 2:
             continue
         if len(members) > p.max_family_size:
@@ -773,7 +782,7 @@ def render_image(img: ImagePlan, sprite_size: int, art: Artwork | None = None) -
         colour = part[..., :3] * inst.brightness * np.asarray(inst.balance, dtype=np.float32)
         region = canvas[cy0:cy1, cx0:cx1]
         region[...] = region * (1 - alpha) + np.clip(colour, 0, 255) * alpha
-        owner[cy0:cy1, cx0:cx1][alpha[..., 0] > 0.5] = k
+        owner[cy0:cy1, cx0:cx1][alpha[..., 0] >= VISIBLE_ALPHA] = k
     anns = []
     for k, inst in enumerate(img.instances):
         if not inst.category_id or not inst.annotated:
