@@ -151,3 +151,13 @@ def test_contention_bench_prints_old_and_new_beside_a_busy_process():
     assert all(float(r[2]) > 0 for r in rows)
     bad = subprocess.run([sys.executable, str(bench), "--settings", "new"], capture_output=True, text=True)
     assert bad.returncode == 2 and "includes old" in bad.stderr
+
+
+def test_threads_now_reads_the_load_once(monkeypatch):
+    samples = iter([CpuSample(0.0, 0.0, 0.0), CpuSample(0.5, 0.9, 0.4)])  # others: 0.5 CPU-s in 0.5 s
+    monkeypatch.setattr(cpu_threads, "read_sample", lambda cpus: next(samples))
+    monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: [0, 1])
+    monkeypatch.setattr(cpu_threads.time, "sleep", lambda s: None)
+    assert cpu_threads.threads_now(2) == 1
+    monkeypatch.setattr(cpu_threads, "read_sample", lambda cpus: None)
+    assert cpu_threads.threads_now(2) == 2

@@ -229,3 +229,15 @@ def reset_used() -> None:
     """Forget the counts used so far (a new step of the same process starts its own record)."""
     if _governor is not None:
         _governor.used = {_governor.threads}
+
+
+def threads_now(maximum: int, seconds: float = 0.5) -> int:
+    """The count :class:`ThreadGovernor` would choose from the other processes' load over the next ``seconds``
+    (``maximum`` where the load cannot be read): for a process that must keep one count throughout, such as a
+    test session comparing weights bit for bit, chosen once at its start."""
+    cpus = usable_cpus()
+    before = read_sample(cpus)
+    if before is None:
+        return maximum
+    time.sleep(seconds)
+    return threads_for(other_load(before, read_sample(cpus)), len(cpus), maximum)
