@@ -8,17 +8,16 @@ from typing import Callable
 
 import pytest
 
-# The suite compares weights bit for bit between runs in one process, so its thread count must not follow
-# the machine's load while it runs (stepwise/utils/cpu_threads.py; tests of the governor set the mode
-# themselves). It is chosen once, from the load at the start: a suite started beside a training run takes
-# the free cores instead of spinning against it.
+# The suite compares weights bit for bit between runs in this process, so its thread count must not follow
+# the machine's load while it runs (stepwise/utils/cpu_threads.py; tests of the governor reset it). It is
+# chosen once, from the load at the start: a suite started beside a training run takes the free cores instead
+# of spinning against it. Processes the tests start keep the default (their own governor).
 if "STEPWISE_CPU_THREADS" not in os.environ:
-    os.environ["STEPWISE_CPU_THREADS"] = "fixed"
     import torch
 
-    from stepwise.utils.cpu_threads import threads_now
+    from stepwise.utils import cpu_threads
 
-    torch.set_num_threads(threads_now(torch.get_num_threads()))
+    cpu_threads.keep(cpu_threads.threads_now(torch.get_num_threads()))
 
 
 def _make_untrained_checkpoint(root: Path) -> tuple[Path, object]:

@@ -207,6 +207,16 @@ def start() -> ThreadGovernor | None:
     return _governor
 
 
+def keep(threads: int) -> None:
+    """Set torch's count to ``threads`` and keep it for the rest of this process (no governor), whatever
+    ``STEPWISE_CPU_THREADS`` says; child processes are not affected."""
+    global _governor, _started
+    import torch
+
+    torch.set_num_threads(threads)
+    _governor, _started = None, True
+
+
 def tick(device: object = "cpu") -> None:
     """Between two steps of a CPU run: start the governor on the first call, then let it re-sample. A no-op on
     other devices."""
