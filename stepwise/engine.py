@@ -43,7 +43,7 @@ from stepwise.checkpoint import (FINAL_NAME, TRAINING_KEYS, check_finite_weights
                                  head_state, load_checkpoint, optimizer_state_names, preserved_rng,
                                  prune_checkpoints, restore_head_state, rng_state, save_checkpoint, set_rng_state)
 from stepwise.utils import cpu_threads
-from stepwise.utils.finite import NonFiniteCostError, first_non_finite, named_tensors
+from stepwise.utils.finite import NonFiniteCostError, first_non_finite, named_tensors, norm_overflow
 from stepwise.utils.io import atomic_write_text, write_error
 
 ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
@@ -446,7 +446,8 @@ class Trainer:
         if norm is not None and not bool(torch.isfinite(torch.as_tensor(norm))):
             model = acc.unwrap_model(self.model)
             first = first_non_finite((n, p.grad) for n, p in model.named_parameters() if p.grad is not None)
-            bad = [f"gradient norm {float(norm)}, first non-finite gradient in parameter {first!r}"]
+            bad = [f"gradient norm {float(norm)}, first non-finite gradient in parameter {first!r}" if first else
+                   norm_overflow(float(norm), ((n, p.grad) for n, p in model.named_parameters()))]
         names = self._agree(bad)
         if names is not None:
             raise NonFiniteStateError(

@@ -18,7 +18,8 @@ one tau-normalised model per value into ``out/tau_<value>``; ``knn=true`` adds `
 class centres of a metric-learning head). With variants, a table of AP/APr/APc/APf/AP1..AP4 per variant is
 printed and saved as ``out/variants.csv`` and ``out/variants.json``.
 Arguments are ``key=value``; the mode is chosen by the keys present, one entry of ``MODES`` each.
-Exit codes: 0 success, 1 bad input (missing/invalid file, unknown image or category), 2 bad arguments.
+Exit codes: 0 success, 1 bad input (missing/invalid file, unknown image or category), 2 bad arguments or an
+``out`` folder another ``checkpoint=`` evaluation is writing (its lock, :mod:`stepwise.utils.run_lock`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from stepwise.cli import UsageError, parse_args, parse_bool, parse_int, wants_help
 from stepwise.evaluation import evaluate_lvis
+from stepwise.utils import run_lock
 from stepwise.utils.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:  # torch, hydra and the model load only when the checkpoint mode runs
@@ -130,6 +132,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, g
     # Inference only: no trackers; no resume; the model's own precision setting is kept.
     settings = replace(TrainSettings.from_config(cfg), trackers=(), resume=False)
     accelerator = make_accelerator(settings, out)
+    run_lock.hold_on_rank0(out, accelerator.is_main_process, what="evaluation directory",
+                           hint="wait for that evaluation to end, or write elsewhere with out=")
     if gt is None:
         ensure_data(cfg, accelerator)
     val_ds = build_dataset(cfg.data, "val", categories=trained.categories)
@@ -277,9 +281,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}\n{_usage()}", file=sys.stderr)
         return 2
+    except run_lock.DirectoryBusy as err:  # another evaluation writes into the same out=
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        run_lock.release_all()
 
 
 def _exit(code: int) -> None:

@@ -5,12 +5,19 @@
 
 Composes the config (unknown keys, values of the wrong type or range, and a run directory holding an earlier
 run's checkpoints without ``resume=true``/``overwrite=true`` are errors naming the key or directory, before
-anything is created), lets rank 0 create ``runs/<exp>/<stage>/`` and save the resolved config while the other
-ranks wait, then runs ``stepwise.stages.<stage.name>.run(cfg)``.
+anything is created), lets rank 0 take ownership of ``runs/<exp>/<stage>/`` (a lock held until the process
+ends: a second command on the same directory is refused in one line naming the owner's PID and host, exit
+code 2; :mod:`stepwise.utils.run_lock`), create it and save the resolved config while the other ranks wait,
+then runs ``stepwise.stages.<stage.name>.run(cfg)``.
+
+A data or training error the stage raises (a missing file, a bad validation file, an empty training set, a
+model setting that cannot be built, a diverged run) is printed as one line, ``stepwise: <stage>: <message>``,
+with exit code 1; ``STEPWISE_TRACEBACK=1`` prints the traceback as well (for developers).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +27,20 @@ from accelerate import PartialState
 
 from stepwise.config import ConfigError, cli_config, prepare_run_dir
 from stepwise.stages import stage_module
+from stepwise.utils import run_lock
+
+
+def show_traceback() -> bool:
+    """``STEPWISE_TRACEBACK=1`` (or true/yes): entry points print the traceback of a data error too."""
+    return os.environ.get("STEPWISE_TRACEBACK", "").strip().lower() in ("1", "true", "yes")
+
+
+def data_errors() -> tuple[type[BaseException], ...]:
+    """The errors an entry point reports in one line: bad inputs or settings the message names (missing or
+    invalid files, an empty training set, a model that cannot be built, a diverged run), not bugs."""
+    from stepwise.engine import NonFiniteLossError
+
+    return ValueError, OSError, NonFiniteLossError
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
@@ -31,14 +52,33 @@ def main(argv: Sequence[str] | None = None) -> Any:
         print(f"stepwise: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     state = PartialState(cpu=not torch.cuda.is_available())  # as make_accelerator: gloo group on CPUs
-    prepare_run_dir(cfg, state.is_main_process)
-    state.wait_for_everyone()
     try:
-        result = module.run(cfg)
+        try:
+            prepare_run_dir(cfg, state.is_main_process)  # rank 0 owns the directory from here to the end
+        except run_lock.DirectoryBusy as err:
+            print(f"stepwise: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        state.wait_for_everyone()
+        try:
+            result = module.run(cfg)
+        except run_lock.DirectoryBusy as err:  # stage=all: a step's directory is another process's
+            print(f"stepwise: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except ConfigError as err:  # a setting found wrong once the stage reads it
+            if show_traceback():
+                raise
+            print(f"stepwise: {cfg.stage.name}: config error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except data_errors() as err:
+            if show_traceback():
+                raise
+            print(f"stepwise: {cfg.stage.name}: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
         state.wait_for_everyone()  # no process tears the group down while another is still in a collective
         return result
     finally:
         state.destroy_process_group()
+        run_lock.release_all()
 
 
 if __name__ == "__main__":

@@ -55,17 +55,23 @@ def plant_bad_images(root: Path) -> dict[str, int]:
     return {"missing": missing, "truncated": truncated, "resized": resized}
 
 
-def test_val_category_without_frequency_stops_the_stage_before_training(tiny, tmp_path):
+def test_val_category_without_frequency_stops_the_stage_before_training(tiny, tmp_path, capsys):
     # Before: the run trained, then failed in evaluation with "ground-truth dict: category 1 ... frequency
-    # None" (no file named). Now the stage stops before any checkpoint or metrics line is written.
+    # None" (no file named). Now the stage stops before any checkpoint or metrics line is written, with the
+    # message alone (no traceback) and exit status 1.
+    import re
+
     from stepwise.run import main
 
     edit_json(tiny / "annotations" / "val.json", lambda d: d["categories"][0].pop("frequency"))
-    with pytest.raises(PreflightError, match=r"validation annotation file .*val.json cannot be evaluated: "
-                                             r".*val.json: category 1 .*frequency None.*training file "
-                                             r".*train.json gives every category a frequency"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["stage=pretrain", "data.preset=tiny", f"data.root={tiny}", f"output_root={tmp_path / 'runs'}",
               "exp=pf", "stage.max_steps=2", "stage.trackers=[]"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert re.search(r"stepwise: pretrain: preflight found problems .*validation annotation file .*val.json cannot be "
+                     r"evaluated: .*val.json: category 1 .*frequency None.*training file .*train.json gives every "
+                     r"category a frequency", err, re.S), err
     run_dir = tmp_path / "runs" / "pf" / "pretrain"
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 

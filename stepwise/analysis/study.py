@@ -56,6 +56,10 @@ def summarize(results: Mapping[str, Mapping[str, Any]], columns: Sequence[str] =
                 values = [steps_after_pretrain(m) for m in per_seed.values()]
             else:
                 values = [m.get(column) for m in per_seed.values()]
+                for seed, value in zip(per_seed, values):
+                    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                        raise ValueError(f"variant {variant!r}, seed {seed}: {column} is {value!r}, not a number "
+                                         "(or null)")
             mean[column], std[column], n[column] = mean_std(values)
         out[variant] = {**entry, "mean": mean, "std": std, "n": n}
     return out

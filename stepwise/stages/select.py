@@ -13,7 +13,8 @@ Writes into ``runs/<exp>/select/``:
   config block), ``summary.json`` — per-class counts.
 
 Scoring streams: each process writes its records to ``scores.part<rank>.jsonl`` as it goes (memory does not
-grow with the number of images); evaluation batches are fixed before they are dealt to the processes, so
+grow with the number of images; the part appears under its name, complete, only when its process has scored
+its share, like every file of the run directory); evaluation batches are fixed before they are dealt to the processes, so
 the scores — and hence the files — are the same with one process or many. An existing ``scores.jsonl`` is
 reused (delete it to re-score); the selection itself is cheap and always re-run.
 """
@@ -111,7 +112,7 @@ def score_dataset(cfg: Any, accelerator: Accelerator, out_path: Path) -> int:
     def score(model: torch.nn.Module, batch: Any) -> list[dict]:
         return score_batch(model, matcher, batch, trained.categories.ids)
 
-    with open(part, "w") as f:
+    with atomic_path(part, "score part file") as tmp, open(tmp, "w") as f:  # complete, or not there at all
         for records in shard_predictions(accelerator, trained.model, loader, score, desc="select: scoring"):
             f.writelines(json.dumps(record) + "\n" for record in records)
     accelerator.wait_for_everyone()
@@ -126,8 +127,16 @@ def merge_parts(parts: list[Path], out_path: Path) -> None:
     """Concatenate the per-process score files sorted by annotation id into ``out_path`` (atomically)."""
     lines = []
     for part in parts:
+        if not part.is_file():
+            raise FileNotFoundError(f"score part file {part} not found: its process did not finish scoring")
         with open(part) as f:
-            lines.extend((json.loads(line)["ann_id"], line) for line in f if line.strip())
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        lines.append((json.loads(line)["ann_id"], line))
+                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        raise ValueError(f"score part file {part}: line {number} is not a score record ({err!r}); "
+                                         "delete it to score again") from None
     lines.sort(key=lambda item: item[0])
     with atomic_path(out_path) as tmp, open(tmp, "w") as f:
         f.writelines(line for _, line in lines)

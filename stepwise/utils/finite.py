@@ -48,3 +48,17 @@ def first_non_finite(named: Iterable[tuple[str, torch.Tensor | None]]) -> str | 
         if not finite[device][k]:
             return name
     return None
+
+
+def norm_overflow(norm: float, named: Iterable[tuple[str, torch.Tensor | None]]) -> str:
+    """What to say when a total norm is NaN/inf although every tensor in ``named`` is finite: the norm itself
+    overflowed (its sum of squares passed the float range), naming the parameter with the largest element
+    (unless clipping has already scaled the gradients to zero)."""
+    largest, where = 0.0, None
+    for name, tensor in named:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel():
+            value = float(tensor.detach().abs().max())
+            if value > largest:
+                largest, where = value, name
+    return (f"gradient norm {norm}: the total norm overflowed, no single gradient holds NaN/inf"
+            + (f" (largest gradient element {largest:.3g}, in parameter {where!r})" if where is not None else ""))
