@@ -24,9 +24,21 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from stepwise.utils import run_lock
 from stepwise.utils.io import atomic_write_text
 
 CONFIG_DIR = Path(os.environ.get("STEPWISE_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+
+
+def _synthetic_val_ann(root: str, negatives: Any) -> str:
+    """``${synthetic_val_ann:root,negatives}`` (configs/data/synthetic.yaml): the built-in data's val file
+    with that density of verified-absent classes (``<root>/annotations/val.json`` for ``preset``)."""
+    from stepwise.data.synthetic import val_file_name
+
+    return f"{root}/annotations/{val_file_name(negatives)}"
+
+
+OmegaConf.register_new_resolver("synthetic_val_ann", _synthetic_val_ann, replace=True)
 
 
 class ConfigError(ValueError):
@@ -86,6 +98,9 @@ def cli_config(argv: Sequence[str] | None = None, config_name: str = "config",
     except ConfigError as err:
         print(f"stepwise: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except run_lock.DirectoryBusy as err:
+        print(f"stepwise: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # ----------------------------------------------------------------------------------------- value checks
@@ -119,6 +134,14 @@ def _int_list() -> tuple[Callable[[Any], bool], str]:
     return ok, "a list of integers >= 0"
 
 
+def _negatives() -> tuple[Callable[[Any], bool], str]:
+    def ok(v: Any) -> bool:
+        if v in ("preset", "lvis"):
+            return True
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+    return ok, "preset, lvis or a share in [0, 1]"
+
+
 def _choice(*options: str | None) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in options), "one of " + ", ".join("null" if o is None else o for o in options)
 
@@ -136,6 +159,7 @@ DATA_CHECKS = {
     "batch_size": _integer(1), "num_workers": _integer(0), "rfs_threshold": _number(0, optional=True),
     "rfs_epoch": _choice("dataset", "repeated"),
     "preflight": _boolean(), "preflight_decode_max": _integer(0), "allow_outside_root": _boolean(),
+    "negatives": _negatives(),
 }
 ROOT_CHECKS = {"seed": _integer(0), "resume": _boolean(), "overwrite": _boolean()}
 STEPWISE_CHECKS = {"min_images": _integer(1), "score_threshold": _number(0, strict=False),
@@ -187,7 +211,9 @@ def run_dir_artifacts(run_dir: str | os.PathLike) -> list[Path]:
 
 def check_run_dir(cfg: DictConfig) -> None:
     """ConfigError when ``cfg.run_dir`` holds an earlier run's checkpoints and neither ``resume`` nor
-    ``overwrite`` is set (``stage=all`` decides per step, see :mod:`stepwise.stages.all`)."""
+    ``overwrite`` is set (``stage=all`` decides per step, see :mod:`stepwise.stages.all`);
+    :class:`~stepwise.utils.run_lock.DirectoryBusy` first when another process owns the directory."""
+    run_lock.check_free(cfg.run_dir)
     if cfg.stage.get("name") == "all" or cfg.get("resume") or cfg.get("overwrite"):
         return
     found = run_dir_artifacts(cfg.run_dir)
@@ -221,15 +247,21 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def prepare_run_dir(cfg: DictConfig, is_main_process: bool = True) -> Path:
-    """Create ``cfg.run_dir`` (rank 0 only) and save the resolved config there as ``config.yaml``.
+    """Take ownership of ``cfg.run_dir`` and create it (rank 0 only), then save the resolved config there as
+    ``config.yaml``.
 
-    Raises ConfigError (see :func:`check_run_dir`) when it holds an earlier run's checkpoints without
-    ``resume``/``overwrite``; with ``overwrite=true`` (and no ``resume``) rank 0 first deletes them.
+    Rank 0 holds the directory's lock (:mod:`stepwise.utils.run_lock`) from here until the process ends (or
+    the caller releases it): a second process gets
+    :class:`~stepwise.utils.run_lock.DirectoryBusy` naming the owner, on every rank, before anything in the
+    directory is touched. Raises ConfigError (see :func:`check_run_dir`) when it holds an earlier run's
+    checkpoints without ``resume``/``overwrite``; with ``overwrite=true`` (and no ``resume``) rank 0 first
+    deletes them.
 
     Other ranks only compute the path; callers synchronise (``accelerator.wait_for_everyone()``) before
     reading from it.
     """
     run_dir = Path(cfg.run_dir)
+    run_lock.hold_on_rank0(run_dir, is_main_process)
     check_run_dir(cfg)
     if is_main_process:
         if cfg.get("overwrite") and not cfg.get("resume") and cfg.stage.get("name") != "all":

@@ -24,6 +24,13 @@ config overrides applied to every run, after the study's ``base`` and the varian
 A run that fails is reported and the rows that do not depend on it go on; the command then exits with
 status 1 after writing the report.
 
+One owner (:mod:`stepwise.utils.run_lock`): the study process holds the lock of its study directory from start
+to end (a second command there stops with one line naming it, exit 2; not for ``dry_run``), and each run
+directory is locked by the process that runs it; a run another process holds is reported, never started. Jobs
+end with the study however it ends (:mod:`stepwise.utils.lifeline`). Records read back are checked against one
+schema (:mod:`stepwise.study_records`): a bad one stops the command with one line naming the file and the
+field, exit 2.
+
 Sharing: the runs of one seed share their common prefix. Each step's identity is a hash of its resolved
 config (without bookkeeping keys, the blocks the step does not read and ``ADDED_OPTIONS`` at their old
 behaviour) in which every path to an earlier
@@ -62,6 +69,8 @@ from omegaconf import DictConfig, OmegaConf
 from stepwise.config import CONFIG_DIR, ConfigError, load_config, prepare_run_dir
 from stepwise.stages.all import TRAINING_STEPS, set_resume, step_config, step_done
 from stepwise.utils import cpu_threads
+from stepwise.study_records import RecordError, check_result, read_log, read_metrics, read_result, read_wall_time
+from stepwise.utils import run_lock
 from stepwise.utils.io import atomic_write_json, atomic_write_text
 from stepwise.utils.signals import exit_on_signals
 
@@ -75,7 +84,13 @@ BOOKKEEPING = ("run_dir", "exp", "output_root", "resume", "overwrite", "data.num
                "stage.checkpoint_every_steps", "stage.eval_every_epochs")
 # Options added after studies were recorded, with the value at which a run computes what it computed before the
 # option existed: at that value the option stays out of the run's identity, so adding it keeps recorded runs.
-ADDED_OPTIONS = {"head.others": "uniform"}
+ADDED_OPTIONS = {"head.others": "uniform",
+                 # BACL's loss form (the focal adaptation: heads/bacl.py) and the public code's confusion rows
+                 "head.fg_gamma": 0.0, "head.normalize": "num_boxes", "head.unseen_rows": "uniform",
+                 # BAGS's rule for a duplicate query of an object (heads/bags.py)
+                 "head.duplicates": "others", "head.duplicate_iou": 0.5,
+                 # the built-in val split's density of verified-absent classes (data/synthetic.py)
+                 "data.negatives": "preset"}
 NOT_READ = {"pretrain": ("stepwise", "distill"), "select": ("stepwise.rfs", "distill"),
             "finetune": ("distill",), "distill": ()}  # root blocks a step does not read (dropped from its hash)
 WALL_TIME_NAME = "wall_time.json"
@@ -221,11 +236,15 @@ class StepRun:
     variants: list[str] = field(default_factory=list)
 
     def status(self) -> str:
-        """``done``, ``resumes at step N`` / ``scores.jsonl exists`` (interrupted) or ``to do``."""
+        """``done``, ``in use by PID n on host h`` (another process owns the run directory), ``resumes at step
+        N`` / ``scores.jsonl exists`` (interrupted) or ``to do``."""
         from stepwise.checkpoint import list_checkpoints
 
         if step_done(self.config):
             return "done"
+        owner = run_lock.owner(self.dir)
+        if owner is not None:
+            return f"in use by {owner.split(' (since')[0]}"
         if self.step == "select":
             return "scores.jsonl exists" if (self.dir / "scores.jsonl").is_file() else "to do"
         found = list_checkpoints(self.dir)
@@ -444,13 +463,13 @@ def link_variant(vr: VariantRun) -> None:
 def wall_seconds(run_dir: Path) -> float | None:
     """Seconds the study spent running this step (``wall_time.json``, summed over resumed sessions)."""
     path = run_dir / WALL_TIME_NAME
-    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else None
+    return float(read_wall_time(path)["seconds"]) if path.is_file() else None
 
 
 def run_threads(run_dir: Path) -> list[int]:
     """The CPU thread counts this step has run with (``wall_time.json``; one entry per distinct count)."""
     path = run_dir / WALL_TIME_NAME
-    return list(json.loads(path.read_text()).get("threads", [])) if path.is_file() else []
+    return list(read_wall_time(path).get("threads", [])) if path.is_file() else []
 
 
 def add_session(run_dir: Path, seconds: float) -> None:
@@ -463,10 +482,21 @@ def add_session(run_dir: Path, seconds: float) -> None:
                        "threads": sorted({*run_threads(run_dir), *cpu_threads.used_counts()})})
 
 
+BUSY_HINT = "not started: run the study again once that process has ended"
+
+
+def busy_error(err: BaseException) -> str | None:
+    """The failure text of a run that another process owns (its lock held: the run is not started), else None."""
+    return str(err) if isinstance(err, run_lock.DirectoryBusy) else None
+
+
 def run_step(run: StepRun, state: Any) -> None:
     """Run one step unless its outputs exist; an interrupted step resumes from its last checkpoint. The wall
     time and thread count of each session, an interrupted or failed one included, are added to
-    ``<run dir>/wall_time.json``."""
+    ``<run dir>/wall_time.json``. Rank 0 owns the run directory first (:mod:`stepwise.utils.run_lock`; the
+    lock stays until the process ends or :func:`run_plan` releases it): DirectoryBusy, and nothing read or
+    written, when another process runs it."""
+    run_lock.hold_on_rank0(run.dir, state.is_main_process, hint=BUSY_HINT)
     if step_done(run.config):
         state.print(f"stepwise: study: {run.key} (seed {run.seed}) done, skipping")
         return
@@ -515,11 +545,13 @@ def run_plan(plan: Sequence[VariantRun], state: Any) -> dict[Path, str]:
             try:
                 run_step(run, state)
             except Exception as err:  # noqa: BLE001 - recorded, reported, and the exit status says so
-                if state.num_processes > 1 and not isinstance(err, NonFiniteLossError):
+                if state.num_processes > 1 and not isinstance(err, (NonFiniteLossError, run_lock.DirectoryBusy)):
                     raise
-                failed[run.dir] = f"{type(err).__name__}: {err}"
+                failed[run.dir] = busy_error(err) or f"{type(err).__name__}: {err}"
                 state.print(f"stepwise: study: {run.key} (seed {run.seed}) FAILED: {failed[run.dir]}")
                 break
+            finally:
+                run_lock.release(run.dir)  # the run's next owner may be another process
             finished.add(run.dir)
         if state.is_main_process and step_done(vr.runs[vr.variant.final_step].config):
             record_result(vr)
@@ -558,19 +590,27 @@ def job_env(slot: int, threads: int, devices: Sequence[str]) -> dict[str, str]:
 
 def launch_job(run: StepRun, slot: int, threads: int, devices: Sequence[str]) -> Job:
     """Start ``run`` in a new Python process (:func:`run_job_file`); its output is appended to
-    ``<seed dir>/logs/<key>.log``."""
+    ``<seed dir>/logs/<key>.log``. The job's first act is :func:`stepwise.utils.lifeline.die_with_parent`
+    (before torch loads): it ends when this process ends, however this process ends."""
     logs = run.dir.parent.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     spec = logs / f"{run.key}.yaml"
-    OmegaConf.save(OmegaConf.create({"step": run.step, "key": run.key, "seed": run.seed, "dir": str(run.dir),
-                                     "variants": list(run.variants), "threads": threads, "config": run.config}), spec)
+    atomic_write_text(spec, OmegaConf.to_yaml(OmegaConf.create({
+        "step": run.step, "key": run.key, "seed": run.seed, "dir": str(run.dir), "variants": list(run.variants),
+        "threads": threads, "config": run.config})), "job file")
     log = logs / f"{run.key}.log"
     with open(log, "a") as out:
         process = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from stepwise.study import run_job_file; run_job_file(sys.argv[1])",
-             str(spec)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=job_env(slot, threads, devices))
+            [sys.executable, "-c", JOB_COMMAND, str(spec), str(os.getpid())], stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=job_env(slot, threads, devices))
     return Job(run, process, log)
+
+
+# A job's process: bound to its parent's life first (argv[2]: the study's PID), then the step; stopped by a
+# signal, it ends as soon as the step has unwound (wall time written).
+JOB_COMMAND = ("import sys; from stepwise.utils.lifeline import die_with_parent, run_stoppable; "
+               "die_with_parent(int(sys.argv[2])); from stepwise.study import run_job_file; "
+               "run_stoppable(run_job_file, sys.argv[1])")
 
 
 def run_job_file(path: str) -> None:
@@ -658,6 +698,11 @@ def run_plan_jobs(plan: Sequence[VariantRun], state: Any, jobs: int, threads: in
                         break
                     if run.dir in finished or run.dir in failed or run.dir in busy or not needs[run.dir] <= finished:
                         continue
+                    owner = run_lock.owner(run.dir)  # another study, command or a job left running: not started
+                    if owner is not None:
+                        failed[run.dir] = f"run directory {run.dir} is in use by {owner}; {BUSY_HINT}"
+                        state.print(f"stepwise: study: {run.key} (seed {run.seed}) FAILED: {failed[run.dir]}")
+                        continue
                     slot = min(set(range(jobs)) - set(running))
                     running[slot] = launch(run, slot, threads, devices)
                     busy.add(run.dir)
@@ -705,13 +750,13 @@ def record_result(vr: VariantRun) -> dict[str, Any]:
     table = final.dir / "eval" / "per_class.csv"
     record = {
         "variant": vr.variant.name, "seed": vr.seed, "runs": run_keys(vr),
-        "metrics": json.loads((final.dir / "eval" / "metrics.json").read_text()),
+        "metrics": read_metrics(final.dir / "eval" / "metrics.json"),
         "per_class": read_per_class(table) if table.is_file() else None,
         "wall_seconds": {s: wall_seconds(r.dir) for s, r in vr.runs.items()},
         "optimizer_steps": {s: optimizer_steps(r.dir) for s, r in vr.runs.items() if s in TRAINING_STEPS},
         "curves": {s: eval_curve(r.dir) for s, r in vr.runs.items() if s in TRAINING_STEPS}}
     vr.dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(vr.dir / RESULT_NAME, record, indent=1)
+    atomic_write_json(vr.dir / RESULT_NAME, check_result(record, vr.dir / RESULT_NAME), indent=1)
     return record
 
 
@@ -719,17 +764,18 @@ def load_result(vr: VariantRun) -> dict[str, Any] | None:
     """The record of the runs the plan has now (same identities): the variant's own ``result.json``, else one
     of another variant in the seed directory that holds the runs (this study's, or its ``pool``'s: the heads
     study finds study=stepwise's ``baseline`` record for its ``sigmoid`` row). None if there is none (not yet,
-    or only records of other configs: the runs are planned again)."""
+    or only records of other configs: the runs are planned again).
+
+    Every record looked at is checked (:func:`stepwise.study_records.read_result`): one that is not valid JSON
+    or does not fit the schema (``{}`` included) raises RecordError naming the file and the field, never
+    counts as missing."""
     keys = run_keys(vr)
     seed_dir = next(iter(vr.runs.values())).dir.parents[1]  # <study or pool>/seed<k>
     for path in (vr.dir / RESULT_NAME, *sorted(seed_dir.glob(f"*/{RESULT_NAME}"))):
         if not path.is_file():
             continue
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not a study result record ({err}); delete it to re-run the variant") from None
-        if record.get("runs") == keys:
+        record = read_result(path)
+        if record["runs"] == keys:
             return record
     return None
 
@@ -748,10 +794,8 @@ def optimizer_steps(run_dir: Path) -> int | None:
     if not path.is_file():
         return None
     last = None
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                last = json.loads(line)
+    for last in read_log(path):  # noqa: B007 - the last record is the one wanted
+        pass
     return None if last is None else last.get("global_step")
 
 
@@ -798,12 +842,10 @@ def eval_curve(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     curve: dict[int, dict[str, Any]] = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line) if line.strip() else {}
-            if record.get("type") == "eval":  # a resumed run may repeat an evaluation: the last one counts
-                epochs = int(record["epoch"]) + (1 if record.get("step_in_epoch") else 0)
-                curve[epochs] = {"epoch": epochs, "metrics": record["metrics"]}
+    for record in read_log(path):
+        if record.get("type") == "eval":  # a resumed run may repeat an evaluation: the last one counts
+            epochs = int(record["epoch"]) + (1 if record.get("step_in_epoch") else 0)
+            curve[epochs] = {"epoch": epochs, "metrics": record["metrics"]}
     return [curve[k] for k in sorted(curve)]
 
 
@@ -921,6 +963,10 @@ def _flag(options: Mapping[str, str], key: str) -> bool:
     return value in ("true", "1", "yes")
 
 
+STUDY_BUSY_HINT = ("a study runs there already: wait for it or stop it (one command runs several seeds: seeds=[a,b] "
+                   "jobs=N), or write elsewhere with name=<dir>")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Run (or plan, or report) a study; returns the report summary on rank 0 (None for a dry run)."""
     import torch
@@ -949,11 +995,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if jobs > 1 and devices and jobs > len(devices):
         print(f"stepwise: study: jobs={jobs} but {len(devices)} GPU(s) visible: one GPU per job", file=sys.stderr)
         raise SystemExit(2)
-    state.print(plan_text(study, plan))
-    if dry_run:
-        return None
+    cpus = available_cpus()
+    if jobs > cpus and not dry_run and not report_only:
+        print(f"stepwise: study: warning: jobs={jobs} but {cpus} CPU(s) usable here: each job gets 1 thread and "
+              f"they take turns on the cores, each run slower than with jobs={cpus}", file=sys.stderr, flush=True)
     out_dir = Path(plan[0].dir).parents[1]
     try:
+        if not dry_run:  # one study process per study directory; its runs are locked by whoever runs them
+            run_lock.hold_on_rank0(out_dir, state.is_main_process, what="study directory", hint=STUDY_BUSY_HINT)
+        state.print(plan_text(study, plan))
+        if dry_run:
+            return None
         if report_only:
             failed = {}
         elif jobs > 1:
@@ -968,8 +1020,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                   f"{out_dir / 'study.png'})")
             print((out_dir / "study.md").read_text())
         state.wait_for_everyone()
+    except (ConfigError, RecordError, run_lock.DirectoryBusy) as err:  # a file or directory the message names
+        print(f"stepwise: study: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         state.destroy_process_group()
+        run_lock.release_all()
     if failed:
         print(f"stepwise: study: {len(failed)} run(s) failed: " + "; ".join(
             f"{path.name}: {error}" for path, error in failed.items()), file=sys.stderr)

@@ -139,7 +139,7 @@ def test_rerun_over_checkpoints_needs_resume_or_overwrite(tmp_path, capsys):
     assert "resume=true" in capsys.readouterr().err
     check_run_dir(load_config([f"output_root={tmp_path}", "exp=e1", "resume=true"]))  # allowed
     prepare_run_dir(load_config([f"output_root={tmp_path}", "exp=e1", "overwrite=true"]))
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".owner.lock", "config.yaml"]  # the lock file stays
     check_run_dir(cfg)  # nothing left to protect
 
 

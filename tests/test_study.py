@@ -222,7 +222,7 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     runs = {vr.variant.name: vr.runs for vr in heads}
     # pool: stepwise: the heads study's runs live in the stepwise study's shared dir, its links in its own
     assert all(r.dir.parent == tmp_path / "stepwise" / "seed0" / "shared" for v in runs.values() for r in v.values())
-    assert heads[0].dir == tmp_path / "heads" / "seed0" / "sigmoid"
+    assert heads[0].dir == tmp_path / "heads" / "seed0" / "sigmoid_decoupled"  # the headline rows first
     assert len({r["pretrain"].dir for r in runs.values()}) == 4
     for head in ("sigmoid", "bags", "hybrid_bags", "bacl"):
         assert runs[head]["pretrain"] is runs[f"{head}_stepwise"]["pretrain"]
@@ -241,6 +241,14 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     assert fg_first is not runs["bags_decoupled"]["finetune"] and fg_first.config.head.others == "foreground_first"
     assert all_negatives is not runs["bacl_decoupled"]["finetune"]
     assert all_negatives.config.head.weight_threshold == 0.0
+    # the head options at convergence: BAGS's duplicate rules, BACL as the recorded rows trained it
+    assert runs["bags_decoupled"]["finetune"].config.head.duplicates == "gt_class"
+    assert runs["bags_decoupled_dup_exclude"]["finetune"].config.head.duplicates == "exclude"
+    assert runs["bags_decoupled_dup_others"]["finetune"].config.head.duplicates == "others"
+    plain = runs["bacl_plain_decoupled"]["finetune"].config.head
+    assert (plain.name, plain.bg_gamma, plain.fg_gamma, plain.eps) == ("bacl", 0.0, 0.0, 1e-6)
+    assert runs["bacl_decoupled"]["finetune"].config.head.fg_gamma == 2.0
+    assert all(runs[v]["pretrain"] is runs["sigmoid"]["pretrain"] for v in runs if "_decoupled" in v)
 
 
 def test_an_option_added_at_its_old_behaviour_keeps_the_run_identity(tmp_path):
@@ -432,7 +440,8 @@ def test_pool_keeps_runs_in_another_studys_shared_dir(tmp_path):
     # a record of the pool's variant with the same runs is this row's result (run dirs gone or not)
     from stepwise.study import RESULT_NAME, load_result, run_keys
     assert load_result(runs_b["ft"]) is None
-    record = {"variant": "ft", "seed": 0, "runs": run_keys(runs_a["ft"]), "metrics": {"AP": 0.5}}
+    record = {"variant": "ft", "seed": 0, "runs": run_keys(runs_a["ft"]), "metrics": {"AP": 0.5}, "per_class": None,
+              "wall_seconds": {}, "optimizer_steps": {}, "curves": {}}
     (runs_a["ft"].dir).mkdir(parents=True)
     (runs_a["ft"].dir / RESULT_NAME).write_text(json.dumps(record))
     assert load_result(runs_b["ft"]) == record and load_result(runs_a["ft"]) == record
@@ -727,3 +736,33 @@ def test_step_overrides_retrain_a_new_head_type_on_a_shared_sigmoid_pretrain(tmp
     path.write_text(path.read_text().replace("step_overrides: {finetune:", "step_overrides: {tune:"))
     with pytest.raises(ConfigError, match="step_overrides: expected a mapping from steps"):
         load_study(str(path))
+
+
+def test_committed_records_keep_their_identities(tmp_path):
+    """Every record committed under docs/figures/study/records is still the run the study plans: options added
+    since (study.ADDED_OPTIONS) stay out of the identity at their old behaviour. Rows whose head now defaults to
+    another behaviour plan new runs; their recorded configs are planned by the rows that pin the old one
+    (bags_decoupled_dup_others: head.duplicates=others; bacl_plain_decoupled: head=bacl_plain)."""
+    from stepwise.study import build_plan, load_study
+
+    records = Path(__file__).resolve().parents[1] / "docs" / "figures" / "study" / "records"
+    # rows whose head options changed defaults (BAGS's duplicates, BACL's loss form and public-code settings)
+    changed = {"bags", "hybrid_bags", "bacl", "bags_stepwise", "hybrid_bags_stepwise", "bacl_stepwise",
+               "bags_decoupled", "hybrid_bags_decoupled", "bacl_decoupled", "bags_decoupled_fg_first",
+               "bacl_decoupled_all_negatives"}
+    pinned = {"bags_decoupled": "bags_decoupled_dup_others", "bacl_decoupled": "bacl_plain_decoupled"}
+    checked = 0
+    for name in ("stepwise", "heads"):
+        plan = build_plan(load_study(name), [0, 1, 2], [f"output_root={tmp_path}"])
+        keys = {(vr.seed, vr.variant.name): {step: run.key for step, run in vr.runs.items()} for vr in plan}
+        for path in sorted((records / name).glob("seed*/*/result.json")):
+            record = json.loads(path.read_text())
+            row = (record["seed"], record["variant"])
+            if name == "heads" and record["variant"] in changed:
+                assert record["runs"] != keys[row], path
+                if record["variant"] in pinned:
+                    assert record["runs"] == keys[(record["seed"], pinned[record["variant"]])], path
+            else:
+                assert record["runs"] == keys[row], path
+            checked += 1
+    assert checked >= 51 + 30
