@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from stepwise.heads.bacl import BACLHead, fcbl, fcbl_weights
 from stepwise.heads.fhm import FeatureHallucination, sampling_probs
@@ -33,7 +34,7 @@ def one_image(labels: list[int], query_idx: list[int]):
 
 # ---------------------------------------------------------------------------------------------- margins
 def test_confusion_margins_hand_computed():
-    ind = LongTermIndicators(3)
+    ind = LongTermIndicators(3, eps=1e-6, unseen_rows="uniform")  # stepwise's earlier floor and unseen rows
     ind.confusion_sum = torch.tensor([[1.2, 0.6, 0.2], [0.1, 0.8, 0.1], [0.0, 0.0, 0.0]], dtype=torch.float64)
     ind.class_count = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
     # M rows: [.6 .3 .1], [.1 .8 .1], class 2 never seen -> uniform 1/3
@@ -50,6 +51,22 @@ def test_confusion_margins_hand_computed():
     head = make_head(alpha=0.5, fhm=False)
     head.indicators = ind
     assert torch.allclose(head.margins(torch.tensor([0, 2])), 0.5 * expected[[0, 2]].float(), atol=1e-6)
+
+
+def test_confusion_margins_public_clamp_and_zero_rows():
+    """The public code's FCBL: M = cm_numerator / num_gt.clamp(min=1) (a class never seen has a row of zeros)
+    and both M_ij and M_ji clamped at 1e-3 before the log ratio (the defaults)."""
+    ind = LongTermIndicators(3)
+    assert (ind.eps, ind.unseen_rows) == (1e-3, "zero")
+    ind.confusion_sum = torch.tensor([[1.2, 0.6, 0.2], [0.1, 0.8, 0.1], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    ind.class_count = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    assert ind.confusion()[2].tolist() == [0.0, 0.0, 0.0] and ind.accuracy()[2].item() == 0.0
+    got = ind.log_ratio("confusion", torch.tensor([0, 2]))
+    expected = torch.tensor([[0.0, math.log(0.3 / 0.1), math.log(0.1 / 1e-3)],   # M_20 = 0 -> 1e-3
+                             [math.log(1e-3 / 0.1), math.log(1e-3 / 0.1), 0.0]])  # M_2j = 0 -> 1e-3, M_j2 = .1 .1
+    assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="unseen_rows"):
+        LongTermIndicators(3, unseen_rows="ones")
 
 
 @pytest.mark.parametrize("name", ["image_freq", "instance_freq"])
@@ -109,7 +126,8 @@ def test_fcbl_hand_computed():
 
 def test_head_loss_updates_indicators_first_then_fcbl():
     """Train mode, layer "": the step's samples enter the indicator before the loss uses it."""
-    head = make_head(alpha=0.5, indicator="instance_count", unmatched="background", bg_gamma=2.0, fhm=False)
+    head = make_head(alpha=0.5, indicator="instance_count", unmatched="background", bg_gamma=2.0, fg_gamma=0.0,
+                     fhm=False)
     head.indicators.class_count = torch.tensor([9.0, 3.0, 0.0], dtype=torch.float64)
     logits = torch.tensor([[[1.0, -1.0, 0.5, -2.0],     # query 0 -> class 0
                             [0.0, 0.0, 0.0, 1.0],       # query 1 unmatched
@@ -133,10 +151,11 @@ def test_head_loss_updates_indicators_first_then_fcbl():
 
 
 def test_eq2_background_one_matched_two_unmatched_by_hand():
-    """The default: an unmatched query gets the paper's Eq. 2 on every channel, -log p_bg - sum_j log(1 - p_j);
-    the matched one FCBL. 3 classes, 1 matched + 2 unmatched queries, instance-count indicator."""
-    head = make_head(alpha=0.5, indicator="instance_count", fhm=False)
-    assert head.unmatched == "eq2" and head.bg_gamma == 0.0
+    """Plain BCE (``head=bacl_plain``): an unmatched query gets the paper's Eq. 2 on every channel,
+    -log p_bg - sum_j log(1 - p_j); the matched one FCBL. 3 classes, 1 matched + 2 unmatched queries,
+    instance-count indicator."""
+    head = make_head(alpha=0.5, indicator="instance_count", fhm=False, bg_gamma=0.0, fg_gamma=0.0)
+    assert head.unmatched == "eq2"
     head.indicators.class_count = torch.tensor([4.0, 1.0, 1.0], dtype=torch.float64)
     logits = torch.tensor([[[0.3, 1.5, -0.4, -1.0],     # query 0 unmatched
                             [2.0, -1.0, 0.1, -2.0],     # query 1 -> class 0
@@ -154,7 +173,7 @@ def test_eq2_background_one_matched_two_unmatched_by_hand():
     loss.backward()
     assert logits.grad[0, 0, :3].abs().min() > 0  # unmatched queries push every foreground sigmoid down
     # with a focal factor: -(1 - p_bg)^2 log p_bg - sum_j p_j^2 log(1 - p_j)
-    focal = make_head(alpha=0.5, indicator="instance_count", fhm=False, bg_gamma=2.0)
+    focal = make_head(alpha=0.5, indicator="instance_count", fhm=False, bg_gamma=2.0, fg_gamma=0.0)
     focal.indicators.class_count = torch.tensor([4.0, 1.0, 1.0], dtype=torch.float64)
     got = focal.loss(logits.detach(), matches, targets, num_boxes=1.0, layer="")["loss_ce"].item()
     def eq2_focal(z, z_bg):
@@ -224,7 +243,7 @@ def test_encoder_objectness_hand_computed():
 
 # --------------------------------------------------------------------------------------- indicator update
 def test_indicator_update_hand_computed():
-    ind = LongTermIndicators(3, momentum=0.5)
+    ind = LongTermIndicators(3, momentum=0.5, unseen_rows="uniform")
     z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
     ind.update(z, torch.tensor([0, 0, 2]))
     e = math.exp
@@ -303,9 +322,13 @@ def test_fhm_sample_draws_by_probability():
 
 # ------------------------------------------------------------------------------------ init, build, state
 def test_prior_init_and_scores():
-    head = make_head()
+    head = make_head()  # p_fg 0.01 (Deformable DETR's), p_bg 0.99 (the background's share of the queries)
     logits = head(torch.zeros(2, 4))
     assert torch.allclose(head.scores(logits), torch.full((2, 3), 0.01 * 0.01), rtol=1e-4)
+    public = make_head(prior_prob=0.001, bg_prior_prob=0.001)  # the public code: every channel at 0.001
+    z = public(torch.zeros(2, 4))
+    assert torch.allclose(z.sigmoid(), torch.full((2, 4), 0.001), rtol=1e-4)
+    assert torch.allclose(public.scores(z), torch.full((2, 3), 0.999 * 0.001), rtol=1e-4)
     assert head.num_outputs == 4 and head.class_weight_rows().shape == (3, 4)
     assert torch.equal(head.class_weight_rows(), head.linear.weight[:3])
     assert torch.equal(head.class_logits(logits), logits[:, :3])  # background column dropped
@@ -382,3 +405,102 @@ def test_detector_checkpoint_carries_owner_state():
     other = build_detector(cfg.model, cfg.head, 5)
     restore_head_state(other, states)
     assert torch.equal(other.class_embed[1].indicators.confusion_sum, owner.indicators.confusion_sum.cpu())
+
+
+# ------------------------------------------------------------------------ loss forms, 1 matched + 2 unmatched
+def _forms_example():
+    """One image, 3 classes, 3 queries: q0 matched to class 1, q1 and q2 unmatched. Confusion indicator with
+    class 2 never seen; logits (C + 1, background last)."""
+    logits = torch.tensor([[[1.5, 0.5, 0.8, -1.0],     # q0 -> class 1
+                            [0.3, -2.0, 1.0, 0.5],      # q1 unmatched
+                            [-1.0, 0.2, -0.3, 2.0]]],   # q2 unmatched
+                          dtype=torch.float64)
+    matches, targets = one_image([1], [0])
+    return logits, matches, targets
+
+
+def _forms_indicators(head: BACLHead) -> None:
+    head.indicators.confusion_sum = torch.tensor([[1.2, 0.6, 0.2], [0.8, 2.8, 0.4], [0.0, 0.0, 0.0]],
+                                                 dtype=torch.float64)
+    head.indicators.class_count = torch.tensor([2.0, 4.0, 0.0], dtype=torch.float64)
+
+
+def _numpy_forms(gamma_fg: float, gamma_bg: float, eps: float, unseen: float) -> tuple[float, float]:
+    """(numerator, number of queries) of the BACL loss of :func:`_forms_example`, in numpy from the formulas."""
+    import numpy as np
+
+    z = np.array([[1.5, 0.5, 0.8, -1.0], [0.3, -2.0, 1.0, 0.5], [-1.0, 0.2, -0.3, 2.0]])
+    sp = lambda x: np.log1p(np.exp(x))  # noqa: E731  softplus: -log(1 - sigmoid(x)) = sp(x), -log sigmoid(x) = sp(-x)
+    sg = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    M = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [unseen] * 3])  # rows: sums / counts
+    alpha, gt = 0.85, 1
+    # matched q0: scores (1 - p_bg) p_j = .598 .455 .504 -> w_0 = w_2 = 1 (>= the GT's .455), w_1 = 0
+    p, p_bg = sg(z[0, :3]), sg(z[0, 3])
+    s = (1 - p_bg) * p
+    w = ((s >= s[gt]) | (s >= 0.7)).astype(float)
+    w[gt] = 0.0
+    assert w.tolist() == [1.0, 0.0, 1.0]
+    delta = alpha * np.log(np.maximum(M[gt], eps) / np.maximum(M[:, gt], eps))
+    shifted = z[0, :3] + delta
+    matched = ((1 - p[gt]) ** gamma_fg * sp(-z[0, gt]) + p_bg ** gamma_fg * sp(z[0, 3])
+               + np.sum(w * sg(shifted) ** gamma_fg * sp(shifted)))
+    unmatched = sum((1 - sg(q[3])) ** gamma_bg * sp(-q[3]) + np.sum(sg(q[:3]) ** gamma_bg * sp(q[:3])) for q in z[1:])
+    return float(matched + unmatched), 3.0
+
+
+@pytest.mark.parametrize("form", ["plain", "focal", "plain_queries", "focal_queries", "plain_earlier"])
+def test_loss_forms_one_matched_two_unmatched_by_hand(form):
+    """Each loss form against numpy on the formulas: plain BCE (the paper's Eq. 2 + FCBL), focal factors on
+    both (the default, gamma 2), normalised by num_boxes or by the queries considered; ``plain_earlier`` is
+    head=bacl_plain's indicator floor 1e-6 with uniform unseen rows."""
+    gamma = 2.0 if form.startswith("focal") else 0.0
+    normalize = "queries" if form.endswith("queries") else "num_boxes"
+    earlier = form == "plain_earlier"
+    head = make_head(fhm=False, bg_gamma=gamma, fg_gamma=gamma, normalize=normalize,
+                     **({"eps": 1e-6, "unseen_rows": "uniform"} if earlier else {}))
+    _forms_indicators(head)
+    logits, matches, targets = _forms_example()
+    got = head.loss(logits, matches, targets, num_boxes=2.0, layer="0")["loss_ce"].item()  # layer 0: no update
+    numerator, queries = _numpy_forms(gamma, gamma, 1e-6 if earlier else 1e-3, 1 / 3 if earlier else 0.0)
+    assert got == pytest.approx(numerator / (queries if normalize == "queries" else 2.0), rel=1e-6)  # float32 loss
+
+
+def test_default_form_is_focal_with_the_public_codes_clamp_and_rows():
+    from stepwise.config import load_config
+    from stepwise.heads import build_head
+
+    head = build_head(load_config(["head=bacl"]).head, 4, 3)
+    assert (head.bg_gamma, head.fg_gamma, head.normalize, head.unmatched) == (2.0, 2.0, "num_boxes", "eq2")
+    assert (head.indicators.eps, head.indicators.unseen_rows, head.prior_prob, head.bg_prior_prob) == (
+        1e-3, "zero", 0.01, 0.99)
+    plain = build_head(load_config(["head=bacl_plain"]).head, 4, 3)  # one key away: the recorded rows' head
+    assert (plain.bg_gamma, plain.fg_gamma, plain.normalize) == (0.0, 0.0, "num_boxes")
+    assert (plain.indicators.eps, plain.indicators.unseen_rows, plain.prior_prob, plain.bg_prior_prob) == (
+        1e-6, "uniform", 0.01, 0.99)
+    old = load_config(["head=bacl_plain"]).head  # a config saved before the new keys existed: the old behaviour
+    OmegaConf.set_struct(old, False)
+    for key in ("fg_gamma", "normalize", "unseen_rows"):
+        del old[key]
+    rebuilt = build_head(old, 4, 3)
+    assert (rebuilt.fg_gamma, rebuilt.normalize, rebuilt.indicators.unseen_rows) == (0.0, "num_boxes", "uniform")
+    with pytest.raises(ValueError, match="normalize"):
+        make_head(normalize="rois")
+    with pytest.raises(ValueError, match="focal"):
+        make_head(fg_gamma=-1.0)
+
+
+def test_focal_factors_take_the_easy_unmatched_queries_out():
+    """The reason for the focal form: with ~97 % unmatched queries, plain Eq. 2 on confident background
+    queries still sends gradient to every channel; the focal factors shrink it by p^2 (and (1 - p_bg)^2)."""
+    logits = torch.full((1, 20, 4), -4.0, dtype=torch.float64)  # confident background: p_j = .018, p_bg = .982
+    logits[..., -1] = 4.0
+    logits[0, 0] = torch.tensor([3.0, -3.0, -3.0, -3.0], dtype=torch.float64)  # one confident match, class 0
+    logits.requires_grad_(True)
+    matches, targets = one_image([0], [0])
+    grads = {}
+    for gamma in (0.0, 2.0):
+        head = make_head(fhm=False, bg_gamma=gamma, fg_gamma=gamma)
+        logits.grad = None
+        head.loss(logits, matches, targets, num_boxes=1.0, layer="0")["loss_ce"].backward()
+        grads[gamma] = logits.grad[0, 1:].abs().sum().item()
+    assert grads[2.0] < 0.01 * grads[0.0]

@@ -336,3 +336,100 @@ def test_tiny_two_stage_detector_trains_with_bags():
     criterion.total(losses).backward()
     assert all(torch.isfinite(v).all() for v in losses.values())
     assert all(model.class_embed[i].linear.weight.grad is not None for i in range(3))
+
+
+# ------------------------------------------------------------------------------------------ duplicates
+# 5 queries, 2 GT boxes: GT 0 (class 0, group 0) matched to q0, GT 1 (class 2, group 1) matched to q3;
+# q1 covers GT 0 (IoU .7: a duplicate), q2 covers GT 1 (IoU .6: a duplicate), q4 background (IoU .2).
+# Layout: G0 0-1 | group 0: class 0 col 2, class 1 col 3, others 4 | group 1: class 2 col 5, others 6.
+DUP_LOGITS = torch.tensor([[[1.0, 0.0, 2.0, 0.0, 1.0, 0.5, -0.5],
+                            [0.5, 0.0, 1.0, 0.3, 0.2, -1.0, 0.4],
+                            [0.2, 0.0, -0.5, 0.1, 0.6, 1.5, 0.0],
+                            [1.5, 0.0, 0.0, -1.0, 0.3, 2.0, 0.1],
+                            [-2.0, 0.0, 0.1, 0.2, 1.2, 0.0, 0.8]]], dtype=torch.float64)
+DUP_MATCHES = [(torch.tensor([0, 3]), torch.tensor([0, 1]))]
+DUP_TARGETS = [{"labels": torch.tensor([0, 2]), "boxes": torch.zeros(2, 4),
+                "query_gt": torch.tensor([0, 0, 1, 1, 0]), "query_iou": torch.tensor([0.9, 0.7, 0.6, 0.8, 0.2])}]
+
+
+@pytest.mark.parametrize("rule", ["gt_class", "exclude", "others"])
+def test_duplicate_rules_one_matched_two_unmatched_per_group_by_hand(rule):
+    """Each duplicate rule against numpy on the formulas (beta large: every candidate is an "others" sample).
+    gt_class: a duplicate is a positive of its GT's class in the GT's group (and a foreign object elsewhere);
+    exclude: left out of its GT's group; others: any unmatched query is an "others" candidate (earlier rule).
+    G0 is the same for all three: only the matched queries are foreground."""
+    import numpy as np
+
+    head = GroupSoftmaxHead(D, [0, 0, 1], beta=100.0, g0_loss="ce", eos_coef=1.0, duplicates=rule)
+    got = head.loss(DUP_LOGITS, DUP_MATCHES, DUP_TARGETS, num_boxes=2.0, layer="0")["loss_ce"].item()
+
+    z = DUP_LOGITS[0].numpy()
+    log_odds = z[:, 0] - z[:, 1]
+    fg = np.array([1, 0, 0, 1, 0])
+    g0 = np.mean(fg * np.log1p(np.exp(-log_odds)) + (1 - fg) * np.log1p(np.exp(log_odds)))  # BCE, weight 1
+
+    def log_softmax(cols):
+        x = z[:, cols]
+        return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+    g_a, g_b = log_softmax([2, 3, 4]), log_softmax([5, 6])  # group 0: class 0, class 1, others; group 1
+    samples = {  # (query, column in its group) per group
+        "gt_class": ([(0, 0), (1, 0), (2, 2), (3, 2), (4, 2)], [(3, 0), (2, 0), (0, 1), (1, 1), (4, 1)]),
+        "exclude": ([(0, 0), (2, 2), (3, 2), (4, 2)], [(3, 0), (0, 1), (1, 1), (4, 1)]),
+        "others": ([(0, 0), (1, 2), (2, 2), (3, 2), (4, 2)], [(3, 0), (0, 1), (1, 1), (2, 1), (4, 1)]),
+    }[rule]
+    group_a = -np.mean([g_a[q, c] for q, c in samples[0]])
+    group_b = -np.mean([g_b[q, c] for q, c in samples[1]])
+    assert got == pytest.approx(g0 + group_a + group_b, rel=1e-6)
+    assert head.needs_query_overlaps == (rule != "others")
+
+
+def test_duplicates_below_the_iou_threshold_and_on_the_encoder_are_ordinary_queries():
+    base = GroupSoftmaxHead(D, [0, 0, 1], beta=100.0, duplicates="others")
+    strict = GroupSoftmaxHead(D, [0, 0, 1], beta=100.0, duplicates="gt_class", duplicate_iou=0.95)
+    loose = GroupSoftmaxHead(D, [0, 0, 1], beta=100.0, duplicates="gt_class")
+    plain = [{k: v for k, v in DUP_TARGETS[0].items() if not k.startswith("query_")}]
+    ref = base.loss(DUP_LOGITS, DUP_MATCHES, DUP_TARGETS, 2.0, layer="0")["loss_ce"]
+    assert strict.loss(DUP_LOGITS, DUP_MATCHES, DUP_TARGETS, 2.0, layer="0")["loss_ce"] == ref  # IoU < .95
+    assert loose.loss(DUP_LOGITS, DUP_MATCHES, plain, 2.0, layer="0")["loss_ce"] == ref  # no overlaps given
+    assert loose.loss(DUP_LOGITS, DUP_MATCHES, DUP_TARGETS, 2.0, layer="enc")["loss_ce"] == ref  # encoder: as before
+    assert loose.loss(DUP_LOGITS, DUP_MATCHES, DUP_TARGETS, 2.0, layer="0")["loss_ce"] != ref
+    with pytest.raises(ValueError, match="duplicates"):
+        GroupSoftmaxHead(D, [0, 0, 1], duplicates="positive")
+    cats = categories([3, 15, 150])
+    assert build_head(load_config(["head=bags"]).head, D, 3, categories=cats).duplicates == "gt_class"
+    old = load_config(["head=hybrid_bags"]).head  # a config saved before the option existed: the earlier rule
+    OmegaConf.set_struct(old, False)
+    del old["duplicates"], old["duplicate_iou"]
+    assert build_head(old, D, 3, categories=cats).duplicates == "others"
+
+
+def test_criterion_gives_query_overlaps_to_the_decoder_layers_of_heads_that_need_them():
+    from stepwise.models.criterion import with_query_overlaps
+
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.6, 0.5, 0.4, 0.4], [0.1, 0.1, 0.1, 0.1]]])  # cxcywh
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    out = with_query_overlaps(boxes, targets)[0]
+    # q1 shifted by 0.1 of a 0.4 box: intersection 0.3 x 0.4, union 2 x 0.16 - 0.12
+    assert out["query_iou"].tolist() == pytest.approx([1.0, 0.12 / 0.2, 0.0], abs=1e-6)
+    assert out["query_gt"].tolist()[:2] == [0, 0] and "query_iou" not in targets[0]
+    empty = with_query_overlaps(boxes, [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}])[0]
+    assert empty["query_gt"].tolist() == [-1, -1, -1] and empty["query_iou"].tolist() == [0.0, 0.0, 0.0]
+
+    seen = {}
+
+    class Recording(GroupSoftmaxHead):
+        def loss(self, logits, matches, targets, num_boxes, features=None, layer=""):
+            seen[layer] = "query_iou" in targets[0]
+            return super().loss(logits, matches, targets, num_boxes, features=features, layer=layer)
+
+    for rule, expected in (("gt_class", {"": True, "0": True, "enc": False}),
+                           ("others", {"": False, "0": False, "enc": False})):
+        head = Recording(D, [0, 0, 1], duplicates=rule)
+        criterion = SetCriterion(HungarianMatcher(), head, {"loss_ce": 1.0, "loss_bbox": 1.0, "loss_giou": 1.0})
+        logits = torch.randn(1, 3, head.num_outputs)
+        outputs = DetectorOutput(logits=[logits, logits], boxes=[boxes, boxes], query_features=[None, None],
+                                 enc_logits=logits, enc_boxes=boxes)
+        seen.clear()
+        criterion(outputs, targets)
+        assert seen == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections import Counter, defaultdict
@@ -343,3 +344,72 @@ def test_interrupt_dropped_inside_a_finalizer_still_stops_generate(tmp_path, mon
     finally:
         signal.signal(signal.SIGINT, previous)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------- val negatives' density
+def _neg_share(images, num_classes: int) -> float:
+    absent = sum(num_classes - len({o.category_id for o in img.objects}) for img in images)
+    return sum(len(img.neg_category_ids) for img in images) / absent
+
+
+def test_preset_negatives_keep_the_recorded_bytes():
+    """negatives=preset (the default) is what every recorded run was scored with: the val split's
+    neg_category_ids are those of the generator before the option existed (hash of the study preset's,
+    seed 0, computed with that generator), half of the absent classes (38.6 of 80 classes per image)."""
+    import hashlib
+    import json
+
+    plan = syn.plan_dataset("study", 0)
+    lists = [img.neg_category_ids for img in plan.splits["val"]]
+    assert hashlib.sha256(json.dumps(lists).encode()).hexdigest()[:16] == "ed08b76b4e83794f"
+    assert np.mean([len(x) for x in lists]) == pytest.approx(38.64, abs=0.01)
+    assert _neg_share(plan.splits["val"], 80) == pytest.approx(0.5, abs=0.01)
+    assert syn.val_file_name() == syn.val_file_name("preset") == "val.json"
+
+
+@pytest.mark.parametrize("negatives, share", [("lvis", syn.LVIS_NEG_SHARE), (0.05, 0.05)])
+def test_negatives_density_of_a_generated_val_split(negatives, share):
+    """negatives=lvis lists each absent class with LVIS's probability (0.77 %: 942 negative labels over
+    122,701 absent pairs in the LVIS API's val sample); a number is such a share. Only the val split's
+    negatives change: the train split, every image, box and id stay the same."""
+    assert syn.LVIS_NEG_SHARE == pytest.approx(942 / 122701) and 0.0076 < syn.LVIS_NEG_SHARE < 0.0078
+    base, plan = syn.plan_dataset("study", 0), syn.plan_dataset("study", 0, negatives)
+    val = plan.splits["val"]
+    absent = sum(80 - len({o.category_id for o in img.objects}) for img in val)  # ~67,000 (image, class) pairs
+    got = _neg_share(val, 80)
+    assert abs(got - share) < 4 * math.sqrt(share * (1 - share) / absent)  # binomial, 4 standard deviations
+    for a, b in zip(base.splits["val"], val):
+        drawn = {o.category_id for o in b.objects}
+        assert drawn.isdisjoint(b.neg_category_ids) and b.neg_category_ids == sorted(set(b.neg_category_ids))
+        assert (a.id, a.width, a.height, a.objects, a.not_exhaustive_category_ids) == (
+            b.id, b.width, b.height, b.objects, b.not_exhaustive_category_ids)
+    assert [i.neg_category_ids for i in base.splits["train"]] == [i.neg_category_ids for i in plan.splits["train"]]
+    assert syn.lvis_json(base, "train") == syn.lvis_json(plan, "train")
+
+
+def test_ensure_synthetic_writes_the_val_file_of_a_density_once(tmp_path):
+    root = tmp_path / "data"
+    syn.ensure_synthetic(root, "tiny", 0, workers=1, verbose=False, negatives="lvis")
+    files = sorted(p.name for p in (root / "annotations").iterdir())
+    assert files == ["train.json", "val.json", "val_neg-lvis.json"]
+    val, lvis = syn.load_split(root, "val"), json.loads((root / "annotations" / "val_neg-lvis.json").read_text())
+    assert lvis["annotations"] == val["annotations"] and lvis["categories"] == val["categories"]
+    assert [{k: v for k, v in i.items() if k != "neg_category_ids"} for i in lvis["images"]] == \
+        [{k: v for k, v in i.items() if k != "neg_category_ids"} for i in val["images"]]
+    stamp = (root / "annotations" / "val_neg-lvis.json").stat().st_mtime_ns
+    syn.ensure_synthetic(root, "tiny", 0, workers=1, verbose=False, negatives="lvis")
+    assert (root / "annotations" / "val_neg-lvis.json").stat().st_mtime_ns == stamp
+    assert syn.val_file_name(0.05) == "val_neg-0.05.json"
+    for bad in ("bogus", 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="negatives"):
+            syn.negatives_share(bad)
+
+
+def test_config_selects_the_val_file_of_the_density():
+    from stepwise.config import ConfigError, load_config, validate_config
+
+    assert load_config([]).data.val_ann.endswith("synthetic_small_seed0/annotations/val.json")
+    assert load_config(["data.negatives=lvis"]).data.val_ann.endswith("/annotations/val_neg-lvis.json")
+    assert load_config(["data.negatives=0.05"]).data.val_ann.endswith("/annotations/val_neg-0.05.json")
+    with pytest.raises(ConfigError, match="data.negatives"):
+        validate_config(load_config(["data.negatives=bogus"]))

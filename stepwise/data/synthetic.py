@@ -10,6 +10,15 @@ Annotation is federated like LVIS on both splits: ``neg_category_ids`` lists a r
 classes verified absent from the image; for a small fraction of images one instance of a class present
 twice or more is drawn but left unannotated, and that class goes into ``not_exhaustive_category_ids``.
 
+How many absent classes the val split lists (``negatives``, ``data.negatives``): ``preset`` (the default,
+what every recorded run was scored with) lists the preset's ``neg_fraction`` of them (half, on every preset
+but ``large``: ~39 of 80 classes per image on ``study``); ``lvis`` lists each absent class with probability
+:data:`LVIS_NEG_SHARE` = 0.77 %, the density of LVIS's val annotation; a number in [0, 1] is such a share.
+The density decides how a confident detection of an absent class is scored: federated evaluation counts
+it as a false positive only where the class is listed. With ``negatives`` other than ``preset`` the data
+directory is unchanged and an extra file ``annotations/val_neg-<lvis|share>.json`` holds the val split with
+those negatives (same images, boxes and ids; :func:`val_file_name`, written by :func:`ensure_synthetic`).
+
 Generation has two steps: :func:`plan_dataset` decides everything (classes, counts, boxes, federated
 ids) without drawing a pixel; :func:`generate` renders the plan to PNG files and writes
 ``annotations/{train,val}.json``. The same seed gives the same bytes.
@@ -49,6 +58,13 @@ from stepwise.utils.signals import exit_on_signals, raise_for_signal
 
 FORMAT_VERSION = 1
 URL_ROOT = "http://synthetic.stepwise"
+# LVIS's density of verified-absent classes: an image's neg_category_ids hold this share of the classes it
+# does not contain. Measured on the LVIS API's published val sample (github lvis-dataset/lvis-api,
+# data/lvis_val_100.json: 100 randomly sampled LVIS v0.5 val images, 1,230 categories): 942 negative labels
+# over 122,701 absent (image, class) pairs = 0.768 %; per image 9.42 negatives (median 8, range 0-15) next to
+# 2.99 positive classes. docs/faithfulness.md, "Evaluation".
+LVIS_NEG_SHARE = 942 / 122701
+NEGATIVES = ("preset", "lvis")  # or a share in [0, 1]
 SPLIT_FOLDERS = {"train": "train2017", "val": "val2017"}
 META_FILE = "synthetic.json"
 
@@ -396,7 +412,7 @@ def _place_objects(rng: np.random.Generator, k: int, width: int, height: int, p:
 
 
 def _plan_split(split: str, counts: np.ndarray, classes_by_rank: list[ClassSpec], p: Preset,
-                rng: np.random.Generator, first_id: int) -> list[ImagePlan]:
+                rng: np.random.Generator, first_id: int, neg_share: float | None = None) -> list[ImagePlan]:
     """Deal the shuffled instances of every class to images and lay each image out."""
     labels = np.repeat(np.arange(len(counts)), counts)
     rng.shuffle(labels)
@@ -423,32 +439,66 @@ def _plan_split(split: str, counts: np.ndarray, classes_by_rank: list[ClassSpec]
         img.objects[which[int(rng.integers(len(which)))]].annotated = False
         img.not_exhaustive_category_ids = [cid]
 
-    # Negatives: a random share of the classes verified absent (drawn objects included).
+    # Negatives: a random share of the classes verified absent (drawn objects included): exactly
+    # round(neg_fraction x absent) of them (neg_share None, the preset's density), or each with probability
+    # neg_share. They are the split's last draws, so the density changes nothing else.
     num_ids = max(c.category_id for c in classes_by_rank)
     for img in images:
         is_absent = np.ones(num_ids + 1, dtype=bool)
         is_absent[0] = False
         is_absent[[o.category_id for o in img.objects]] = False
         absent = np.flatnonzero(is_absent)
-        n_neg = round(p.neg_fraction * len(absent))
+        if neg_share is None:
+            n_neg = round(p.neg_fraction * len(absent))
+        else:
+            n_neg = int(rng.binomial(len(absent), neg_share))
         img.neg_category_ids = np.sort(rng.choice(absent, size=n_neg, replace=False)).tolist()
     return images
 
 
-def plan_dataset(preset: str | Preset = "small", seed: int = 0) -> DatasetPlan:
+def negatives_share(negatives: str | float) -> float | None:
+    """The share of absent classes ``negatives`` lists: None for ``preset`` (the preset's ``neg_fraction``,
+    an exact count per image), :data:`LVIS_NEG_SHARE` for ``lvis``, else the number itself (in [0, 1])."""
+    if isinstance(negatives, str):
+        if negatives == "preset":
+            return None
+        if negatives == "lvis":
+            return LVIS_NEG_SHARE
+        try:
+            negatives = float(negatives)
+        except ValueError:
+            raise ValueError(f"negatives must be one of {NEGATIVES} or a share in [0, 1], got {negatives!r}") from None
+    if isinstance(negatives, bool) or not isinstance(negatives, (int, float)) or not 0.0 <= float(negatives) <= 1.0:
+        raise ValueError(f"negatives must be one of {NEGATIVES} or a share in [0, 1], got {negatives!r}")
+    return float(negatives)
+
+
+def val_file_name(negatives: str | float = "preset") -> str:
+    """The val annotation file (under ``annotations/``) with ``negatives``: ``val.json`` for ``preset``,
+    ``val_neg-lvis.json``, ``val_neg-0.05.json`` (a share, as ``%g``) otherwise."""
+    share = negatives_share(negatives)
+    if share is None:
+        return "val.json"
+    return "val_neg-lvis.json" if negatives == "lvis" else f"val_neg-{share:g}.json"
+
+
+def plan_dataset(preset: str | Preset = "small", seed: int = 0, negatives: str | float = "preset") -> DatasetPlan:
     """Decide classes, counts, image sizes, boxes and federated ids for (preset, seed); draws nothing.
 
-    Train image ids are 1..N_train, val ids follow, so ids are unique across splits. Raises
-    ``ValueError`` if the plan leaves a frequency or instance bin that the preset guarantees empty.
+    Train image ids are 1..N_train, val ids follow, so ids are unique across splits. ``negatives``: the val
+    split's density of verified-absent classes (see the module docstring; the train split always has the
+    preset's). Everything but the val split's ``neg_category_ids`` is the same for every ``negatives``.
+    Raises ``ValueError`` if the plan leaves a frequency or instance bin that the preset guarantees empty.
     """
     p = get_preset(preset)
+    neg_share = negatives_share(negatives)
     design_ss, train_ss, val_ss = np.random.SeedSequence(int(seed)).spawn(3)
     classes = design_classes(p, np.random.default_rng(design_ss))
     by_rank = sorted(classes, key=lambda c: c.rank)
     train_counts = plan_instance_counts(p)
     val_counts = np.maximum(p.val_min_instances, np.round(p.val_fraction * train_counts)).astype(int)
     train = _plan_split("train", train_counts, by_rank, p, np.random.default_rng(train_ss), 1)
-    val = _plan_split("val", val_counts, by_rank, p, np.random.default_rng(val_ss), len(train) + 1)
+    val = _plan_split("val", val_counts, by_rank, p, np.random.default_rng(val_ss), len(train) + 1, neg_share)
     plan = DatasetPlan(p, int(seed), classes, {"train": train, "val": val})
 
     s = plan.summary()
@@ -720,15 +770,43 @@ def read_meta(root: str | os.PathLike) -> dict | None:
 
 
 def ensure_synthetic(root: str | os.PathLike, preset: str | Preset = "small", seed: int = 0,
-                     workers: int | None = None, verbose: bool = True) -> Path:
+                     workers: int | None = None, verbose: bool = True, negatives: str | float = "preset") -> Path:
     """Return ``root`` holding the (preset, seed) data set, generating it on first use.
 
     A no-op when ``root`` is complete for the same preset and seed. Raises ``FileExistsError`` when
     ``root`` holds something else (another preset/seed, or files that are not a complete data set), so
-    nothing the user made is overwritten. Safe when several processes call it at once.
+    nothing the user made is overwritten. Safe when several processes call it at once. With ``negatives``
+    other than ``preset`` the val file of that density (:func:`write_val_negatives`) is written too, once.
     """
     p = get_preset(preset)
     root = Path(root)
+    negatives_share(negatives)  # a bad value fails before anything is rendered
+    made = _ensure_base(root, p, seed, workers, verbose)
+    if negatives_share(negatives) is not None:
+        write_val_negatives(made, p, seed, negatives, verbose)
+    return made
+
+
+def write_val_negatives(root: str | os.PathLike, preset: str | Preset, seed: int, negatives: str | float,
+                        verbose: bool = True) -> Path:
+    """Write ``annotations/<val_file_name(negatives)>`` of a generated data set unless it exists: the val
+    split of (preset, seed) with that density of ``neg_category_ids``, everything else as ``val.json``
+    (annotation ids included). Returns its path."""
+    path = Path(root) / "annotations" / val_file_name(negatives)
+    if path.is_file():
+        return path
+    plan = plan_dataset(preset, seed, negatives)
+    train_annotations = sum(o.annotated for img in plan.splits["train"] for o in img.objects)
+    data = lvis_json(plan, "val", train_annotations + 1)
+    atomic_write_json(path, data)
+    if verbose:
+        n = sum(len(i["neg_category_ids"]) for i in data["images"])
+        print(f"wrote {path}: {n / max(len(data['images']), 1):.2f} verified-absent classes per val image", flush=True)
+    return path
+
+
+def _ensure_base(root: Path, p: Preset, seed: int, workers: int | None, verbose: bool) -> Path:
+    """:func:`ensure_synthetic` without the extra val file."""
 
     def check(meta: dict) -> Path:
         found = (meta.get("preset"), meta.get("seed"), meta.get("format_version"))
@@ -760,5 +838,5 @@ __all__ = [
     "PRESETS", "Preset", "ClassSpec", "ObjectPlan", "ImagePlan", "DatasetPlan", "plan_instance_counts",
     "design_classes", "plan_dataset", "render_image", "shape_mask", "texture_mask", "lvis_json",
     "generate", "ensure_synthetic", "read_meta", "load_split", "format_summary", "frequency_of",
-    "instance_bin",
+    "instance_bin", "LVIS_NEG_SHARE", "NEGATIVES", "negatives_share", "val_file_name", "write_val_negatives",
 ]

@@ -5,20 +5,41 @@ module (FHM).
 Logits (..., C + 1): columns 0..C-1 the foreground classes in class order, column C the background.
 Scores (Eq. 5): (1 - p_bg) * p_j with p = sigmoid.
 
-Loss of the decoder layers (summed over queries, divided by ``num_boxes``):
+Loss of the decoder layers (summed over queries, divided by ``num_boxes``, or with ``normalize="queries"`` by
+the number of queries considered):
 
 * a matched query of class i (Eq. 6-9), FCBL:
   -log p_i - log(1 - p_bg) - sum_{j != i} w_j log(1 - sigmoid(z_j + delta_ij)),
   delta_ij = alpha * log(l_j / l_i) from the long-term indicator (see ``indicators.py``),
   w_j = 1 where s_j >= s_i or s_j >= threshold, else 0, with s the short-term indicators: the scores of
   Eq. 5, (1 - p_bg) * sigmoid(z), not margin-adjusted (``weight_prob: sigmoid`` compares raw sigmoids);
-  the weights are constants (no gradient).
+  the weights are constants (no gradient). With ``fg_gamma`` > 0 every term gets a focal factor:
+  -(1 - p_i)^g log p_i - p_bg^g log(1 - p_bg) - sum_j w_j p'_j^g log(1 - p'_j), p'_j = sigmoid(z_j + delta_ij).
 * an unmatched query (``unmatched="eq2"``, the paper's section D: "the loss of background proposals remains
   to be calculated by Eq. (2)"): the background channel says background and every foreground channel says
   no, -log p_bg - sum_j log(1 - p_j); with ``bg_gamma`` > 0 each term gets a focal factor,
   -(1 - p_bg)^gamma log p_bg - sum_j p_j^gamma log(1 - p_j). ``unmatched="background"`` trains only the
   background channel, -(1 - p_bg)^gamma log p_bg (an option: foreground sigmoids are then never pushed down
   by the ~Q unmatched queries of a set-prediction detector).
+
+Why the focal factors (the default, ``bg_gamma = fg_gamma = 2``): the paper's Faster R-CNN averages these
+BCE terms over a 512-RoI batch that is up to 25 % foreground (the public ``FCBL`` divides by the RoI count).
+Here ~97 of 100 queries are unmatched, the sum is divided by the ~3 GT boxes of an image, and every decoder
+layer adds its copy: as plain BCE the classification terms send the trunk 14-16x the gradient the boxes
+send (sigmoid focal: 0.8x; ``python -m stepwise.analysis.grad_balance``, docs/study.md "Gradient balance").
+The focal factors keep every term and its target and take the easy ones out, as Deformable DETR's sigmoid
+focal loss does for the same reason: 3.5-3.7x, and 19.3 AP against 7.9 after 450 steps (small preset, two
+seeds). ``normalize="queries"`` (the RoI count's counterpart, a mean over the queries considered) balances
+the gradient but starves classification (10.0 AP); ``head=bacl_plain`` is the plain-BCE form with
+stepwise's earlier settings, the recorded rows' head.
+
+Initialisation: the public code puts every channel, background included, at probability 0.001 and trains
+with SGD, which moves a bias by lr x gradient and leaves that point within a few iterations. Under AdamW a
+bias moves at most ~lr per step (5e-4 here: 0.2 over 450 steps), so p_bg = 0.001 stays an offset the
+features must undo on ~97 % of the queries (7.4 AP, classification / boxes trunk gradient 5.5x). The
+default starts p_bg at 0.99, the background's share of the queries, and the foreground channels at
+Deformable DETR's 0.01 (15.9 / 17.5 AP with the public 0.001, 19.4 / 19.2 with 0.01, two seeds);
+``prior_prob=0.001 bg_prior_prob=0.001`` is the public code's.
 
 Encoder proposals (``layer == "enc"``, every label 0) get a class-agnostic objectness loss instead: the
 two-stage transformer ranks proposals by the raw logit 0 and the matcher scores them with
@@ -50,6 +71,9 @@ from stepwise.heads.indicators import INDICATORS, LongTermIndicators
 
 WEIGHT_PROBS = ("score", "sigmoid")
 UNMATCHED = ("eq2", "background")
+NORMALIZERS = ("num_boxes", "queries")
+# Values a config saved before a key existed computed with (from_config fills them in for such configs).
+OLD_BEHAVIOUR = {"fg_gamma": 0.0, "normalize": "num_boxes", "unseen_rows": "uniform"}
 ENC_ALPHA, ENC_GAMMA = 0.25, 2.0  # objectness focal loss of the encoder proposals (Deformable DETR's)
 
 
@@ -71,17 +95,24 @@ def fcbl_weights(fg_logits: torch.Tensor, bg_logit: torch.Tensor, labels: torch.
 
 
 def fcbl(fg_logits: torch.Tensor, bg_logit: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor,
-         weights: torch.Tensor) -> torch.Tensor:
+         weights: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
     """(N,) FCBL per sample (Eq. 6): -log p_i - log(1 - p_bg) - sum_{j != i} w_j log(1 - sigmoid(z_j + delta_ij)).
 
     ``fg_logits`` (N, C), ``bg_logit`` (N,), ``labels`` (N,), ``margins`` (N, C) delta_ij,
-    ``weights`` (N, C) w_j (zero on the ground-truth column).
+    ``weights`` (N, C) w_j (zero on the ground-truth column). ``gamma`` > 0: each term times its focal
+    factor, (1 - p_i)^gamma, p_bg^gamma and sigmoid(z_j + delta_ij)^gamma.
     """
     z = fg_logits.float()
-    positive = F.softplus(-z.gather(1, labels[:, None]).squeeze(1))  # -log sigmoid(z_i)
-    foreground = F.softplus(bg_logit.float())                          # -log(1 - sigmoid(z_bg))
-    negatives = (weights * F.softplus(z + margins)).sum(1)             # -log(1 - sigmoid(z_j + delta_ij))
-    return positive + foreground + negatives
+    z_gt = z.gather(1, labels[:, None]).squeeze(1)
+    z_bg, shifted = bg_logit.float(), z + margins
+    positive = F.softplus(-z_gt)                                       # -log sigmoid(z_i)
+    foreground = F.softplus(z_bg)                                      # -log(1 - sigmoid(z_bg))
+    negatives = F.softplus(shifted)                                    # -log(1 - sigmoid(z_j + delta_ij))
+    if gamma > 0:
+        positive = positive * (1 - z_gt.sigmoid()) ** gamma
+        foreground = foreground * z_bg.sigmoid() ** gamma
+        negatives = negatives * shifted.sigmoid() ** gamma
+    return positive + foreground + (weights * negatives).sum(1)
 
 
 class BACLHead(ClassifierHead):
@@ -93,9 +124,14 @@ class BACLHead(ClassifierHead):
         indicator: one of ``INDICATORS`` (default the soft confusion matrix).
         image_counts, instance_counts: (C,) training-set counts (needed by the frequency indicators).
         score_momentum: gamma of the mean-score indicator; eps: indicator floor before the log ratio.
-        prior_prob: initial foreground-channel probability; bg_prior_prob: initial p_bg.
+        unseen_rows: confusion-matrix rows of classes never seen, "zero" (public code) | "uniform" (1 / C).
+        prior_prob: initial foreground-channel probability; bg_prior_prob: initial p_bg (the public code puts
+            every channel at 0.001, ``bias_init_with_prob(0.001)``; see the module docstring for why not here).
         unmatched: loss of an unmatched query, "eq2" (every channel) | "background" (background channel only).
         bg_gamma: focal exponent of the unmatched queries' terms (0: plain BCE).
+        fg_gamma: focal exponent of the matched queries' FCBL terms (0: plain BCE).
+        normalize: "num_boxes" (the criterion's GT box count, as the box losses) | "queries" (the number of
+            queries considered in the layer: the paper's mean over RoIs).
         fhm: switch the feature hallucination module on; fhm_classes (c), fhm_per_class (m),
             fhm_momentum (beta), fhm_weight (weight of ``loss_fhm``).
     """
@@ -105,10 +141,10 @@ class BACLHead(ClassifierHead):
     def __init__(self, in_dim: int, num_classes: int, alpha: float = 0.85, weight_threshold: float = 0.7,
                  weight_prob: str = "score", indicator: str = "confusion",
                  image_counts: Any = None, instance_counts: Any = None, score_momentum: float = 0.9,
-                 eps: float = 1e-6, prior_prob: float = 0.01, bg_prior_prob: float = 0.99,
-                 unmatched: str = "eq2", bg_gamma: float = 0.0,
-                 fhm: bool = True, fhm_classes: int = 8, fhm_per_class: int = 12, fhm_momentum: float = 0.9,
-                 fhm_weight: float = 1.0):
+                 eps: float = 1e-3, unseen_rows: str = "zero", prior_prob: float = 0.01,
+                 bg_prior_prob: float = 0.99, unmatched: str = "eq2", bg_gamma: float = 2.0,
+                 fg_gamma: float = 2.0, normalize: str = "num_boxes", fhm: bool = True, fhm_classes: int = 8,
+                 fhm_per_class: int = 12, fhm_momentum: float = 0.9, fhm_weight: float = 1.0):
         super().__init__()
         if indicator not in INDICATORS:
             raise ValueError(f"unknown BACL indicator {indicator!r}; choose one of {INDICATORS}")
@@ -116,15 +152,21 @@ class BACLHead(ClassifierHead):
             raise ValueError(f"unknown weight_prob {weight_prob!r}; choose one of {WEIGHT_PROBS}")
         if unmatched not in UNMATCHED:
             raise ValueError(f"unknown BACL unmatched loss {unmatched!r}; choose one of {UNMATCHED}")
+        if normalize not in NORMALIZERS:
+            raise ValueError(f"unknown BACL normalize {normalize!r}; choose one of {NORMALIZERS}")
+        if bg_gamma < 0 or fg_gamma < 0:
+            raise ValueError(f"focal exponents must be >= 0, got bg_gamma={bg_gamma}, fg_gamma={fg_gamma}")
         if indicator in ("image_freq", "instance_freq") and (image_counts is None or instance_counts is None):
             raise ValueError(f"indicator {indicator!r} needs the training set's counts (categories=)")
         self.num_classes, self.num_outputs = num_classes, num_classes + 1
         self.alpha, self.weight_threshold, self.weight_prob = float(alpha), float(weight_threshold), weight_prob
         self.indicator, self.unmatched, self.bg_gamma = indicator, unmatched, float(bg_gamma)
+        self.fg_gamma, self.normalize = float(fg_gamma), normalize
         self.prior_prob, self.bg_prior_prob = float(prior_prob), float(bg_prior_prob)
         self.fhm_weight = float(fhm_weight)
         self.linear = nn.Linear(in_dim, num_classes + 1)
-        self.indicators = LongTermIndicators(num_classes, image_counts, instance_counts, score_momentum, eps)
+        self.indicators = LongTermIndicators(num_classes, image_counts, instance_counts, score_momentum, eps,
+                                             unseen_rows)
         self.fhm = FeatureHallucination(num_classes, in_dim, fhm_momentum, fhm_classes, fhm_per_class) if fhm else None
         self.reset_parameters()
 
@@ -133,9 +175,13 @@ class BACLHead(ClassifierHead):
         categories = context.get("categories")
         counts = ({"image_counts": categories.image_counts, "instance_counts": categories.instance_counts}
                   if categories is not None else {})
-        keys = ("alpha", "weight_threshold", "weight_prob", "indicator", "score_momentum", "eps", "prior_prob",
-                "bg_prior_prob", "unmatched", "bg_gamma", "fhm", "fhm_classes", "fhm_per_class", "fhm_momentum", "fhm_weight")
-        return cls(in_dim, num_classes, **{k: cfg_head[k] for k in keys if k in cfg_head}, **counts)
+        keys = ("alpha", "weight_threshold", "weight_prob", "indicator", "score_momentum", "eps", "unseen_rows",
+                "prior_prob", "bg_prior_prob", "unmatched", "bg_gamma", "fg_gamma", "normalize", "fhm", "fhm_classes",
+                "fhm_per_class", "fhm_momentum", "fhm_weight")
+        options = {k: cfg_head[k] for k in keys if k in cfg_head}
+        # a config saved before a key existed (a checkpoint's, a recorded study's) computed the old behaviour
+        options.update({k: v for k, v in OLD_BEHAVIOUR.items() if k not in cfg_head})
+        return cls(in_dim, num_classes, **options, **counts)
 
     def reset_parameters(self) -> None:
         """Default linear init with prior-probability biases; every statistic forgotten."""
@@ -200,8 +246,14 @@ class BACLHead(ClassifierHead):
 
         background = self._unmatched_loss(logits[~matched & keep].float())
         foreground = self._fcbl(fg_logits, bg_logit, gt).sum()
-        losses["loss_ce"] = (foreground + background) / num_boxes
+        losses["loss_ce"] = (foreground + background) / self._normalizer(keep, num_boxes)
         return losses
+
+    def _normalizer(self, keep: torch.Tensor, num_boxes: float) -> float:
+        """``num_boxes``, or the number of queries the layer's loss considered (``normalize="queries"``)."""
+        if self.normalize == "queries":
+            return max(float(keep.sum()), 1.0)
+        return num_boxes
 
     # ---------------------------------------------------------------------------------------- pieces
     def margins(self, labels: torch.Tensor) -> torch.Tensor:
@@ -209,9 +261,9 @@ class BACLHead(ClassifierHead):
         return self.alpha * self.indicators.log_ratio(self.indicator, labels).to(labels.device)
 
     def _fcbl(self, fg_logits: torch.Tensor, bg_logit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(N,) FCBL of N foreground samples with this head's margins and weights."""
+        """(N,) FCBL of N foreground samples with this head's margins, weights and ``fg_gamma``."""
         weights = fcbl_weights(fg_logits, bg_logit, labels, self.weight_threshold, self.weight_prob)
-        return fcbl(fg_logits, bg_logit, labels, self.margins(labels), weights)
+        return fcbl(fg_logits, bg_logit, labels, self.margins(labels), weights, self.fg_gamma)
 
     def _unmatched_loss(self, logits: torch.Tensor) -> torch.Tensor:
         """Summed loss of N unmatched queries' (N, C + 1) logits (see the module docstring)."""

@@ -16,8 +16,17 @@ One linear layer has K = C + N + 2 outputs, laid out as
   queries (unmatched ones and those matched to classes of other groups): uniformly (``others=uniform``,
   the paper's rule) or other groups' matches first (``others=foreground_first``; with ~3 % of DETR's
   queries matched, uniform draws almost never show a group another group's object, which a two-stage
-  detector's 25 %-foreground RoI batches do). A group with no positive gives no loss. Each active group's softmax cross-entropy is averaged over its own samples; ``loss_ce`` =
-  G0 loss + the sum over active groups.
+  detector's 25 %-foreground RoI batches do). A group with no positive gives no loss. Each active group's
+  softmax cross-entropy is averaged over its own samples; ``loss_ce`` = G0 loss + the sum over active groups.
+* Duplicates (``duplicates``, decoder layers): an unmatched query whose box has IoU >= ``duplicate_iou``
+  with a GT box (its best) is a duplicate of that object. In the paper such a RoI is a positive of the GT's
+  class; set prediction trains it as no-object. ``gt_class`` (default, the paper's rule inside the groups):
+  it is a positive of its GT's class in the GT's group (and a foreign object, like a matched query, for
+  the other groups), while G0 keeps it no-object, so p_fg x p_j still suppresses the duplicate;
+  ``exclude``: it is left out of the GT's group (neither positive nor "others") and stays an "others"
+  candidate elsewhere; ``others``: an unmatched query like any other (stepwise's earlier rule). The
+  criterion supplies each query's best GT and IoU (``needs_query_overlaps``); encoder proposals keep the
+  ``others`` rule (class-agnostic, every label 0).
 * Two-stage encoder proposals (``layer="enc"``, every label 0): the same rule, so G0 learns
   foreground/no-object and class 0's group learns class 0 vs "others"; the encoder ranks its proposals by
   ``logits[..., 0]``, which is G0's foreground log-odds (see ``forward``).
@@ -43,6 +52,7 @@ from stepwise.heads.grouping import groups_from_edges, groups_from_kmeans
 
 G0_LOSSES = ("focal", "ce")
 OTHERS_SAMPLING = ("uniform", "foreground_first")
+DUPLICATES = ("gt_class", "exclude", "others")
 NUM_G0 = 2  # G0's outputs: foreground, no-object
 
 
@@ -105,6 +115,8 @@ class GroupSoftmaxHead(ClassifierHead):
         prior_prob: initial foreground probability p_fg (G0's bias), as the sigmoid head's prior.
         class_weight: (C,) loss weight of each class as a positive in its group (default all 1).
         focal_gamma: > 0 turns each group's cross-entropy into softmax focal loss (1 - p_t)^gamma CE.
+        duplicates: what an unmatched query on an object (IoU >= ``duplicate_iou`` with a GT box) is inside
+            the groups: ``gt_class`` | ``exclude`` | ``others`` (see the module docstring).
     """
 
     supports_ignore = True  # honours targets[b]["ignore_queries"]: such queries get no loss at all
@@ -112,7 +124,8 @@ class GroupSoftmaxHead(ClassifierHead):
     def __init__(self, in_dim: int, class_group: torch.Tensor | Sequence[int], num_groups: int | None = None,
                  beta: float = 8.0, others: str = "uniform", g0_loss: str = "focal", g0_alpha: float = 0.25, g0_gamma: float = 2.0,
                  eos_coef: float = 0.1, prior_prob: float = 0.01,
-                 class_weight: torch.Tensor | Sequence[float] | None = None, focal_gamma: float = 0.0):
+                 class_weight: torch.Tensor | Sequence[float] | None = None, focal_gamma: float = 0.0,
+                 duplicates: str = "gt_class", duplicate_iou: float = 0.5):
         super().__init__()
         class_group = torch.as_tensor(class_group, dtype=torch.long)
         num_groups = int(class_group.max()) + 1 if num_groups is None else int(num_groups)
@@ -122,13 +135,17 @@ class GroupSoftmaxHead(ClassifierHead):
             raise ValueError(f"others must be one of {OTHERS_SAMPLING}, got {others!r}")
         if g0_loss not in G0_LOSSES:
             raise ValueError(f"g0_loss must be one of {G0_LOSSES}, got {g0_loss!r}")
+        if duplicates not in DUPLICATES:
+            raise ValueError(f"duplicates must be one of {DUPLICATES}, got {duplicates!r}")
+        if not 0 < duplicate_iou <= 1:
+            raise ValueError(f"duplicate_iou must be in (0, 1], got {duplicate_iou}")
         if beta < 0 or not 0 < prior_prob < 1 or focal_gamma < 0 or eos_coef <= 0:
             raise ValueError(f"need beta >= 0, 0 < prior_prob < 1, focal_gamma >= 0, eos_coef > 0; got beta={beta}, "
                              f"prior_prob={prior_prob}, focal_gamma={focal_gamma}, eos_coef={eos_coef}")
         self.num_classes = len(class_group)
         self.num_groups = num_groups
         self.num_outputs = self.num_classes + num_groups + NUM_G0
-        self.others = others
+        self.others, self.duplicates, self.duplicate_iou = others, duplicates, float(duplicate_iou)
         self.beta, self.g0_loss, self.g0_alpha, self.g0_gamma = float(beta), g0_loss, g0_alpha, g0_gamma
         self.eos_coef, self.prior_prob, self.focal_gamma = float(eos_coef), float(prior_prob), float(focal_gamma)
         weight = torch.ones(self.num_classes) if class_weight is None else torch.as_tensor(class_weight).float()
@@ -151,6 +168,11 @@ class GroupSoftmaxHead(ClassifierHead):
         edges = [float(e) for e in cfg_head.edges]
         groups = groups_from_edges(instance_counts(categories, num_classes, "bags"), edges)
         return cls(in_dim, groups, num_groups=len(edges) + 1, **_common_options(cfg_head))
+
+    @property
+    def needs_query_overlaps(self) -> bool:
+        """The criterion adds each query's best GT and IoU to the targets (the duplicate rule needs them)."""
+        return self.duplicates != "others"
 
     def reset_parameters(self) -> None:
         """nn.Linear's default weights; biases 0 except G0's, which starts p_fg at ``prior_prob``."""
@@ -199,21 +221,31 @@ class GroupSoftmaxHead(ClassifierHead):
         self.linear.weight[self.class_output] = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)
 
     # -------------------------------------------------------------------------------------- training
-    def sample_groups(self, labels: torch.Tensor, valid: torch.Tensor) -> list[GroupSamples | None]:
+    def sample_groups(self, labels: torch.Tensor, valid: torch.Tensor,
+                      duplicate: torch.Tensor | None = None) -> list[GroupSamples | None]:
         """Training samples of every group over flattened queries (None for an inactive group).
 
         Args:
             labels: (M,) long matched class per query, C for unmatched (no-object).
             valid: (M,) bool, False for queries left out of every loss (matched to an "ignore" box).
+            duplicate: (M,) long class of the GT an unmatched query duplicates (IoU >= ``duplicate_iou``), C
+                for none; None: no duplicates (the ``others`` rule).
 
-        "Others" candidates of group n: valid queries that are not its positives. ``floor(beta * P_n)`` of
-        them are drawn without replacement with the torch RNG of ``labels``' device (all of them when there
-        are fewer): uniformly, or with ``others="foreground_first"`` the matched ones (other groups'
-        objects) before any unmatched one.
+        Positives of group n: the queries of its classes (matched ones, and with ``duplicates="gt_class"``
+        the duplicates of its objects too). "Others" candidates of group n: valid queries that are not its
+        positives (with ``duplicates="exclude"``, not the duplicates of its objects either).
+        ``floor(beta * P_n)`` of them are drawn without replacement with the torch RNG of ``labels``' device
+        (all of them when there are fewer): uniformly, or with ``others="foreground_first"`` the queries on
+        an object (other groups' matches, and their duplicates under ``gt_class``) before any other one.
         """
         c = self.num_classes
+        if duplicate is not None and self.duplicates == "gt_class":
+            labels = torch.where(labels < c, labels, duplicate)  # a duplicate takes its GT's class
         matched = (labels < c) & valid
         group = torch.where(matched, self.class_group[labels.clamp(max=c - 1)], -1)
+        excluded = None
+        if duplicate is not None and self.duplicates == "exclude":
+            excluded = torch.where((duplicate < c) & valid, self.class_group[duplicate.clamp(max=c - 1)], -1)
         positives = torch.bincount(group[matched], minlength=self.num_groups).tolist()
         num_valid = int(valid.sum())
         out: list[GroupSamples | None] = []
@@ -224,8 +256,11 @@ class GroupSoftmaxHead(ClassifierHead):
             is_pos = group == n
             pos_rows = is_pos.nonzero().flatten()
             candidates = valid & ~is_pos
-            num_others = min(int(self.beta * num_pos), num_valid - num_pos)
-            if num_others == num_valid - num_pos:
+            if excluded is not None:
+                candidates = candidates & (excluded != n)
+            num_candidates = num_valid - num_pos if excluded is None else int(candidates.sum())
+            num_others = min(int(self.beta * num_pos), num_candidates)
+            if num_others == num_candidates:
                 other_rows = candidates.nonzero().flatten()
             else:
                 keys = torch.rand(labels.shape, device=labels.device).masked_fill(~candidates, 2.0)
@@ -237,6 +272,20 @@ class GroupSoftmaxHead(ClassifierHead):
                               self.others_output[n].expand(len(other_rows))]) - NUM_G0
             weights = torch.cat([self.class_weight[pos_labels], self.class_weight.new_ones(len(other_rows))])
             out.append(GroupSamples(torch.cat([pos_rows, other_rows]), cols, weights, num_pos))
+        return out
+
+    def duplicate_labels(self, targets: list[dict[str, torch.Tensor]], labels: torch.Tensor) -> torch.Tensor | None:
+        """(B, Q) long: for an unmatched query with IoU >= ``duplicate_iou`` with a GT box (its best one, from
+        the criterion's ``query_gt`` / ``query_iou``), that GT's class; C elsewhere. None under the ``others``
+        rule or without overlaps in the targets (encoder proposals, a criterion that supplies none)."""
+        if self.duplicates == "others" or not all("query_iou" in t for t in targets):
+            return None
+        out = torch.full_like(labels, self.num_classes)
+        for b, target in enumerate(targets):
+            iou, best = target["query_iou"].to(labels.device), target["query_gt"].to(labels.device)
+            hit = (iou >= self.duplicate_iou) & (best >= 0) & (labels[b] == self.num_classes)
+            gt_labels = target["labels"].to(labels.device)
+            out[b, hit] = gt_labels[best[hit]]
         return out
 
     def loss(self, logits, matches, targets, num_boxes, features=None, layer="") -> dict[str, torch.Tensor]:
@@ -254,7 +303,9 @@ class GroupSoftmaxHead(ClassifierHead):
         valid = ~ignored_queries(targets, batch, queries, logits.device)
         loss = self.g0_loss_value(self.foreground_log_odds(logits), labels < self.num_classes, valid, num_boxes)
         log_probs = self.group_log_probs(logits).flatten(0, -2)
-        for samples in self.sample_groups(labels.flatten(), valid.flatten()):
+        duplicate = self.duplicate_labels(targets, labels) if layer != "enc" else None
+        for samples in self.sample_groups(labels.flatten(), valid.flatten(),
+                                          None if duplicate is None else duplicate.flatten()):
             if samples is None:
                 continue  # no positive in the batch: the group gives no loss
             log_p = log_probs[samples.rows, samples.cols]
@@ -295,10 +346,13 @@ def instance_counts(categories: Any, num_classes: int, head: str) -> list[int]:
 
 
 def _common_options(cfg_head) -> dict[str, Any]:
-    # configs saved before ``others`` existed (checkpoints, study plans) drew "others" uniformly
-    return {"beta": float(cfg_head.beta), "others": str(cfg_head.get("others", "uniform")), "g0_loss": str(cfg_head.g0_loss), "g0_alpha": float(cfg_head.g0_alpha),
+    # configs saved before ``others`` / ``duplicates`` existed (checkpoints, study plans) drew "others"
+    # uniformly and treated every unmatched query as a candidate "others"
+    return {"beta": float(cfg_head.beta), "others": str(cfg_head.get("others", "uniform")),
+            "g0_loss": str(cfg_head.g0_loss), "g0_alpha": float(cfg_head.g0_alpha),
             "g0_gamma": float(cfg_head.g0_gamma), "eos_coef": float(cfg_head.eos_coef),
-            "prior_prob": float(cfg_head.prior_prob)}
+            "prior_prob": float(cfg_head.prior_prob), "duplicates": str(cfg_head.get("duplicates", "others")),
+            "duplicate_iou": float(cfg_head.get("duplicate_iou", 0.5))}
 
 
 class BAGSHead(GroupSoftmaxHead):

@@ -26,6 +26,9 @@ Optional capabilities, each declared here with a default body (a head overrides 
 
 * ``supports_ignore`` (False): the head honours ``targets[b]["ignore_queries"]`` (:func:`ignored_queries`),
   leaving queries matched to "ignore" boxes out of every loss term;
+* ``needs_query_overlaps`` (False): for the decoder layers the criterion adds ``targets[b]["query_gt"]``
+  (Q,) long, each query's best-overlapping GT box (-1 when the image has none), and
+  ``targets[b]["query_iou"]`` (Q,) its IoU (BAGS's duplicate rule: an unmatched query on an object);
 * ``loss_weights`` ({}): weights of the losses it returns besides ``loss_ce``;
 * ``class_logits(logits)``: (..., K) -> (..., C) per-class logits (what a softmax over classes reads);
 * ``class_weight_rows()`` / ``tau_normalize_(tau)``: the (C, D) class weight rows, and their
@@ -60,6 +63,7 @@ class ClassifierHead(nn.Module, metaclass=ABCMeta):
     num_classes: int
     num_outputs: int
     supports_ignore: bool = False
+    needs_query_overlaps: bool = False
 
     @classmethod
     @abstractmethod

@@ -12,7 +12,9 @@ Every indicator answers "how dominant is class i": a larger value means a strong
 
 Margins (Eq. 7): delta_ij = alpha * log(l_j / l_i) for a sample of class i and another class j; for the
 confusion matrix l_i = M_ji and l_j = M_ij, so delta_ij = alpha * log(M_ij / M_ji). A strong i gives a
-negative delta_ij (less suppression of the weaker j).
+negative delta_ij (less suppression of the weaker j). As in the public code (``FCBL.forward``), both values
+are clamped at ``eps`` = 1e-3 before the log, and a class never seen has a confusion row of zeros
+(``unseen_rows="zero"``; ``"uniform"``: 1 / C, stepwise's earlier choice).
 
 All dynamic statistics are kept every step (they are cheap), whichever indicator drives the margins: the
 FHM draws classes by 1 - M_ii, and switching the indicator between stages keeps a meaningful history.
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 INDICATORS = ("confusion", "image_freq", "instance_freq", "instance_count", "score", "tpr")
+UNSEEN_ROWS = ("zero", "uniform")
 
 
 def restore_tensors(owner: Any, state: dict[str, Any], names: Sequence[str], prefix: str, context: str) -> None:
@@ -63,17 +66,24 @@ class LongTermIndicators:
         image_counts, instance_counts: (C,) static training-set counts (None: unknown, zeros; the
             frequency indicators then refuse to run).
         momentum: gamma of the mean-classification-score EMA.
-        eps: floor on indicator values before the log ratio (bounds the margin at alpha * log(1 / eps)).
+        eps: floor on indicator values before the log ratio (bounds the margin at alpha * log(1 / eps)); the
+            public code's clamp is 1e-3.
+        unseen_rows: the confusion-matrix row of a class never seen: ``zero`` (the public code's
+            ``cm_numerator / num_gt.clamp(min=1)``) or ``uniform`` (1 / C).
     """
 
     _DYNAMIC = ("confusion_sum", "class_count", "tpr_hits", "score_ema")
     _STATIC = ("image_counts", "instance_counts")
 
     def __init__(self, num_classes: int, image_counts: Sequence[int] | None = None,
-                 instance_counts: Sequence[int] | None = None, momentum: float = 0.9, eps: float = 1e-6):
+                 instance_counts: Sequence[int] | None = None, momentum: float = 0.9, eps: float = 1e-3,
+                 unseen_rows: str = "zero"):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"score momentum must be in [0, 1), got {momentum}")
+        if unseen_rows not in UNSEEN_ROWS:
+            raise ValueError(f"unknown unseen_rows {unseen_rows!r}; choose one of {UNSEEN_ROWS}")
         self.num_classes, self.momentum, self.eps = num_classes, float(momentum), float(eps)
+        self.unseen_rows = unseen_rows
         self.image_counts = self._counts(image_counts, "image_counts")
         self.instance_counts = self._counts(instance_counts, "instance_counts")
         self.reset()
@@ -145,19 +155,24 @@ class LongTermIndicators:
     # ----------------------------------------------------------------------------------------- values
     def confusion(self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Soft confusion matrix M (C, C), or only M[rows] (N, C) / M[:, cols] (C, N); rows of classes never
-        seen are uniform (1 / C). Only the asked-for part is computed (C = 1203 on LVIS)."""
+        seen are 0 (``unseen_rows="zero"``) or uniform 1 / C. Only the asked-for part is computed (C = 1203 on
+        LVIS)."""
         sums, count = self.confusion_sum, self.class_count
         if rows is not None:
             sums, count = sums[rows], count[rows]
         if cols is not None:
             sums = sums[:, cols]
         count = count[:, None]
-        return torch.where(count > 0, sums / count.clamp_min(1.0), 1.0 / self.num_classes)
+        return torch.where(count > 0, sums / count.clamp_min(1.0), self._unseen_value)
+
+    @property
+    def _unseen_value(self) -> float:
+        return 0.0 if self.unseen_rows == "zero" else 1.0 / self.num_classes
 
     def accuracy(self) -> torch.Tensor:
-        """(C,) M_ii, the soft per-class accuracy (1 / C for classes never seen)."""
+        """(C,) M_ii, the soft per-class accuracy (0 or 1 / C for classes never seen, as ``unseen_rows``)."""
         count = self.class_count
-        return torch.where(count > 0, self.confusion_sum.diagonal() / count.clamp_min(1.0), 1.0 / self.num_classes)
+        return torch.where(count > 0, self.confusion_sum.diagonal() / count.clamp_min(1.0), self._unseen_value)
 
     def vector(self, name: str) -> torch.Tensor:
         """(C,) value of a one-dimensional indicator (larger = stronger class), before the eps floor."""

@@ -104,6 +104,11 @@ class MetricLearningHead(ClassifierHead):
         return self.head.supports_ignore
 
     @property
+    def needs_query_overlaps(self) -> bool:  # type: ignore[override]
+        """Whether the inner head reads ``query_gt`` / ``query_iou`` (the targets pass through to it)."""
+        return self.head.needs_query_overlaps
+
+    @property
     def num_outputs(self) -> int:  # type: ignore[override]
         return self.head.num_outputs + (self.num_classes if self.knn else 0)
 

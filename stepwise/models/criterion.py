@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 
 from stepwise.heads.base import ClassifierHead
 from stepwise.models.matcher import HungarianMatcher, Match, build_matcher
@@ -136,7 +136,10 @@ class SetCriterion(nn.Module):
         """
         losses = {}
         if "labels" in self.losses:
-            losses.update(self.head.loss(logits, matches, targets, num_boxes, features=features, layer=layer))
+            head_targets = targets
+            if getattr(self.head, "needs_query_overlaps", False) and layer != "enc":
+                head_targets = with_query_overlaps(boxes, targets)
+            losses.update(self.head.loss(logits, matches, head_targets, num_boxes, features=features, layer=layer))
         if "boxes" in self.losses:
             losses.update(self.box_losses(boxes, matches, targets, num_boxes))
         return losses
@@ -181,6 +184,25 @@ class SetCriterion(nn.Module):
             raise KeyError(f"losses {missing} have no weight in criterion.weight_dict (built for other "
                            f"num_layers/two_stage?); known: {sorted(self.weight_dict)}")
         return sum(losses[k] * self.weight_dict[k] for k in losses if k.startswith("loss_"))
+
+
+@torch.no_grad()
+def with_query_overlaps(boxes: torch.Tensor, targets: list[dict]) -> list[dict]:
+    """Copies of ``targets`` with, per query of the (B, Q, 4) cxcywh ``boxes``, its best-overlapping GT box:
+    ``query_gt`` (Q,) long index into the target's boxes (-1 without boxes) and ``query_iou`` (Q,) float
+    IoU with it (0 without boxes). For heads with ``needs_query_overlaps`` (BAGS's duplicate rule)."""
+    out = []
+    for b, target in enumerate(targets):
+        queries = boxes.shape[1]
+        gt = target["boxes"].to(boxes.device)
+        if len(gt):
+            iou = box_iou(box_convert(boxes[b].float(), "cxcywh", "xyxy"), box_convert(gt.float(), "cxcywh", "xyxy"))
+            best_iou, best_gt = iou.max(dim=1)
+        else:
+            best_iou = boxes.new_zeros(queries, dtype=torch.float32)
+            best_gt = torch.full((queries,), -1, dtype=torch.long, device=boxes.device)
+        out.append({**target, "query_gt": best_gt, "query_iou": best_iou})
+    return out
 
 
 def without_ignored(targets: list[dict]) -> list[dict]:

@@ -44,9 +44,13 @@ def ensure_data(cfg: Any, accelerator: Accelerator) -> None:
 
 def ensure_builtin_data(data: Any) -> None:
     """Generate ``data`` (a data config) under ``data.root`` when it is a built-in data set not made yet."""
+    negatives = data.get("negatives", "preset")  # configs saved before the key existed: the preset's
     if data.name == "synthetic":
-        ensure_synthetic(data.root, data.preset, int(data.synthetic_seed))
+        ensure_synthetic(data.root, data.preset, int(data.synthetic_seed), negatives=negatives)
     elif data.name == "emoji_lvis":
+        if negatives != "preset":
+            raise ValueError(f"data.negatives={negatives} is an option of data=synthetic; the emoji benchmark "
+                             f"sets its own negatives (its preset's neg_per_image): leave data.negatives=preset")
         from stepwise.data.emoji_lvis import ensure_emoji
 
         ensure_emoji(data.root, data.preset, int(data.synthetic_seed))
