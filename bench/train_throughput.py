@@ -300,7 +300,15 @@ def time_interleaved(spec: dict, impls: list[str]) -> dict[str, list[float]]:
     state = _load_state(spec)
     steps = {impl: make_trainer(impl, spec, state)[0] for impl in impls}
     del state
-    sync = (lambda: torch.cuda.synchronize(spec["device"])) if spec["device"].startswith("cuda") else (lambda: None)
+    return interleave(steps, spec)
+
+
+def interleave(steps: dict[str, Callable[[], float]], spec: dict) -> dict[str, list[float]]:
+    """``spec["warmup"]`` + ``spec["iters"]`` rounds of one step of each implementation, the order rotating every
+    round so a busy machine slows each alike; returns each one's measured seconds per step (warm-up left out)."""
+    device = spec["device"]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    impls = list(steps)
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     for i in range(spec["warmup"] + spec["iters"]):
         for impl in impls[i % len(impls):] + impls[:i % len(impls)]:
@@ -326,18 +334,11 @@ def time_and_memory_cuda(spec: dict, impls: list[str]) -> dict[str, dict]:
         memory = PeakMemory(spec["device"])
         for _ in range(MEMORY_STEPS):
             step()
-        results[impl] = {"peak": memory.peak(), "method": memory.method, "trainable": trainable, "times": []}
+        results[impl] = {"peak": memory.peak(), "method": memory.method, "trainable": trainable}
         steps[impl] = step
     del state
-    sync = lambda: torch.cuda.synchronize(spec["device"])  # noqa: E731
-    for i in range(spec["warmup"] + spec["iters"]):
-        for impl in impls[i % len(impls):] + impls[:i % len(impls)]:
-            sync()
-            start = time.perf_counter()
-            steps[impl]()
-            sync()
-            if i >= spec["warmup"]:
-                results[impl]["times"].append(time.perf_counter() - start)
+    for impl, times in interleave(steps, spec).items():
+        results[impl]["times"] = times
     return results
 
 
