@@ -943,7 +943,7 @@ def parse_jobs(value: str) -> int:
 
 def available_cpus() -> int:
     """CPUs this process may run on (the affinity mask where the system has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return len(cpu_threads.usable_cpus())
 
 
 def visible_gpus() -> list[str]:
