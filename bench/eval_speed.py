@@ -3,7 +3,7 @@
     python bench/eval_speed.py [--images 1000 5000] [--categories 300] [--dets 300] [--lvis-scale]
                                [--evaluators lvis hotcoco] [--mem-limit-gb 16] [--workdir DIR] [--seed 0]
 
-For each case, ``stepwise.evaluation.synthetic.write_eval_case`` writes an LVIS-format GT file
+For each case, ``stepwise.evaluation.random_cases.write_eval_case`` writes an LVIS-format GT file
 (long-tailed categories with frequency, instance counts and federated lists) and a results file
 (``--dets`` detections per image: noisy copies of GT plus random boxes, tied scores). Each evaluator then
 runs as its own process, exactly as a user runs it: ``python -m stepwise.evaluate gt=... predictions=...
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stepwise.evaluation.synthetic import write_eval_case
+from stepwise.evaluation.random_cases import write_eval_case
 
 LVIS_SCALE = (19809, 1203)
 # 1-24 GT boxes per image (~247k, LVIS v1 val has 244,707) with 40-vertex polygons: a 190 MB GT file like LVIS's

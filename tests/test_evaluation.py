@@ -15,7 +15,7 @@ from stepwise.evaluation import EvalReport, choose_evaluator, evaluate_lvis, ins
 from stepwise.evaluation.backends import empty_precision, run_hotcoco, run_lvis_api
 from stepwise.evaluation.detections import Detections
 from stepwise.evaluation.lvis_compat import LVISEval, LVISResults, lvis_from_dict
-from stepwise.evaluation.synthetic import make_eval_arrays, make_eval_case
+from stepwise.evaluation.random_cases import make_eval_arrays, make_eval_case
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4")
 
@@ -421,7 +421,7 @@ def test_bad_prediction_deep_in_a_file_is_named_by_its_index(tmp_path, monkeypat
 
 def test_gt_file_is_read_without_polygons_and_scores_as_the_dict(tmp_path):
     from stepwise.evaluation.gt_file import read_box_annotations
-    from stepwise.evaluation.synthetic import add_polygons
+    from stepwise.evaluation.random_cases import add_polygons
 
     gt, dets = make_eval_arrays(num_images=30, num_categories=10, dets_per_image=20, seed=6)
     add_polygons(gt, 12)

@@ -82,8 +82,25 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
         if not isinstance(data.get(key), list):
             raise ValueError(f"{src}: missing or non-list key '{key}'")
 
+    cat_ids = _check_categories(data["categories"], src)
+    img_ids = _check_images(data["images"], src)
+    _check_annotations(data["annotations"], img_ids, cat_ids, src)
+    degenerate = [
+        f"annotation {ann['id']} (image {ann['image_id']}, bbox {ann['bbox']})"
+        for ann in data["annotations"]
+        if not (ann["bbox"][2] > 0 and ann["bbox"][3] > 0)
+    ]
+    warnings = []
+    if degenerate:
+        warnings.append(f"{src}: {len(degenerate)} GT box(es) with width or height <= 0: {_examples(degenerate)}")
+        logger.warning(warnings[-1])
+    return data, src, warnings
+
+
+def _check_categories(categories: list, src: str) -> set:
+    """The category ids; raises on an entry without a unique id or an LVIS frequency."""
     cat_ids = set()
-    for k, cat in enumerate(data["categories"]):
+    for k, cat in enumerate(categories):
         if not isinstance(cat, dict):
             raise ValueError(f"{src}: category entry #{k} is not an object: {cat!r:.80}")
         if "id" not in cat:
@@ -96,8 +113,13 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
                 f"{cat.get('frequency')!r}; LVIS evaluation needs one of {FREQUENCIES}"
             )
         cat_ids.add(cat["id"])
+    return cat_ids
+
+
+def _check_images(images: list, src: str) -> set:
+    """The image ids; raises on an entry without a unique id or the federated lists."""
     img_ids = set()
-    for k, img in enumerate(data["images"]):
+    for k, img in enumerate(images):
         if not isinstance(img, dict):
             raise ValueError(f"{src}: image entry #{k} is not an object: {img!r:.80}")
         if "id" not in img:
@@ -108,9 +130,13 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
             if not isinstance(img.get(key), list):
                 raise ValueError(f"{src}: image {img['id']} has no list '{key}' (needed for LVIS's federated rules)")
         img_ids.add(img["id"])
+    return img_ids
 
+
+def _check_annotations(annotations: list, img_ids: set, cat_ids: set, src: str) -> None:
+    """Raises naming (a few of) the annotations with an unknown image or category or a malformed box."""
     bad = []
-    for k, ann in enumerate(data["annotations"]):
+    for k, ann in enumerate(annotations):
         if not isinstance(ann, dict):
             bad.append(f"annotation entry #{k} is not an object: {ann!r:.60}")
             continue
@@ -125,16 +151,6 @@ def load_gt(gt: PathOrDict) -> tuple[dict, str, list[str]]:
             bad.append(f"annotation {aid}: bbox {ann['bbox']!r} is not 4 finite numbers")
     if bad:
         raise ValueError(f"{src}: {len(bad)} invalid annotation(s): {_examples(bad)}")
-    degenerate = [
-        f"annotation {ann['id']} (image {ann['image_id']}, bbox {ann['bbox']})"
-        for ann in data["annotations"]
-        if not (ann["bbox"][2] > 0 and ann["bbox"][3] > 0)
-    ]
-    warnings = []
-    if degenerate:
-        warnings.append(f"{src}: {len(degenerate)} GT box(es) with width or height <= 0: {_examples(degenerate)}")
-        logger.warning(warnings[-1])
-    return data, src, warnings
 
 
 @dataclass

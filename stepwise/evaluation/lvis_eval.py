@@ -100,21 +100,19 @@ def evaluate_lvis(
     aps = per_class_ap(precision)
     cat_counts = [counts[c["id"]] for c in cats]
     metrics = {**summarize(precision, gt_dict), **bin_means(aps, cat_counts, INSTANCE_BIN_EDGES)}
-    rows = [
+    rows = _class_rows(cats, cat_counts, aps)
+    say("done")
+    meta = {"evaluator": name, "max_dets": max_dets, "bin_edges": list(INSTANCE_BIN_EDGES),
+            "instance_counts_from": counts_src, "gt": gt_src, "num_images": len(gt_dict["images"]),
+            "num_predictions": preds.num_input, "num_evaluated": len(preds.detections),
+            "num_degenerate_boxes": preds.num_degenerate}
+    return EvalReport(metrics=metrics, per_class=rows, meta=meta, warnings=gt_warnings + preds.warnings)
+
+
+def _class_rows(cats: list[dict], cat_counts: list[int], aps: list) -> list[ClassRow]:
+    """One report row per category (sorted by id): name, frequency, training instances, their bin and AP."""
+    return [
         ClassRow(id=c["id"], name=str(c.get("name", c["id"])), frequency=c["frequency"], train_instances=n,
                  bin=instance_bin(n, INSTANCE_BIN_EDGES), ap=ap)
         for c, n, ap in zip(cats, cat_counts, aps)
     ]
-    say("done")
-    meta = {
-        "evaluator": name,
-        "max_dets": max_dets,
-        "bin_edges": list(INSTANCE_BIN_EDGES),
-        "instance_counts_from": counts_src,
-        "gt": gt_src,
-        "num_images": len(gt_dict["images"]),
-        "num_predictions": preds.num_input,
-        "num_evaluated": len(preds.detections),
-        "num_degenerate_boxes": preds.num_degenerate,
-    }
-    return EvalReport(metrics=metrics, per_class=rows, meta=meta, warnings=gt_warnings + preds.warnings)

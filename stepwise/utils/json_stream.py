@@ -159,6 +159,30 @@ class JsonListReader:
         except UnicodeDecodeError as err:
             raise self._error(f"not UTF-8 ({err.reason})", file_offset + err.start) from None
 
+    def _opening(self, buf: bytes, eof: bool) -> int | None:
+        """How many bytes of ``buf`` (the file's start) come up to and including the list's ``[`` (after
+        whitespace and a byte-order mark); None while only whitespace has been read and more is coming."""
+        stripped = buf.lstrip(_WHITESPACE)
+        if not stripped and not eof:
+            return None
+        if stripped.startswith(b"\xef\xbb\xbf"):
+            stripped = stripped[3:].lstrip(_WHITESPACE)
+        if stripped[:1] != b"[":
+            found = "an empty file" if not stripped else f"{stripped[:1].decode('latin-1')!r} at the top level"
+            raise ValueError(f"{self.what} {self.path}: expected a JSON list, found {found}")
+        return len(buf) - len(stripped) + 1
+
+    def _unclosed(self, buf: bytes, buf_offset: int) -> ValueError:
+        """The error for a file that ends inside its list: the decoder names the first error (an unclosed list
+        at the latest)."""
+        try:
+            json.loads(b"[" + buf)
+        except json.JSONDecodeError as err:
+            return self._error(err.msg, buf_offset + max(err.pos - 1, 0))
+        except UnicodeDecodeError as err:
+            return self._error(f"not UTF-8 ({err.reason})", buf_offset + err.start)
+        return self._error("the file ends before its top-level list is closed", buf_offset + len(buf))
+
     def __iter__(self) -> Iterator[tuple[int, list]]:
         index = 0
         try:
@@ -175,15 +199,9 @@ class JsonListReader:
                     if self.on_bytes is not None and block:
                         self.on_bytes(len(block))
                 if not started:
-                    stripped = buf.lstrip(_WHITESPACE)
-                    if not stripped and not eof:
+                    skip = self._opening(buf, eof)
+                    if skip is None:
                         continue
-                    if stripped.startswith(b"\xef\xbb\xbf"):
-                        stripped = stripped[3:].lstrip(_WHITESPACE)
-                    if stripped[:1] != b"[":
-                        found = "an empty file" if not stripped else f"{stripped[:1].decode('latin-1')!r} at the top level"
-                        raise ValueError(f"{self.what} {self.path}: expected a JSON list, found {found}")
-                    skip = len(buf) - len(stripped) + 1
                     buf, buf_offset, started = buf[skip:], buf_offset + skip, True
                     if not buf.strip(_WHITESPACE) and not eof:
                         continue
@@ -209,14 +227,8 @@ class JsonListReader:
                     if index > 0 or piece.strip(_WHITESPACE):  # only "[]" may hold nothing before its ']'
                         yield index, self._decode(piece, buf_offset)
                     return
-                if eof:  # unclosed: let the decoder name the first error (an unclosed list at the latest)
-                    try:
-                        json.loads(b"[" + buf)
-                    except json.JSONDecodeError as err:
-                        raise self._error(err.msg, buf_offset + max(err.pos - 1, 0)) from None
-                    except UnicodeDecodeError as err:
-                        raise self._error(f"not UTF-8 ({err.reason})", buf_offset + err.start) from None
-                    raise self._error("the file ends before its top-level list is closed", buf_offset + len(buf))
+                if eof:
+                    raise self._unclosed(buf, buf_offset)
                 if comma >= 0:
                     items = self._decode(buf[:comma], buf_offset)
                     yield index, items
