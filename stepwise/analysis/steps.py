@@ -41,7 +41,7 @@ def draw_per_class(ax: Any, per_class: Mapping[str, list[dict]]) -> None:
             continue
         counts, aps = np.array(pts).T
         line = ax.plot(counts, aps, ".", alpha=0.35)[0]
-        window = max(3, len(aps) // 8)
+        window = min(len(aps), max(3, len(aps) // 8))  # fewer classes than 3: the mean of them all
         smooth = np.convolve(aps, np.ones(window) / window, mode="valid")
         ax.plot(counts[window // 2: window // 2 + len(smooth)], smooth, "-", color=line.get_color(), label=label)
     ax.set_xscale("log")
