@@ -225,11 +225,15 @@ def check_run_dir(cfg: DictConfig) -> None:
             f"another exp=")
 
 
-def clear_run_dir(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete what a training run wrote into ``run_dir`` (``overwrite=true``); returns what was deleted."""
+def clear_run_dir(run_dir: str | os.PathLike, names: Sequence[str] | None = None) -> list[Path]:
+    """Delete what a run wrote into ``run_dir`` (``overwrite=true``): ``names``, default the files a training
+    stage writes (:data:`stepwise.stages.registry.RUN_FILES`; each stage declares its own ``clears``);
+    returns what was deleted."""
+    from stepwise.stages.registry import RUN_FILES  # import-light: the declarations only
+
     run_dir = Path(run_dir)
     removed = []
-    for name in ("checkpoints", "checkpoint_final.pt", "metrics.jsonl", "eval"):
+    for name in RUN_FILES if names is None else names:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -239,6 +243,13 @@ def clear_run_dir(run_dir: str | os.PathLike) -> list[Path]:
             continue
         removed.append(path)
     return removed
+
+
+def _declared_clears(stage: str | None) -> Sequence[str] | None:
+    """What ``overwrite=true`` deletes for ``stage`` (its registry declaration; None: the default)."""
+    from stepwise.stages.registry import STAGES
+
+    return STAGES[stage].clears if stage in STAGES else None
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -265,7 +276,7 @@ def prepare_run_dir(cfg: DictConfig, is_main_process: bool = True) -> Path:
     check_run_dir(cfg)
     if is_main_process:
         if cfg.get("overwrite") and not cfg.get("resume") and cfg.stage.get("name") != "all":
-            for path in clear_run_dir(run_dir):
+            for path in clear_run_dir(run_dir, _declared_clears(cfg.stage.get("name"))):
                 print(f"stepwise: overwrite=true: deleted {path}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))

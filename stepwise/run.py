@@ -8,7 +8,8 @@ run's checkpoints without ``resume=true``/``overwrite=true`` are errors naming t
 anything is created), lets rank 0 take ownership of ``runs/<exp>/<stage>/`` (a lock held until the process
 ends: a second command on the same directory is refused in one line naming the owner's PID and host, exit
 code 2; :mod:`stepwise.utils.run_lock`), create it and save the resolved config while the other ranks wait,
-then runs ``stepwise.stages.<stage.name>.run(cfg)``.
+then runs ``stepwise.stages.<stage.name>.run(cfg)``
+(:func:`stepwise.stages.run_stage`, the one sequence ``stage=all`` and ``stepwise.study`` use too).
 
 A data or training error the stage raises (a missing file, a bad validation file, an empty training set, a
 model setting that cannot be built, a diverged run) is printed as one line, ``stepwise: <stage>: <message>``,
@@ -25,8 +26,8 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from stepwise.config import ConfigError, cli_config, prepare_run_dir
-from stepwise.stages import stage_module
+from stepwise.config import ConfigError, cli_config
+from stepwise.stages import run_stage, stage_module
 from stepwise.utils import run_lock
 
 
@@ -44,42 +45,33 @@ def data_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Compose the config from ``argv`` (default ``sys.argv[1:]``) and run its stage; returns its result."""
+    """Compose the config from ``argv`` (default ``sys.argv[1:]``) and run its stage
+    (:func:`stepwise.stages.run_stage`); returns its result."""
     cfg = cli_config(argv, validate=True)  # bad keys, values or an earlier run's checkpoints: exit 2, no directory
     try:
-        module = stage_module(cfg.stage.name)
+        stage_module(cfg.stage.name)
     except ConfigError as err:
         print(f"stepwise: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     state = PartialState(cpu=not torch.cuda.is_available())  # as make_accelerator: gloo group on CPUs
     try:
-        try:
-            prepare_run_dir(cfg, state.is_main_process)  # rank 0 owns the directory from here to the end
-        except run_lock.DirectoryBusy as err:
-            print(f"stepwise: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        state.wait_for_everyone()
-        try:
-            result = module.run(cfg)
-        except run_lock.DirectoryBusy as err:  # stage=all: a step's directory is another process's
-            print(f"stepwise: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except ConfigError as err:  # a setting found wrong once the stage reads it
-            if show_traceback():
-                raise
-            print(f"stepwise: {cfg.stage.name}: config error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except data_errors() as err:
-            if show_traceback():
-                raise
-            print(f"stepwise: {cfg.stage.name}: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
-        state.wait_for_everyone()  # no process tears the group down while another is still in a collective
-        return result
+        return run_stage(cfg, state)  # rank 0 owns the run directory from here to the end
+    except run_lock.DirectoryBusy as err:  # this directory, or (stage=all) a step's, is another process's
+        print(f"stepwise: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ConfigError as err:  # a setting found wrong once the stage reads it
+        if show_traceback():
+            raise
+        print(f"stepwise: {cfg.stage.name}: config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except data_errors() as err:
+        if show_traceback():
+            raise
+        print(f"stepwise: {cfg.stage.name}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         state.destroy_process_group()
         run_lock.release_all()
-
 
 if __name__ == "__main__":
     main()

@@ -39,9 +39,10 @@ def test_make_synthetic_refuses_plus_keys(tmp_path, capsys):
 def test_stage_all_declares_its_steps_once():
     from stepwise.config import load_config
     from stepwise.stages import TRAINING_OUTPUTS, stage_outputs
-    from stepwise.stages.all import TRAINING_STEPS
+    from stepwise.stages.registry import training_stages
 
     cfg = load_config(["stage=all"])
+    TRAINING_STEPS = training_stages()
     assert TRAINING_STEPS == tuple(s for s in cfg.stage.steps if "epochs" in cfg.stage[s])
     assert stage_outputs("select") == ("d_head.json", "d_tail.json")
     assert all(stage_outputs(s) == TRAINING_OUTPUTS for s in TRAINING_STEPS)

@@ -151,11 +151,12 @@ def test_a_second_study_on_one_directory_is_refused_in_one_line(tmp_path, capsys
 
 def test_the_study_never_starts_a_run_another_process_holds(tmp_path, monkeypatch):
     import stepwise.study as study_mod
+    import stepwise.study.pool as study_pool
     from stepwise.study import collect, plan_text, run_plan, run_plan_jobs
 
     path, args, plan = tiny_plan(tmp_path)
     run = plan[0].runs["pretrain"]
-    monkeypatch.setattr(study_mod, "ensure_plan_data", lambda plan: None)
+    monkeypatch.setattr(study_pool, "ensure_plan_data", lambda plan: None)
 
     class State:
         is_main_process, num_processes = True, 1

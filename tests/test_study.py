@@ -166,7 +166,7 @@ def test_study_end_to_end_shares_skips_resumes_and_reports(tmp_path):
 
 
 def test_mean_std_is_the_sample_std():
-    from stepwise.analysis.study import mean_std, summarize
+    from stepwise.study.tables import mean_std, summarize
 
     mean, std, n = mean_std([0.1, 0.2, 0.4, None])
     assert n == 3 and mean == pytest.approx(0.7 / 3)
@@ -333,7 +333,7 @@ def test_seed_reaches_model_init_and_sampler():
 
 
 def test_a_failed_run_skips_only_the_rows_that_depend_on_it(tmp_path, monkeypatch):
-    import stepwise.study as study_mod
+    import stepwise.study.execute as study_mod
     from stepwise.study import build_plan, collect, load_study, run_plan
 
     path = tmp_path / "s.yaml"
@@ -398,7 +398,7 @@ def test_an_interrupted_step_still_adds_its_wall_time(tmp_path, monkeypatch):
 
 
 def test_eval_curve_reads_every_evaluation_and_keeps_the_last_of_a_repeated_one(tmp_path):
-    from stepwise.analysis.study import curve_table
+    from stepwise.study.tables import curve_table
     from stepwise.study import eval_curve
 
     records = [{"type": "start", "epoch": 0, "step_in_epoch": 0},
@@ -452,7 +452,7 @@ def test_pool_keeps_runs_in_another_studys_shared_dir(tmp_path):
 
 
 def test_paired_differences_are_per_seed_differences():
-    from stepwise.analysis.study import paired_differences, paired_table, summarize
+    from stepwise.study.tables import paired_differences, paired_table, summarize
 
     results = {"baseline": {"per_seed": {"0": {"AP": 0.50, "APr": 0.30}, "1": {"AP": 0.60, "APr": 0.40},
                                          "2": {"AP": 0.70, "APr": 0.50}}},
@@ -473,7 +473,7 @@ def test_paired_differences_are_per_seed_differences():
 def test_study_plot_middle_panel_shows_the_paired_differences(tmp_path, monkeypatch):
     """study.png's middle panel: per variant, bars at the mean same-seed difference to the reference and a dot
     per seed; no such panel without a reference."""
-    import stepwise.analysis.study as report
+    import stepwise.study.tables as report
 
     results = {"baseline": {"per_seed": {"0": {"AP": 0.50, "APr": 0.30}, "1": {"AP": 0.60, "APr": 0.40}}},
                "method": {"per_seed": {"0": {"AP": 0.52, "APr": 0.35}, "1": {"AP": 0.63, "APr": 0.44}}}}
@@ -542,7 +542,7 @@ def _four_variant_plan(tmp_path):
 
 
 def test_jobs_start_runs_when_their_inputs_finish_and_skip_what_follows_a_failure(tmp_path, monkeypatch):
-    import stepwise.study as study_mod
+    import stepwise.study.pool as study_mod
     from stepwise.study import Job, run_plan_jobs
 
     plan = _four_variant_plan(tmp_path)
@@ -576,7 +576,7 @@ def test_jobs_start_runs_when_their_inputs_finish_and_skip_what_follows_a_failur
 def test_jobs_are_stopped_when_the_study_is_interrupted(tmp_path, monkeypatch):
     import signal
 
-    import stepwise.study as study_mod
+    import stepwise.study.pool as study_mod
     from stepwise.study import Job, run_plan_jobs
 
     plan = _four_variant_plan(tmp_path)

@@ -81,7 +81,7 @@ def test_a_bad_result_record_is_named_with_its_field_in_one_line_and_exit_2(stud
 
 def test_another_variants_bad_record_is_an_error_not_a_missing_record(study):
     from stepwise.study import load_result
-    from stepwise.study_records import RecordError
+    from stepwise.study.records import RecordError
 
     other = study.plan[1].dir / "result.json"  # b's record, which a's lookup reads too (same seed directory)
     other.parent.mkdir(parents=True)
@@ -92,7 +92,7 @@ def test_another_variants_bad_record_is_an_error_not_a_missing_record(study):
 
 def test_the_written_record_has_the_schema_read_back(study, tmp_path):
     from stepwise.study import record_result
-    from stepwise.study_records import RecordError, read_result
+    from stepwise.study.records import RecordError, read_result
 
     vr = study.plan[0]
     run = vr.runs["pretrain"].dir
@@ -123,14 +123,14 @@ def test_the_written_record_has_the_schema_read_back(study, tmp_path):
 
 
 def test_the_shipped_records_fit_the_schema():
-    from stepwise.study_records import read_result
+    from stepwise.study.records import read_result
 
     records = sorted((Path(__file__).resolve().parents[1] / "docs" / "figures" / "study" / "records").rglob("result.json"))
     assert records and all(read_result(path)["runs"] for path in records)
 
 
 def test_summarize_names_a_value_that_is_not_a_number():
-    from stepwise.analysis.study import summarize
+    from stepwise.study.tables import summarize
 
     with pytest.raises(ValueError, match=r"variant 'a', seed 1: AP is '0.5', not a number"):
         summarize({"a": {"per_seed": {"0": {"AP": 0.4}, "1": {"AP": "0.5"}}}})
@@ -240,7 +240,7 @@ def test_training_stops_naming_the_overflowed_norm(tmp_path, clip):
 
 
 def test_jobs_above_the_usable_cpus_warn_once(study, monkeypatch, capsys):
-    import stepwise.study as study_mod
+    import stepwise.study.command as study_mod
 
     monkeypatch.setattr(study_mod, "available_cpus", lambda: 2)
     monkeypatch.setattr(study_mod, "run_plan_jobs", lambda plan, state, jobs, threads, devices: {})

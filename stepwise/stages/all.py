@@ -1,11 +1,12 @@
 """``stage=all``: pretrain -> select -> finetune -> distill in one command, each step evaluated, then the step
 table (``runs/<exp>/all/steps.md``, ``steps.json``) and the AP-by-frequency plot (``ap_by_frequency.png``).
 
-The steps are declared once, in ``configs/stage/all.yaml`` (``steps`` and a ``<step>@<step>`` default each).
+The steps are the stages of :mod:`stepwise.stages.registry`; ``configs/stage/all.yaml`` holds a
+``<step>@<step>`` default for each and the ``steps`` it runs (``stage.steps=[pretrain,select]`` runs fewer).
 Each step gets the current config with ``stage`` set to its own node ``stage.<step>`` (composed from
-``configs/stage/<step>.yaml``; override e.g. ``stage.finetune.epochs=2``); a node with ``epochs`` is a
-training step. A step whose outputs exist is skipped (:func:`stepwise.stages.stage_outputs`: training steps
-``checkpoint_final.pt`` and ``eval/metrics.json``; select: both replay sets); a training step that was
+``configs/stage/<step>.yaml``; override e.g. ``stage.finetune.epochs=2``) and runs through
+:func:`stepwise.stages.run_stage`. A step whose outputs exist is skipped (the registry's ``outputs``: training
+steps ``checkpoint_final.pt`` and ``eval/metrics.json``; select: both replay sets); a training step that was
 interrupted resumes from its last checkpoint (one without a step checkpoint to resume from starts again:
 ``overwrite`` is set for it). Root ``init_from``/``checkpoint`` apply to pretrain only: the later steps read
 the earlier steps' directories.
@@ -22,13 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stepwise.analysis.steps import plot_ap_by_frequency, read_per_class, step_table
 from stepwise.checkpoint import find_latest
-from stepwise.config import ConfigError, prepare_run_dir
-from stepwise.stages import stage_module, stage_outputs
+from stepwise.config import ConfigError
+from stepwise.stages import run_stage, stage_spec
 from stepwise.utils.io import atomic_write_json, atomic_write_text
-
-# The training steps of configs/stage/all.yaml, for stepwise.study's plan (tests/test_cli.py checks that
-# they are the nodes with ``epochs``); stage=all itself reads the kind from each step's node.
-TRAINING_STEPS = ("pretrain", "finetune", "distill")
 
 
 def set_resume(cfg: DictConfig, overwrite: bool = False) -> None:
@@ -55,8 +52,24 @@ def step_config(cfg: DictConfig, step: str) -> DictConfig:
 
 
 def step_done(sub: DictConfig) -> bool:
-    """True when the step's outputs (:func:`stepwise.stages.stage_outputs`) exist."""
-    return all((Path(sub.run_dir) / name).is_file() for name in stage_outputs(sub.stage.name))
+    """True when the step's outputs (the registry's ``outputs`` of ``sub.stage.name``) exist."""
+    return stage_spec(sub.stage.name).done(sub.run_dir)
+
+
+def write_step_table(cfg: DictConfig, results: dict[str, Any]) -> None:
+    """``steps.md``, ``steps.json`` and ``ap_by_frequency.png`` in ``cfg.run_dir`` (rank 0)."""
+    out = Path(cfg.run_dir)
+    table = step_table(results)
+    print("\nstepwise: step-wise learning, box AP (%) on val after each step\n" + table)
+    atomic_write_text(out / "steps.md", table)
+    atomic_write_json(out / "steps.json", {s: {k: v for k, v in m.items() if k != "meta"}
+                                             for s, m in results.items()}, indent=1)
+    per_class = {}
+    for step in results:
+        path = Path(step_config(cfg, step).run_dir) / "eval" / "per_class.csv"
+        if path.is_file():
+            per_class[step] = read_per_class(path)
+    print(f"stepwise: plot {plot_ap_by_frequency(results, per_class, out / 'ap_by_frequency.png')}")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -74,25 +87,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             state.print(f"stepwise: step {step}: outputs in {sub.run_dir} exist, skipping")
         else:
             state.print(f"stepwise: step {step} -> {sub.run_dir}")
-            prepare_run_dir(sub, state.is_main_process)
-            state.wait_for_everyone()
-            stage_module(step).run(sub)
-            state.wait_for_everyone()
-        if "epochs" in sub.stage:
+            run_stage(sub, state)
+        if stage_spec(sub.stage.name).trains:
             with open(Path(sub.run_dir) / "eval" / "metrics.json") as f:
                 results[step] = json.load(f)
-    out = Path(cfg.run_dir)
     if state.is_main_process and results:
-        table = step_table(results)
-        print("\nstepwise: step-wise learning, box AP (%) on val after each step\n" + table)
-        atomic_write_text(out / "steps.md", table)
-        atomic_write_json(out / "steps.json", {s: {k: v for k, v in m.items() if k != "meta"}
-                                                 for s, m in results.items()}, indent=1)
-        per_class = {}
-        for step in results:
-            path = Path(step_config(cfg, step).run_dir) / "eval" / "per_class.csv"
-            if path.is_file():
-                per_class[step] = read_per_class(path)
-        print(f"stepwise: plot {plot_ap_by_frequency(results, per_class, out / 'ap_by_frequency.png')}")
+        write_step_table(cfg, results)
     state.wait_for_everyone()
     return results

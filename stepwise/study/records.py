@@ -1,7 +1,9 @@
-"""The files a study reads back, each checked against one schema when read (``msgspec`` structs).
+"""The files a study reads back, each checked against one schema when read (``msgspec`` structs), and the
+functions that write and find them.
 
-* ``<variant dir>/result.json`` — a finished variant's record (:class:`ResultRecord`, written by
-  :func:`stepwise.study.record_result` and checked against the same schema before it is written);
+* ``<variant dir>/result.json`` — a finished variant's record (:func:`result_schema`: ``ResultRecord``
+  with a value per registered stage; written by :func:`record_result` and checked against the same schema
+  before it is written, found by :func:`load_result`);
 * ``<run dir>/eval/metrics.json`` — an evaluation's metrics (:class:`Metrics`: the report's columns are
   numbers or null; other keys, ``meta`` and ``warnings``, are kept as they are);
 * ``<run dir>/wall_time.json`` — the study's sessions in a run (:class:`WallTime`);
@@ -16,15 +18,25 @@ shape the report code uses.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Generic, Iterator, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional, Union
 
 import msgspec
 
-T = TypeVar("T")
+from stepwise.stages import registry
+from stepwise.utils import cpu_threads
+from stepwise.utils.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from stepwise.study.plan import VariantRun
+
+WALL_TIME_NAME = "wall_time.json"
+RESULT_NAME = "result.json"  # a finished variant's record in its directory: all the report reads of its runs
+
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Value = Optional[float]  # a metric: a fraction (an int is accepted), or null where nothing was evaluated
@@ -48,15 +60,6 @@ class Metrics(msgspec.Struct):
     AP4: Value = None
 
 
-class PerStep(msgspec.Struct, Generic[T], forbid_unknown_fields=True):
-    """A value per step of a variant (every key optional, no other key)."""
-
-    pretrain: Union[T, msgspec.UnsetType] = msgspec.UNSET
-    select: Union[T, msgspec.UnsetType] = msgspec.UNSET
-    finetune: Union[T, msgspec.UnsetType] = msgspec.UNSET
-    distill: Union[T, msgspec.UnsetType] = msgspec.UNSET
-
-
 class CurvePoint(msgspec.Struct):
     """One evaluation of a training step: epochs trained when it ran, and its metrics."""
 
@@ -72,17 +75,22 @@ class ClassRow(msgspec.Struct):
     ap: Value
 
 
-class ResultRecord(msgspec.Struct):
-    """``result.json``: everything the report reads of a finished variant on one seed."""
+def _per_step(name: str, value: Any, steps: tuple[str, ...]) -> type:
+    """A value per step of a variant: every key optional, no key that is not a stage."""
+    return msgspec.defstruct(name, [(step, Union[value, msgspec.UnsetType], msgspec.UNSET) for step in steps],
+                             forbid_unknown_fields=True)
 
-    variant: str
-    seed: Count
-    runs: PerStep[str]
-    metrics: Metrics
-    per_class: Optional[list[ClassRow]]
-    wall_seconds: PerStep[Optional[Seconds]]
-    optimizer_steps: PerStep[Optional[Count]]
-    curves: PerStep[list[CurvePoint]]
+
+@functools.lru_cache(maxsize=8)
+def result_schema(steps: tuple[str, ...] | None = None) -> type:
+    """``result.json``: everything the report reads of a finished variant on one seed, with a value per step
+    of ``steps`` (default: the registered stages, :mod:`stepwise.stages.registry`)."""
+    steps = registry.stage_names() if steps is None else steps
+    return msgspec.defstruct("ResultRecord", [
+        ("variant", str), ("seed", Count), ("runs", _per_step("Runs", str, steps)), ("metrics", Metrics),
+        ("per_class", Optional[list[ClassRow]]), ("wall_seconds", _per_step("WallSeconds", Optional[Seconds], steps)),
+        ("optimizer_steps", _per_step("OptimizerSteps", Optional[Count], steps)),
+        ("curves", _per_step("Curves", list[CurvePoint], steps))])
 
 
 class WallTime(msgspec.Struct):
@@ -149,13 +157,13 @@ RESULT_HINT = "; fix it, or delete it to re-run the variant"
 
 
 def read_result(path: str | Path) -> dict[str, Any]:
-    """A variant's ``result.json`` (:class:`ResultRecord`)."""
-    return load(path, ResultRecord, "study result record", RESULT_HINT)
+    """A variant's ``result.json`` (:func:`result_schema`)."""
+    return load(path, result_schema(registry.stage_names()), "study result record", RESULT_HINT)
 
 
 def check_result(record: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """``record`` when it fits :class:`ResultRecord` (checked before it is written to ``path``)."""
-    return check(record, ResultRecord, path, "study result record")
+    """``record`` when it fits :func:`result_schema` (checked before it is written to ``path``)."""
+    return check(record, result_schema(registry.stage_names()), path, "study result record")
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:
@@ -191,3 +199,104 @@ def read_log(path: str | Path) -> Iterator[dict[str, Any]]:
         if record.get("type") == "eval":
             check(record, EvalLine, path, f"training log: line {number} (an evaluation)")
         yield record
+
+
+def wall_seconds(run_dir: Path) -> float | None:
+    """Seconds the study spent running this step (``wall_time.json``, summed over resumed sessions)."""
+    path = run_dir / WALL_TIME_NAME
+    return float(read_wall_time(path)["seconds"]) if path.is_file() else None
+
+
+def run_threads(run_dir: Path) -> list[int]:
+    """The CPU thread counts this step has run with (``wall_time.json``; one entry per distinct count)."""
+    path = run_dir / WALL_TIME_NAME
+    return list(read_wall_time(path).get("threads", [])) if path.is_file() else []
+
+
+def add_session(run_dir: Path, seconds: float) -> None:
+    """Add one session's wall time and torch's CPU thread count to ``<run dir>/wall_time.json``. The thread
+    count is kept because it changes float summation order: the same seed and config are bit-for-bit
+    reproducible on one machine only at the same count (docs/study.md); a session whose count followed the
+    machine's load (stepwise/utils/cpu_threads.py) adds every count it used."""
+    atomic_write_json(run_dir / WALL_TIME_NAME,
+                      {"seconds": (wall_seconds(run_dir) or 0.0) + seconds,
+                       "threads": sorted({*run_threads(run_dir), *cpu_threads.used_counts()})})
+
+
+def run_keys(vr: VariantRun) -> dict[str, str]:
+    """``{step: run identity}`` of a variant on one seed."""
+    return {step: run.key for step, run in vr.runs.items()}
+
+
+def record_result(vr: VariantRun) -> dict[str, Any]:
+    """Write ``<variant dir>/result.json`` from the variant's finished run directories and return it: the
+    final step's ``eval/metrics.json`` and per-class rows, and per step its identity, wall time, optimizer
+    steps and evaluation curve."""
+    from stepwise.analysis.steps import read_per_class
+
+    final = vr.runs[vr.variant.final_step]
+    table = final.dir / "eval" / "per_class.csv"
+    record = {
+        "variant": vr.variant.name, "seed": vr.seed, "runs": run_keys(vr),
+        "metrics": read_metrics(final.dir / "eval" / "metrics.json"),
+        "per_class": read_per_class(table) if table.is_file() else None,
+        "wall_seconds": {s: wall_seconds(r.dir) for s, r in vr.runs.items()},
+        "optimizer_steps": {s: optimizer_steps(r.dir) for s, r in vr.runs.items() if registry.get(s).trains},
+        "curves": {s: eval_curve(r.dir) for s, r in vr.runs.items() if registry.get(s).trains}}
+    vr.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(vr.dir / RESULT_NAME, check_result(record, vr.dir / RESULT_NAME), indent=1)
+    return record
+
+
+def load_result(vr: VariantRun) -> dict[str, Any] | None:
+    """The record of the runs the plan has now (same identities): the variant's own ``result.json``, else one
+    of another variant in the seed directory that holds the runs (this study's, or its ``pool``'s: the heads
+    study finds study=stepwise's ``baseline`` record for its ``sigmoid`` row). None if there is none (not yet,
+    or only records of other configs: the runs are planned again).
+
+    Every record looked at is checked (:func:`stepwise.study_records.read_result`): one that is not valid JSON
+    or does not fit the schema (``{}`` included) raises RecordError naming the file and the field, never
+    counts as missing."""
+    keys = run_keys(vr)
+    seed_dir = next(iter(vr.runs.values())).dir.parents[1]  # <study or pool>/seed<k>
+    for path in (vr.dir / RESULT_NAME, *sorted(seed_dir.glob(f"*/{RESULT_NAME}"))):
+        if not path.is_file():
+            continue
+        record = read_result(path)
+        if record["runs"] == keys:
+            return record
+    return None
+
+
+def variant_result(vr: VariantRun) -> dict[str, Any] | None:
+    """The variant's record: ``result.json``, else written now from its finished runs; None if unfinished."""
+    record = load_result(vr)
+    final = vr.runs[vr.variant.final_step]
+    if record is None and registry.get(final.step).done(final.dir):
+        record = record_result(vr)
+    return record
+
+
+def optimizer_steps(run_dir: Path) -> int | None:
+    """The global step of the last record of ``metrics.jsonl`` (the optimizer steps the run trained)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for last in read_log(path):  # noqa: B007 - the last record is the one wanted
+        pass
+    return None if last is None else last.get("global_step")
+
+
+def eval_curve(run_dir: Path) -> list[dict[str, Any]]:
+    """The evaluations a training run logged in ``metrics.jsonl``, in order: ``{"epoch", "metrics"}`` per
+    evaluation (``epoch`` = epochs trained when it ran; the final one included)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    curve: dict[int, dict[str, Any]] = {}
+    for record in read_log(path):
+        if record.get("type") == "eval":  # a resumed run may repeat an evaluation: the last one counts
+            epochs = int(record["epoch"]) + (1 if record.get("step_in_epoch") else 0)
+            curve[epochs] = {"epoch": epochs, "metrics": record["metrics"]}
+    return [curve[k] for k in sorted(curve)]

@@ -1,0 +1,5 @@
+"""``python -m stepwise.study ...``: :func:`stepwise.study.command.main`."""
+
+from stepwise.study.command import main
+
+main()
