@@ -1,7 +1,7 @@
 """Entry: ``python -m stepwise.check [data=...] [data.root=...] [decode=true] [workers=N] [key=value ...]``.
 
-Checks a data set before anyone trains on it, as a stage's preflight does (:func:`stepwise.stages.common.
-preflight`), and prints one report listing every problem: the train and val annotation files (schema,
+Checks a data set before anyone trains on it, as a stage's preflight does (:func:`stepwise.stages.parts.
+preflight.preflight`), and prints one report listing every problem: the train and val annotation files (schema,
 as the dataset and the LVIS evaluator load them) and every image they reference (exists, header readable,
 size as annotated; ``decode=true`` decodes each fully, which also finds truncated files). Threads read the
 images (``workers``, default 4 per CPU, at most 32) with a progress bar.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from stepwise.cli import parse_bool, parse_int
 from stepwise.config import ConfigError, load_config
 from stepwise.data.loaders import build_dataset
-from stepwise.stages.common import preflight_report
+from stepwise.stages.parts.preflight import preflight_report
 
 USAGE = ("usage: python -m stepwise.check [data=<synthetic|lvis_v1|lvis_v0_5|coco>] [data.root=DIR] "
          "[decode=true|false] [workers=N] [other config overrides]")

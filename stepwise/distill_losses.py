@@ -1,4 +1,5 @@
-"""The step-wise method's knowledge transfer from the head-class expert (teacher) to the unified model.
+"""The step-wise method's knowledge transfer losses from the head-class expert (teacher) to the unified model
+(the losses; the stage that trains with them is :mod:`stepwise.stages.distill`).
 
 * :func:`head_box_masks` + :func:`masked_feature_loss` — L_fm_dis (Eq. 2): squared error between the
   student's and the teacher's ``input_proj`` outputs, summed over channels, only inside head-class

@@ -119,50 +119,67 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path | None = None, g
         knn) those of the first.
     """
     # Here, not at the top: the predictions= mode runs without loading torch, the model or hydra.
-    from stepwise.data.loaders import build_dataset, build_eval_loader
-    from stepwise.engine import TrainSettings, append_jsonl, evaluate, make_accelerator
-    from stepwise.stages.common import detection_predictor, ensure_data, lvis_evaluator
+    from stepwise.predictor import Predictor, lvis_evaluator
     from stepwise.trained import load_trained_model, run_dir_of
 
     given = {"gt": gt, "image_root": image_root, "train_gt": train_gt}
     data_overrides = [f"{_DATA_KEYS[k]}={v}" for k, v in given.items() if v is not None]
     trained = load_trained_model(checkpoint, [*overrides, *data_overrides])
-    cfg = trained.config
     out = Path(out) if out is not None else run_dir_of(trained.path) / "evaluate" / trained.path.stem
+    accelerator, loader, train_ann = _prepare_evaluation(trained, out, ensure=gt is None,
+                                                         given_train=train_gt is not None)
+    evaluate_fn = lvis_evaluator(trained.config.data.val_ann, train_ann, max_dets=max_dets)
+    predictor = Predictor.from_trained(trained, max_dets=max_dets)
+    table = {}
+    for name, model in model_variants(trained.model, taus=taus, knn=knn):
+        tag = f"checkpoint:{name or trained.path.name}"
+        table[name] = _evaluate_variant(accelerator, predictor.variant(model), model, loader, evaluate_fn,
+                                        out / name if name else out, tag, trained.global_step)
+    if accelerator.is_main_process and any(table):
+        print(variant_table(table, out), end="")
+    accelerator.wait_for_everyone()  # no process leaves while another is still in a collective (gloo aborts)
+    return next((metrics for metrics in table.values() if metrics is not None), None)
+
+
+def _prepare_evaluation(trained: Any, out: Path, ensure: bool, given_train: bool) -> tuple[Any, Any, str | None]:
+    """The accelerator (``out`` held by this evaluation), the val loader of the checkpoint's config and the
+    training file for AP1..AP4 (``data.train_ann`` when given or present, else None: the val file's counts)."""
+    from stepwise.data.loaders import build_dataset, build_eval_loader
+    from stepwise.engine import TrainSettings, make_accelerator
+    from stepwise.stages.parts.data import ensure_data
+
+    cfg = trained.config
     # Inference only: no trackers; no resume; the model's own precision setting is kept.
     settings = replace(TrainSettings.from_config(cfg), trackers=(), resume=False)
     accelerator = make_accelerator(settings, out)
     run_lock.hold_on_rank0(out, accelerator.is_main_process, what="evaluation directory",
                            hint="wait for that evaluation to end, or write elsewhere with out=")
-    if gt is None:
+    if ensure:
         ensure_data(cfg, accelerator)
     val_ds = build_dataset(cfg.data, "val", categories=trained.categories)
     # .get: the saved config of a stage without these keys evaluates everything, data.batch_size at a time
     loader = build_eval_loader(val_ds, cfg.data, cfg.stage.get("eval_batch_size"), cfg.stage.get("max_eval_images"))
-    train_ann = cfg.data.train_ann if train_gt is not None or Path(cfg.data.train_ann).is_file() else None
+    train_ann = cfg.data.train_ann if given_train or Path(cfg.data.train_ann).is_file() else None
     accelerator.print(f"stepwise: evaluating {trained.path} (step {trained.global_step}) on {cfg.data.val_ann} "
                       f"({len(loader.dataset)} images, {accelerator.num_processes} process(es)); training counts "
                       f"for AP1..AP4 from {train_ann or 'the val file categories'}")
-    evaluate_fn = lvis_evaluator(cfg.data.val_ann, train_ann, max_dets=max_dets)
+    return accelerator, loader, train_ann
 
-    first, table = None, {}
-    for name, model in model_variants(trained.model, taus=taus, knn=knn):
-        target = out / name if name else out
-        # on the device, under the run's mixed precision, as the training-time evaluation ran it
-        model = accelerator.prepare_model(model, evaluation_mode=True)
-        predict = detection_predictor(model, trained.categories, num_top=max_dets)
-        result = evaluate(accelerator, model, loader, predict, evaluate_fn, target)
-        if accelerator.is_main_process:
-            append_jsonl(target / "metrics.jsonl", {"type": "eval", "tag": f"checkpoint:{name or trained.path.name}",
-                                                    "global_step": trained.global_step,
-                                                    "num_images": result.num_images, "metrics": result.metrics})
-            print(f"wrote {target / 'predictions.json'}, {target / 'metrics.json'} and {target / 'per_class.csv'}")
-        first = result.metrics if first is None else first
-        table[name] = result.metrics
-    if accelerator.is_main_process and any(table):
-        print(variant_table(table, out), end="")
-    accelerator.wait_for_everyone()  # no process leaves while another is still in a collective (gloo aborts)
-    return first
+
+def _evaluate_variant(accelerator: Any, predictor: Any, model: nn.Module, loader: Any, evaluate_fn: Any,
+                      target: Path, tag: str, global_step: int | None) -> dict[str, Any] | None:
+    """Predict with ``predictor`` (around ``model``) and score into ``target``; the metrics (and a
+    ``metrics.jsonl`` line tagged ``tag``)."""
+    from stepwise.engine import append_jsonl, evaluate
+
+    # on the device, under the run's mixed precision, as the training-time evaluation ran it
+    prepared = accelerator.prepare_model(model, evaluation_mode=True)
+    result = evaluate(accelerator, prepared, loader, predictor.predict_batch, evaluate_fn, target)
+    if accelerator.is_main_process:
+        append_jsonl(target / "metrics.jsonl", {"type": "eval", "tag": tag, "global_step": global_step,
+                                                "num_images": result.num_images, "metrics": result.metrics})
+        print(f"wrote {target / 'predictions.json'}, {target / 'metrics.json'} and {target / 'per_class.csv'}")
+    return result.metrics
 
 
 def model_variants(model: nn.Module, taus: Sequence[float] = (),

@@ -18,7 +18,7 @@ from torch import nn
 from stepwise.checkpoint import CheckpointError, load_checkpoint, load_model_weights, resolve_checkpoint
 from stepwise.config import ConfigError
 from stepwise.data.categories import CategoryMap
-from stepwise.models import build_detector
+from stepwise.models import Detector, build_detector
 
 
 @dataclass
@@ -29,15 +29,21 @@ class TrainedModel:
         path: the checkpoint file that was read.
         config: its saved resolved config with the overrides applied (struct mode).
         categories: the category map the model was trained with (contiguous index -> id, name, ...).
-        model: the detector in eval mode on the requested device.
+        detector: the network in eval mode on the requested device with its post-processing
+            (:class:`stepwise.models.Detector`; no criterion: inference only).
         global_step: the optimizer step the checkpoint was written at (None when not recorded).
     """
 
     path: Path
     config: DictConfig
     categories: CategoryMap
-    model: nn.Module
+    detector: Detector
     global_step: int | None
+
+    @property
+    def model(self) -> nn.Module:
+        """The network (``detector.model``)."""
+        return self.detector.model
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:
@@ -97,7 +103,8 @@ def load_trained_model(checkpoint: str | Path, overrides: Sequence[str] = (),
     model_cfg = cfg.model.copy()
     with open_dict(model_cfg):
         model_cfg.backbone_weights = None  # the checkpoint holds the backbone; don't fetch pretrained weights
-    model = build_detector(model_cfg, cfg.head, categories)
+    detector = build_detector(model_cfg, cfg.head, categories)  # inference: no criterion
+    model = detector.model
     report = load_model_weights(model, state)
     if report.missing or report.mismatched:
         raise CheckpointError(f"checkpoint {path} does not fit the model its config describes "
@@ -108,5 +115,5 @@ def load_trained_model(checkpoint: str | Path, overrides: Sequence[str] = (),
               f"({', '.join(report.unexpected[:5])})")
     model.to(device).eval()
     step = state.get("global_step")
-    return TrainedModel(path=path, config=cfg, categories=categories, model=model,
+    return TrainedModel(path=path, config=cfg, categories=categories, detector=detector,
                         global_step=int(step) if step is not None else None)

@@ -23,17 +23,13 @@ from typing import Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
 from stepwise.analysis.draw import class_color, display_scale, draw_boxes, enlarge
 from stepwise.cli import UsageError, parse_args, parse_int, parse_number, wants_help
 from stepwise.config import ConfigError
 from stepwise.data.annotation_index import AnnotationIndex
 from stepwise.data.lvis_dataset import image_path
-from stepwise.data.transforms import build_transforms
-from stepwise.models import final_class_head
-from stepwise.models.postprocess import PostProcess
+from stepwise.predictor import ImageDetections, Predictor
 from stepwise.trained import TrainedModel, load_trained_model, run_dir_of
 from stepwise.utils.io import atomic_path
 
@@ -100,34 +96,6 @@ def read_image(path: Path) -> Image.Image:
         raise ImageReadError(f"image {path} cannot be read: {err}") from err
 
 
-# ---------------------------------------------------------------------------------------- inference
-class Predictor:
-    """Runs a :class:`TrainedModel` on one PIL image: eval transform, forward, post-processing.
-
-    ``predictor(image) -> {"scores" (K,), "labels" (K,) contiguous, "boxes" (K, 4) xyxy pixels of the image}``
-    with K = ``max_dets``, highest score first.
-    """
-
-    def __init__(self, trained: TrainedModel, max_dets: int = 50) -> None:
-        self.model = trained.model
-        self.device = next(self.model.parameters()).device
-        self.transform = build_transforms(False, trained.config.data)
-        self.post = PostProcess(num_top=max_dets, head=final_class_head(self.model))
-
-    @torch.no_grad()
-    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        pixels = tv_tensors.Image(F.pil_to_tensor(image))
-        size = (image.height, image.width)
-        empty = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=size),
-                 "labels": torch.zeros(0, dtype=torch.long), "ann_ids": torch.zeros(0, dtype=torch.long)}
-        tensor, _ = self.transform(pixels, empty)
-        images = tensor.unsqueeze(0).to(self.device)
-        masks = torch.zeros(1, *tensor.shape[-2:], dtype=torch.bool, device=self.device)
-        outputs = self.model(images, masks)
-        detections = self.post(outputs, torch.tensor([size], device=self.device))[0]
-        return {k: v.cpu() for k, v in detections.items()}
-
-
 # ------------------------------------------------------------------------------------- ground truth
 @dataclass
 class GroundTruth:
@@ -169,13 +137,13 @@ class GroundTruth:
 
 
 # ------------------------------------------------------------------------------------------ drawing
-def render(image: Image.Image, detections: dict[str, torch.Tensor], trained: TrainedModel,
+def render(image: Image.Image, detections: ImageDetections, trained: TrainedModel,
            score_threshold: float = 0.3, gt: list[tuple[float, float, float, float, int]] | None = None,
            gt_names: dict[int, str] | None = None, min_side: int = 384) -> Image.Image:
     """A new image: ``image`` enlarged for legibility (:func:`display_scale`), the detections scoring at
     least ``score_threshold`` drawn solid and the ground truth ``gt`` (x0, y0, x1, y1, category id) dashed.
 
-    ``detections``: ``scores`` (K,), ``labels`` (K,) contiguous, ``boxes`` (K, 4) xyxy pixels of ``image``.
+    ``detections``: a :class:`~stepwise.predictor.Predictor`'s for ``image`` (xyxy pixels of ``image``).
     """
     categories = trained.categories
     factor = display_scale(image.width, image.height, min_side)
@@ -188,10 +156,10 @@ def render(image: Image.Image, detections: dict[str, torch.Tensor], trained: Tra
 
         draw_boxes(canvas, [[v * factor for v in g[:4]] for g in gt],
                    [names.get(g[4], str(g[4])) for g in gt], [color_of(g[4]) for g in gt], dashed=True)
-    keep = detections["scores"] >= score_threshold
-    order = detections["scores"][keep].argsort()  # ascending: the best detection's label is drawn last
-    scores, labels = detections["scores"][keep][order], detections["labels"][keep][order]
-    boxes = detections["boxes"][keep][order] * factor
+    keep = detections.scores >= score_threshold
+    order = detections.scores[keep].argsort()  # ascending: the best detection's label is drawn last
+    scores, labels = detections.scores[keep][order], detections.labels[keep][order]
+    boxes = detections.boxes[keep][order] * factor
     texts = [f"{categories.names[int(c)]} {float(s):.2f}" for c, s in zip(labels, scores)]
     draw_boxes(canvas, boxes, texts, [class_color(int(c)) for c in labels])
     return canvas
@@ -222,7 +190,7 @@ def visualize(checkpoint: str | Path, images: str | Path | Sequence[Path], out: 
     paths = find_images(images) if isinstance(images, (str, Path)) else [Path(p) for p in images]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     trained = load_trained_model(checkpoint, overrides, device=device)
-    predictor = Predictor(trained, max_dets=max_dets)
+    predictor = Predictor.from_trained(trained, max_dets=max_dets)
     truth = GroundTruth.load(gt) if gt is not None else None
     out = Path(out) if out is not None else default_out(trained.path)
     written, failed = [], []

@@ -38,7 +38,7 @@ def _make_untrained_checkpoint(root: Path) -> tuple[Path, object]:
                        f"output_root={root / 'runs'}", "exp=t", "model.num_queries=10"])
     categories = CategoryMap.from_annotations(read_json(cfg.data.train_ann))
     torch.manual_seed(0)
-    model = build_detector(cfg.model, cfg.head, categories)
+    model = build_detector(cfg.model, cfg.head, categories).model
     path = save_checkpoint({"model": model.state_dict(), "head_state": head_state(model),
                             "categories": categories.to_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
                             "global_step": 0}, root / "runs" / "t" / "pretrain" / "checkpoint_final.pt")

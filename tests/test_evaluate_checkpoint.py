@@ -119,7 +119,7 @@ def test_gathered_records_are_arrays_holding_the_lvis_results():
     import numpy as np
 
     from stepwise.models.postprocess import to_lvis_results
-    from stepwise.stages.common import detection_columns, records_to_detections
+    from stepwise.predictor import detection_columns, records_to_detections
 
     gen = torch.Generator().manual_seed(0)
     dets = []

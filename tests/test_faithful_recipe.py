@@ -11,7 +11,7 @@ import torch
 
 from stepwise.data.samplers import (GroupRule, class_groups, group_names, image_repeat_factors,
                                     repeat_factor_report, stepwise_class_factors)
-from stepwise.distill import DistillCriterion, class_distillation_loss, masked_feature_loss
+from stepwise.distill_losses import DistillCriterion, class_distillation_loss, masked_feature_loss
 
 D_HEAD = GroupRule.parse([{"max_images": 29, "threshold": 0.003, "power": 0.5},
                           {"max_images": 100, "threshold": 0.003, "power": 0.3}])
@@ -149,7 +149,7 @@ class _Base(torch.nn.Module):
 
 
 def test_shared_query_kl_on_every_decoder_layer_by_hand():
-    from stepwise.distill import TeacherStudentOutput
+    from stepwise.distill_losses import TeacherStudentOutput
     from stepwise.models.outputs import DetectorOutput
 
     from stepwise.heads import SigmoidFocalHead

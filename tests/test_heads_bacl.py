@@ -391,7 +391,7 @@ def test_detector_checkpoint_carries_owner_state():
 
     cfg = load_config(["head=bacl", "model.enc_layers=1", "model.dec_layers=2", "model.num_queries=10"])
     torch.manual_seed(0)
-    model = build_detector(cfg.model, cfg.head, 5)
+    model = build_detector(cfg.model, cfg.head, 5).model
     owner = model.class_embed[1]
     criterion = build_criterion(cfg.loss, owner, num_layers=2, two_stage=bool(cfg.model.two_stage))
     targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[.3, .3, .2, .2], [.6, .6, .3, .3]])}]
@@ -402,7 +402,7 @@ def test_detector_checkpoint_carries_owner_state():
     assert model.class_embed[0].indicators.class_count.sum() == 0       # copies stay untouched
     states = head_state(model)
     assert states["class_embed.0"] == {} and states["class_embed.2"] == {}  # copies: fresh statistics
-    other = build_detector(cfg.model, cfg.head, 5)
+    other = build_detector(cfg.model, cfg.head, 5).model
     restore_head_state(other, states)
     assert torch.equal(other.class_embed[1].indicators.confusion_sum, owner.indicators.confusion_sum.cpu())
 

@@ -323,7 +323,7 @@ def test_tiny_two_stage_detector_trains_with_bags():
     cfg = load_config(["head=bags", "model.num_queries=8", "model.enc_layers=1", "model.dec_layers=2"])
     cats = categories([3, 15, 150, 1500, 8, 20])
     torch.manual_seed(0)
-    model = build_detector(cfg.model, cfg.head, cats)
+    model = build_detector(cfg.model, cfg.head, cats).model
     head = model.class_embed[1]
     assert model.class_embed[0] is not head and model.state_dict()["class_embed.2.class_group"].tolist() == \
         [0, 1, 2, 3, 0, 1]

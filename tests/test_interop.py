@@ -47,7 +47,7 @@ def _our_model(with_box_refine: bool, two_stage: bool, freeze_bn: bool = True):
         enc_layers=LAYERS, dec_layers=LAYERS, dim_feedforward=96, dropout=0.1, activation="relu",
         num_feature_levels=4, enc_n_points=4, dec_n_points=4, num_queries=QUERIES,
         with_box_refine=with_box_refine, two_stage=two_stage))
-    return build_detector(cfg_model, load_config(["head=sigmoid"]).head, CLASSES)
+    return build_detector(cfg_model, load_config(["head=sigmoid"]).head, CLASSES).model
 
 
 def _inputs():

@@ -20,7 +20,7 @@ def _tiny(*overrides):
     cfg = load_config(["model=tiny", f"model.num_queries={QUERIES}", "model.with_box_refine=false",
                        "model.two_stage=false", *overrides])
     torch.manual_seed(0)
-    return build_detector(cfg.model, cfg.head, NUM_CLASSES)
+    return build_detector(cfg.model, cfg.head, NUM_CLASSES).model
 
 
 @pytest.fixture(scope="module")

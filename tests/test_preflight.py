@@ -12,7 +12,7 @@ from PIL import Image
 
 from stepwise.config import load_config
 from stepwise.data.preflight import check_images
-from stepwise.stages.common import PreflightError, build_datasets, build_loaders, preflight
+from stepwise.stages.parts import PreflightError, build_datasets, build_loaders, preflight
 
 
 @pytest.fixture(scope="module")

@@ -131,13 +131,13 @@ def test_pretrain_rfs_epoch_length(tmp_path, rfs_epoch):
     uniform sampling); repeated: the whole repeated list (sum of the factors, more steps)."""
     from stepwise.config import load_config
     from stepwise.data.synthetic import ensure_synthetic
-    from stepwise.stages import common
+    from stepwise.stages import parts
 
     root = ensure_synthetic(tmp_path / "data", "tiny", 0, workers=1, verbose=False)
     cfg = load_config([f"data.root={root}", "data.preset=tiny", "data.rfs_threshold=0.3", "data.preflight=false",
                        f"data.rfs_epoch={rfs_epoch}"])
-    train_ds, val_ds = common.build_datasets(cfg)
-    loader, _ = common.build_loaders(cfg, train_ds, val_ds)
+    train_ds, val_ds = parts.build_datasets(cfg)
+    loader, _ = parts.build_loaders(cfg, train_ds, val_ds)
     factors = repeat_factors_from_dataset(train_ds, 0.3)
     assert float(factors.sum()) > 1.2 * len(train_ds)  # the threshold repeats a good share of the images
     if rfs_epoch == "dataset":

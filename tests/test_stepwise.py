@@ -16,7 +16,7 @@ import torch
 
 from stepwise.data.smooth_tail import (Quotas, ScoreTable, rank_class, select_instances, select_replay_sets,
                                        subset_annotations, write_replay_set)
-from stepwise.distill import class_distillation_loss, head_box_masks, masked_feature_loss
+from stepwise.distill_losses import class_distillation_loss, head_box_masks, masked_feature_loss
 
 
 def table(rows):
@@ -198,14 +198,14 @@ def test_kl_term_by_hand():
 
 def test_teacher_gets_no_gradient_and_frozen_student_parts_none(tmp_path):
     from stepwise.config import load_config
-    from stepwise.distill import DistillCriterion, teacher_student_forward
+    from stepwise.distill_losses import DistillCriterion, teacher_student_forward
     from stepwise.models import build_detector, trainable_only
     from stepwise.models.criterion import build_criterion
     from stepwise.data.collate import ImageBatch
 
     cfg = load_config(["model.num_queries=6", "model.enc_layers=1", "model.dec_layers=1"])
     torch.manual_seed(0)
-    student, teacher = build_detector(cfg.model, cfg.head, 5), build_detector(cfg.model, cfg.head, 5)
+    student, teacher = build_detector(cfg.model, cfg.head, 5).model, build_detector(cfg.model, cfg.head, 5).model
     teacher.eval().requires_grad_(False)
     trainable_only(student, ["input_proj", "class_embed"])
     head = student.class_embed[0]

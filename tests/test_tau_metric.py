@@ -252,7 +252,7 @@ def test_evaluate_knn_on_a_metric_learning_checkpoint(checkpoint, tmp_path, caps
     cfg = OmegaConf.create(state["config"])
     cfg.head.metric_learning.enabled = True
     categories = CategoryMap.from_dict(state["categories"])
-    model = build_detector(cfg.model, cfg.head, categories)
+    model = build_detector(cfg.model, cfg.head, categories).model
     report = load_model_weights(model, state)  # plain head weights go into the wrapped heads
     assert all(k.endswith(("centers", "center_count")) for k in report.missing) and not report.mismatched
     final = model.class_embed[1]

@@ -115,18 +115,19 @@ def test_predictions_match_the_evaluation_pipeline(trained):
     """Visualize's single-image path gives the detections the evaluation's predictor gives."""
     from stepwise.trained import load_trained_model
     from stepwise.data import build_dataset, collate
-    from stepwise.stages.common import detection_predictor
 
     model = load_trained_model(trained["checkpoint"])
     dataset = build_dataset(model.config.data, "val", categories=model.categories)
+    predictor = Predictor.from_trained(model, max_dets=5)
     with torch.no_grad():
-        records = detection_predictor(model.model, model.categories, num_top=5)(model.model,
-                                                                               collate([dataset[0]]))
-    ours = Predictor(model, max_dets=5)(read_image(dataset.path(0)))
+        records = predictor.predict_batch(model.model, collate([dataset[0]]))
+    ours = predictor(read_image(dataset.path(0)))
     expected = records[0]  # per-image columns: score, category_id, bbox (x, y, w, h)
-    assert np.asarray(expected["score"]).tolist() == pytest.approx(ours["scores"].tolist(), abs=1e-5)
-    assert np.asarray(expected["category_id"]).tolist() == [model.categories.ids[int(c)] for c in ours["labels"]]
-    x0, y0, x1, y1 = ours["boxes"][0].tolist()
+    assert np.asarray(expected["score"]).tolist() == pytest.approx(ours.scores.tolist(), abs=1e-5)
+    assert np.asarray(expected["category_id"]).tolist() == [model.categories.ids[int(c)] for c in ours.labels]
+    assert ours.category_ids == np.asarray(expected["category_id"]).tolist()
+    assert ours.names == [model.categories.names[int(c)] for c in ours.labels]
+    x0, y0, x1, y1 = ours.boxes[0].tolist()
     assert np.asarray(expected["bbox"]).reshape(-1, 4)[0].tolist() == pytest.approx([x0, y0, x1 - x0, y1 - y0],
                                                                                     abs=1e-3)
 

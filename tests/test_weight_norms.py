@@ -26,7 +26,7 @@ def checkpoints(tmp_path_factory, make_untrained_checkpoint):
     cfg = load_config(["head=bags", f"data.root={cfg.data.root}", "data.preset=tiny", "exp=b",
                        "model.num_queries=10"])
     torch.manual_seed(1)
-    model = build_detector(cfg.model, cfg.head, categories)
+    model = build_detector(cfg.model, cfg.head, categories).model
     with torch.no_grad():  # make the norms differ per class in a known way: row k of class k scaled by k + 1
         for head in model.class_embed:
             head.linear.weight[head.class_output] *= torch.arange(1, len(categories) + 1).unsqueeze(1)

@@ -190,7 +190,7 @@ def table(result: dict[str, Any], per_layer: bool = False) -> str:
 # --------------------------------------------------------------------------------------------- CLI
 def ensure_data(cfg: DictConfig) -> None:
     """Generate the built-in data of ``cfg`` on first use (other data sets must exist)."""
-    from stepwise.stages.common import ensure_builtin_data
+    from stepwise.stages.parts.data import ensure_builtin_data
 
     ensure_builtin_data(cfg.data)
 
@@ -206,17 +206,17 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def build_from_config(cfg: DictConfig) -> tuple[nn.Module, Any, Any]:
-    """(model at initialisation, training dataset, category map) of a composed config (synthetic data is
-    generated on first use)."""
+def build_from_config(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """(detector at initialisation with its criterion, training dataset, category map) of a composed config
+    (synthetic data is generated on first use)."""
     from stepwise.data.loaders import build_dataset
     from stepwise.models import build_detector
 
     ensure_data(cfg)
     train = build_dataset(cfg.data, "train")
     torch.manual_seed(int(cfg.seed))
-    model = build_detector(cfg.model, cfg.head, train.categories)
-    return model, train, train.categories
+    detector = build_detector(cfg.model, cfg.head, train.categories, cfg.loss)
+    return detector, train, train.categories
 
 
 def run(checkpoint: str | None, overrides: Sequence[str], batches: int = 4,
@@ -224,23 +224,22 @@ def run(checkpoint: str | None, overrides: Sequence[str], batches: int = 4,
     """Probe a checkpoint (with ``overrides`` on its saved config) or, without one, the config's fresh model.
     Returns (result, the config used)."""
     from stepwise.data.loaders import build_dataset, build_train_loader
-    from stepwise.models import final_class_head
-    from stepwise.models.criterion import build_criterion
+    from stepwise.models import Detector
 
     if checkpoint:
         from stepwise.trained import load_trained_model
 
         trained = load_trained_model(checkpoint, overrides, device="cpu")
-        cfg, model, categories = trained.config, trained.model, trained.categories
+        cfg, categories = trained.config, trained.categories
+        detector = Detector.of(trained.model, cfg.loss)  # the checkpoint's network with its criterion
         ensure_data(cfg)
         train = build_dataset(cfg.data, "train", categories=categories)
     else:
         from stepwise.config import load_config
 
         cfg = load_config(list(overrides))
-        model, train, categories = build_from_config(cfg)
-    criterion = build_criterion(cfg.loss, final_class_head(model), num_layers=int(cfg.model.dec_layers),
-                                two_stage=bool(cfg.model.two_stage))
+        detector, train, categories = build_from_config(cfg)
+    model, criterion, _ = detector
     loader = build_train_loader(train, cfg.data, int(cfg.seed))
     result = probe(model, criterion, loader, device=device, num_batches=batches)
     result["checkpoint"] = str(checkpoint) if checkpoint else None

@@ -24,7 +24,6 @@ import numpy as np
 from stepwise import cli
 from stepwise.cli import UsageError, wants_help
 from stepwise.heads.inference import class_weight_norms
-from stepwise.models import final_class_head
 from stepwise.trained import load_trained_model
 from stepwise.utils.io import atomic_path, atomic_write_text
 
@@ -47,7 +46,7 @@ class WeightNorms:
 def checkpoint_norms(checkpoint: str | Path, label: str | None = None) -> WeightNorms:
     """Rebuild the checkpoint's detector and read its final-layer class weight norms (see the module doc)."""
     trained = load_trained_model(checkpoint)
-    norms = class_weight_norms(final_class_head(trained.model)).tolist()
+    norms = class_weight_norms(trained.detector.head).tolist()
     cats, cfg = trained.categories, trained.config
     if label is None:
         label = f"{cfg.head.name} {cfg.get('exp', '?')}/{cfg.stage.get('name', '?')}"

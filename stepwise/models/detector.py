@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +12,11 @@ from torch import nn
 
 from stepwise.heads import ClassifierHead, build_head
 from stepwise.models.backbone import Backbone, downsample_mask
+from stepwise.models.criterion import SetCriterion, build_criterion
 from stepwise.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
 from stepwise.models.outputs import DetectorOutput
 from stepwise.models.position_encoding import PositionEmbeddingSine
+from stepwise.models.postprocess import PostProcess
 
 
 class MLP(nn.Module):
@@ -143,9 +146,10 @@ def decoder_class_heads(model: nn.Module) -> list[ClassifierHead]:
     return list(model.class_embed[:model.transformer.decoder.num_layers])
 
 
-def build_detector(cfg_model, cfg_head, categories_or_num_classes: Any) -> DeformableDETR:
-    """Build DeformableDETR from ``cfg.model`` and ``cfg.head`` for a CategoryMap (anything with len) or
-    a number of classes. Grouped heads get ``categories=`` as build context."""
+def build_network(cfg_model, cfg_head, categories_or_num_classes: Any) -> DeformableDETR:
+    """The DeformableDETR network alone (what :func:`build_detector` wraps), from ``cfg.model`` and
+    ``cfg.head`` for a CategoryMap (anything with len) or a number of classes. Grouped heads get
+    ``categories=`` as build context."""
     if isinstance(categories_or_num_classes, int):
         num_classes, context = categories_or_num_classes, {}
     else:
@@ -172,6 +176,62 @@ def build_detector(cfg_model, cfg_head, categories_or_num_classes: Any) -> Defor
     return DeformableDETR(backbone, transformer, head, num_queries=cfg_model.num_queries,
                           num_feature_levels=levels, with_box_refine=bool(cfg_model.with_box_refine),
                           two_stage=two_stage)
+
+
+@dataclass
+class Detector:
+    """What :func:`build_detector` returns, as DETR's ``build()`` returns model, criterion and
+    post-processors: the network, the set criterion that trains it and the post-processing that turns its
+    output into detections, both talking to the network's own (final decoder layer's) class head.
+
+    ``model, criterion, postprocess = build_detector(...)`` unpacks it. Callers never look the heads up
+    in the network themselves: ``head`` (final layer: weight rows, tau, scores), ``class_heads`` (every
+    decoder layer's, for distillation) and ``scores(outputs)`` are here.
+    """
+
+    model: DeformableDETR
+    criterion: SetCriterion | None  # None when built without a loss config
+    postprocess: PostProcess
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.criterion, self.postprocess))
+
+    @classmethod
+    def of(cls, model: nn.Module, cfg_loss: Any = None,
+           reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, num_top: int = 300) -> "Detector":
+        """The criterion (with ``cfg_loss``) and post-processing around an existing network: a freshly built
+        one, a loaded checkpoint's, a tau-normalised copy. ``reduce_fn`` averages the box count over
+        processes (see ``SetCriterion``)."""
+        net = getattr(model, "module", model)
+        head = final_class_head(net)
+        criterion = None
+        if cfg_loss is not None:
+            criterion = build_criterion(cfg_loss, head, num_layers=net.transformer.decoder.num_layers,
+                                        two_stage=bool(net.two_stage), reduce_fn=reduce_fn)
+        return cls(model, criterion, PostProcess(num_top=num_top, head=head))
+
+    @property
+    def head(self) -> ClassifierHead:
+        """The final decoder layer's class head (the one the criterion and the post-processing use)."""
+        return final_class_head(self.model)
+
+    @property
+    def class_heads(self) -> list[ClassifierHead]:
+        """The class head of every decoder layer, first to last (not the two-stage encoder's)."""
+        return decoder_class_heads(self.model)
+
+    def scores(self, outputs: DetectorOutput) -> torch.Tensor:
+        """Final-layer class probabilities (B, Q, C), float32 (the head's ``scores``)."""
+        return self.postprocess.scores(outputs)
+
+
+def build_detector(cfg_model, cfg_head, categories_or_num_classes: Any, cfg_loss: Any = None,
+                   reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, num_top: int = 300) -> Detector:
+    """The detector of ``cfg.model``/``cfg.head`` for a CategoryMap (anything with len) or a number of
+    classes, with its criterion (from ``cfg.loss`` when given; ``reduce_fn`` see ``SetCriterion``) and its
+    post-processing (``num_top`` detections per image). Only the network's construction draws random
+    numbers: the criterion and the post-processing hold no parameters of their own."""
+    return Detector.of(build_network(cfg_model, cfg_head, categories_or_num_classes), cfg_loss, reduce_fn, num_top)
 
 
 LINEAR_PROJ_NAMES = ("reference_points", "sampling_offsets")

@@ -26,6 +26,17 @@ class PostProcess:
             raise ValueError(f"num_top must be >= 1, got {num_top}")
         self.num_top, self.head = num_top, head
 
+    def with_num_top(self, num_top: int) -> "PostProcess":
+        """The same post-processing (same head) keeping ``num_top`` detections per image."""
+        return PostProcess(num_top=num_top, head=self.head)
+
+    def scores(self, outputs: DetectorOutput, head: ClassifierHead | None = None) -> torch.Tensor:
+        """Final-layer class probabilities (B, Q, C) as float32, from the head's ``scores``."""
+        head = head or self.head
+        if head is None:
+            raise ValueError("PostProcess needs the classifier head (PostProcess(head=...) or call(..., head=...))")
+        return head.scores(outputs.logits[-1]).float()
+
     @torch.no_grad()
     def __call__(self, outputs: DetectorOutput, orig_sizes: torch.Tensor,
                  head: ClassifierHead | None = None) -> list[dict[str, torch.Tensor]]:
@@ -35,10 +46,7 @@ class PostProcess:
             outputs: final-layer ``logits`` (B, Q, K_head) and ``boxes`` (B, Q, 4) cxcywh in [0, 1].
             orig_sizes: (B, 2) (h, w) of the original images; boxes are scaled to them and clipped.
         """
-        head = head or self.head
-        if head is None:
-            raise ValueError("PostProcess needs the classifier head (PostProcess(head=...) or call(..., head=...))")
-        scores = head.scores(outputs.logits[-1]).float()
+        scores = self.scores(outputs, head)
         batch, queries, classes = scores.shape
         if orig_sizes.shape != (batch, 2):
             raise ValueError(f"orig_sizes must be ({batch}, 2) (h, w), got {tuple(orig_sizes.shape)}")

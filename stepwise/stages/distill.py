@@ -1,7 +1,7 @@
 """Step 3, ``stage=distill``: the unified model. Starts from the head-class expert (``stage.init_from``),
 trains the same parameters on D_tail (``stage.train_ann``) with the Hungarian loss plus the distillation
-terms of :mod:`stepwise.distill` from the frozen expert (``stage.teacher``, eval mode, no gradients); the
-switches and weights are the root ``distill:`` block. Writes ``runs/<exp>/distill/`` like pretrain.
+terms of :mod:`stepwise.distill_losses` from the frozen expert (``stage.teacher``, eval mode, no gradients);
+the switches and weights are the root ``distill:`` block. Writes ``runs/<exp>/distill/`` like pretrain.
 """
 
 from __future__ import annotations
@@ -9,33 +9,30 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from stepwise.data.smooth_tail import head_classes
-from stepwise.distill import DistillCriterion, teacher_student_forward
-from stepwise.models import decoder_class_heads
-from stepwise.stages import common
-from stepwise.stages.finetune import build_replay_stage
+from stepwise.distill_losses import DistillCriterion, teacher_student_forward
+from stepwise.models import Detector
+from stepwise.stages.parts import StageParts, build_replay_stage, make_trainer
 from stepwise.trained import load_trained_model
 
 
-def load_teacher(cfg: Any, device: torch.device) -> nn.Module:
+def load_teacher(cfg: Any, device: torch.device) -> Detector:
     """The frozen head-class expert: rebuilt from its checkpoint, eval mode, ``requires_grad`` off."""
-    teacher = load_trained_model(str(cfg.stage.teacher), device=device).model
-    teacher.eval()
-    for p in teacher.parameters():
+    teacher = load_trained_model(str(cfg.stage.teacher), device=device).detector
+    teacher.model.eval()
+    for p in teacher.model.parameters():
         p.requires_grad_(False)
     return teacher
 
 
-def distill_criterion(parts: common.StageParts, teacher: nn.Module) -> DistillCriterion:
+def distill_criterion(parts: StageParts, teacher: Detector) -> DistillCriterion:
     """The student's set criterion plus the ``distill:`` block's terms from ``teacher``; head classes are
     those with at least ``stepwise.min_images`` training images."""
     cfg = parts.cfg
     head = torch.as_tensor(head_classes(parts.categories.image_counts, int(cfg.stepwise.min_images)))
     d = cfg.distill
-    return DistillCriterion(common.detector_criterion(cfg, parts.model, parts.accelerator),
-                            decoder_class_heads(parts.model), decoder_class_heads(teacher), head,
+    return DistillCriterion(parts.detector.criterion, parts.detector.class_heads, teacher.class_heads, head,
                             feature=bool(d.feature), cls=bool(d.cls), shared_queries=bool(d.shared_queries),
                             lambda_fm=float(d.lambda_fm), lambda_cls=float(d.lambda_cls),
                             temperature=float(d.temperature), fm_normalize=str(d.fm_normalize),
@@ -48,4 +45,4 @@ def run(cfg: Any) -> dict[str, Any] | None:
     parts = build_replay_stage(cfg)
     teacher = load_teacher(cfg, parts.accelerator.device)
     parts.accelerator.print(f"stepwise: teacher {cfg.stage.teacher} (frozen, eval mode)")
-    return common.make_trainer(parts, distill_criterion(parts, teacher), teacher_student_forward(teacher)).fit()
+    return make_trainer(parts, distill_criterion(parts, teacher), teacher_student_forward(teacher.model)).fit()

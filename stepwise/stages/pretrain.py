@@ -10,16 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from stepwise.engine import TrainSettings, make_accelerator
-from stepwise.stages import common
+from stepwise.stages.parts import StageParts, build_datasets, build_loaders, build_model, ensure_data, make_trainer
 
 
 def run(cfg: Any) -> dict[str, Any] | None:
     """Train and evaluate as ``cfg`` says; returns the final val metrics (AP, APr, APc, APf, AP1..AP4, ...)."""
     settings = TrainSettings.from_config(cfg)
     accelerator = make_accelerator(settings, cfg.run_dir)
-    common.ensure_data(cfg, accelerator)
-    train_ds, val_ds = common.build_datasets(cfg)
-    train_loader, val_loader = common.build_loaders(cfg, train_ds, val_ds)
-    model = common.build_model(cfg, train_ds.categories, accelerator)
-    parts = common.StageParts(cfg, settings, accelerator, train_ds.categories, model, train_loader, val_loader)
-    return common.make_trainer(parts).fit()
+    ensure_data(cfg, accelerator)
+    train_ds, val_ds = build_datasets(cfg)
+    train_loader, val_loader = build_loaders(cfg, train_ds, val_ds)
+    detector = build_model(cfg, train_ds.categories, accelerator)
+    parts = StageParts(cfg, settings, accelerator, train_ds.categories, detector, train_loader, val_loader)
+    return make_trainer(parts).fit()

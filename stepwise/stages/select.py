@@ -38,9 +38,9 @@ from stepwise.data.categories import CategoryMap
 from stepwise.data.loaders import build_dataset, build_eval_loader
 from stepwise.data.smooth_tail import Quotas, ScoreTable, head_classes, select_replay_sets, write_replay_set_file
 from stepwise.engine import shard_predictions
-from stepwise.models import final_class_head
+from stepwise.models import Detector
 from stepwise.models.matcher import build_matcher
-from stepwise.stages.common import ensure_data
+from stepwise.stages.parts.data import ensure_data
 from stepwise.trained import load_trained_model
 from stepwise.utils.io import atomic_path, atomic_write_json
 
@@ -57,10 +57,13 @@ def selection_source(cfg: Any) -> str:
 
 
 @torch.no_grad()
-def score_batch(model: torch.nn.Module, matcher: Any, batch: Any, category_ids: tuple[int, ...]) -> list[dict]:
-    """Score records of one ``ImageBatch``: the final layer's matched prediction for every target box."""
+def score_batch(model: torch.nn.Module, detector: Detector, matcher: Any, batch: Any,
+                category_ids: tuple[int, ...]) -> list[dict]:
+    """Score records of one ``ImageBatch``: the final layer's matched prediction for every target box.
+    ``model``: ``detector``'s network (maybe prepared by Accelerate), whose class probabilities
+    ``detector.scores`` gives."""
     outputs = model(batch.images, batch.masks)
-    scores = final_class_head(model).scores(outputs.logits[-1]).float()  # (B, Q, C)
+    scores = detector.scores(outputs)  # (B, Q, C)
     boxes = outputs.boxes[-1].float()
     matches = matcher(scores, boxes, batch.targets)
     records = []
@@ -110,7 +113,7 @@ def score_dataset(cfg: Any, accelerator: Accelerator, out_path: Path) -> int:
     accelerator.print(f"stepwise: scoring {len(loader.dataset)} training images with {trained.path}")
 
     def score(model: torch.nn.Module, batch: Any) -> list[dict]:
-        return score_batch(model, matcher, batch, trained.categories.ids)
+        return score_batch(model, trained.detector, matcher, batch, trained.categories.ids)
 
     with atomic_path(part, "score part file") as tmp, open(tmp, "w") as f:  # complete, or not there at all
         for records in shard_predictions(accelerator, trained.model, loader, score, desc="select: scoring"):
