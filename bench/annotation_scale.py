@@ -19,8 +19,8 @@ other checkout's code unchanged. Printed per tree (and as after/before ratios):
 * ``loader``: sum over the main process and its workers of RSS / PSS / USS after iterating ``--items``
   targets with 0 and with ``--workers`` workers (PSS counts shared pages once: the fork's real cost);
 * ``select``: seconds of the selection-side statistics on all annotations: the category map of the full
-  file (``finetune.full_categories``), generic RFS factors (``repeat_factors_from_dataset``), step-wise RFS
-  (``finetune.replay_repeat_factors``), and ``select.build_replay_sets`` (reads a 1.27M-line
+  file (``stages.parts.full_categories``), generic RFS factors (``repeat_factors_from_dataset``), step-wise RFS
+  (``stages.parts.replay_repeat_factors``), and ``select.build_replay_sets`` (reads a 1.27M-line
   ``scores.jsonl``, selects, writes ``d_head.json`` / ``d_tail.json``);
 * ``bad``: the same file with one broken annotation in the middle (``bbox`` with a string): time to the
   error, its message (it must name the file, the annotation id and the image id) and that no replay set
@@ -281,20 +281,21 @@ def child_select(args) -> dict:
     import tempfile
 
     from stepwise.data import repeat_factors_from_dataset
-    from stepwise.stages import finetune, select
+    from stepwise.stages import select
+    from stepwise.stages.parts import full_categories, replay_repeat_factors
 
     out: dict = {}
     timer = _Timer(out)
     work = Path(tempfile.mkdtemp(prefix="annscale_select_", dir=args.cache))
     cfg = _cfg(args.ann, str(work))
     with timer("full_categories"):
-        categories = finetune.full_categories(cfg)
+        categories = full_categories(cfg)
     with timer("dataset"):
         ds = _dataset(args.ann)
     with timer("generic_rfs"):
         generic = repeat_factors_from_dataset(ds, 0.001)
     with timer("stepwise_rfs"):
-        factors, _, report = finetune.replay_repeat_factors(cfg, ds, categories)
+        factors, _, report = replay_repeat_factors(cfg, ds, categories)
     out["rfs_sums"] = [float(generic.sum()), float(factors.sum()), report["repeated_length"]]
     with timer("build_replay_sets"):
         summary = select.build_replay_sets(cfg, Path(args.scores), work)

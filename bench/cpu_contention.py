@@ -61,15 +61,13 @@ def train_worker(warmup_s: float, seconds: float, batch: int, size: tuple[int, i
 
     from stepwise.config import load_config
     from stepwise.models import build_detector, param_groups
-    from stepwise.models.criterion import build_criterion
     from stepwise.utils import cpu_threads
 
     cfg = load_config(["model=tiny", "model.backbone_weights=null", "head=sigmoid"])
     torch.manual_seed(0)
     classes = 80
-    model = build_detector(cfg.model, cfg.head, classes).train()
-    criterion = build_criterion(cfg.loss, model.class_embed[-1], num_layers=cfg.model.dec_layers,
-                                two_stage=cfg.model.two_stage)
+    model, criterion, _ = build_detector(cfg.model, cfg.head, classes, cfg.loss)
+    model.train()
     stage = OmegaConf.to_container(cfg.stage, resolve=True)
     optimizer = torch.optim.AdamW(param_groups(model, stage), fused=True)
     g = torch.Generator().manual_seed(0)

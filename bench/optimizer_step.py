@@ -22,7 +22,7 @@ import torch
 from stepwise.config import load_config
 from stepwise.engine import TrainSettings, detection_forward, make_accelerator, weighted_total
 from stepwise.models import param_groups
-from stepwise.stages import common
+from stepwise.stages.parts import build_datasets, build_loaders, build_model, ensure_data
 
 
 def main(argv: list[str]) -> None:
@@ -30,12 +30,12 @@ def main(argv: list[str]) -> None:
     cfg = load_config(["stage=pretrain", "data=synthetic_study", "data.preflight=false", "stage.trackers=[]",
                        "exp=bench_optimizer_step", *argv])
     accelerator = make_accelerator(TrainSettings.from_config(cfg), "/tmp/bench_optimizer_step")
-    common.ensure_data(cfg, accelerator)
-    train_ds, val_ds = common.build_datasets(cfg)
-    loader, _ = common.build_loaders(cfg, train_ds, val_ds)
-    models = {"foreach": common.build_model(cfg, train_ds.categories, accelerator)}
+    ensure_data(cfg, accelerator)
+    train_ds, val_ds = build_datasets(cfg)
+    loader, _ = build_loaders(cfg, train_ds, val_ds)
+    model, criterion, _ = build_model(cfg, train_ds.categories, accelerator)
+    models = {"foreach": model}
     models["fused"] = copy.deepcopy(models["foreach"])
-    criterion = common.detector_criterion(cfg, models["foreach"], accelerator)
     optimizers = {name: torch.optim.AdamW(param_groups(m, cfg.stage), lr=float(cfg.stage.lr),
                                           weight_decay=float(cfg.stage.weight_decay), **{name: True})
                   for name, m in models.items()}

@@ -31,16 +31,15 @@ def worker(data: str, threads: int, steps: int, warmup: int, seed: int) -> None:
     from stepwise.config import load_config
     from stepwise.engine import TrainSettings, detection_forward, make_accelerator, weighted_total
     from stepwise.models import param_groups
-    from stepwise.stages import common
+    from stepwise.stages.parts import build_datasets, build_loaders, build_model
 
     workdir = f"/tmp/bench_parallel_runs/{os.getpid()}"
     cfg = load_config(["stage=pretrain", f"data={data}", "data.preflight=false", "stage.trackers=[]",
                        f"seed={seed}", "exp=bench_parallel_runs"])
     accelerator = make_accelerator(TrainSettings.from_config(cfg), workdir)
-    train_ds, val_ds = common.build_datasets(cfg)
-    loader, _ = common.build_loaders(cfg, train_ds, val_ds)
-    model = common.build_model(cfg, train_ds.categories, accelerator)
-    criterion = common.detector_criterion(cfg, model, accelerator)
+    train_ds, val_ds = build_datasets(cfg)
+    loader, _ = build_loaders(cfg, train_ds, val_ds)
+    model, criterion, _ = build_model(cfg, train_ds.categories, accelerator)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.stage), lr=float(cfg.stage.lr),
                                   weight_decay=float(cfg.stage.weight_decay), fused=True)
     model.train()
@@ -84,11 +83,11 @@ def ensure_data(data: str) -> None:
     """Render the synthetic preset once, before any timing (workers only read it)."""
     from stepwise.config import load_config
     from stepwise.engine import TrainSettings, make_accelerator
-    from stepwise.stages import common
+    from stepwise.stages.parts import ensure_data
 
     cfg = load_config(["stage=pretrain", f"data={data}", "data.preflight=false", "stage.trackers=[]",
                        "exp=bench_parallel_runs"])
-    common.ensure_data(cfg, make_accelerator(TrainSettings.from_config(cfg), "/tmp/bench_parallel_runs/setup"))
+    ensure_data(cfg, make_accelerator(TrainSettings.from_config(cfg), "/tmp/bench_parallel_runs/setup"))
 
 
 def main(argv: list[str]) -> None:

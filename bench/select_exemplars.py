@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        model = build_detector(cfg.model, cfg.head, categories)
+        model = build_detector(cfg.model, cfg.head, categories).model
         checkpoint = save_checkpoint({"model": model.state_dict(), "head_state": head_state(model),
                                       "categories": categories.to_dict(),
                                       "config": OmegaConf.to_container(cfg, resolve=True)}, Path(tmp) / "model.pt")

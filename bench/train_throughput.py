@@ -122,7 +122,7 @@ def build_ours(cfg: dict, num_classes: int, hf_state: dict) -> torch.nn.Module:
     """stepwise's DeformableDETR for ``cfg`` with the HF model's weights."""
     from stepwise.models import build_detector, load_hf_deformable_detr
 
-    model = build_detector(OmegaConf.create(cfg["model"]), OmegaConf.create(cfg["head"]), num_classes)
+    model = build_detector(OmegaConf.create(cfg["model"]), OmegaConf.create(cfg["head"]), num_classes).model
     load_hf_deformable_detr(model, hf_state)
     return model
 
@@ -211,12 +211,10 @@ def make_trainer(impl: str, spec: dict, state: dict) -> tuple[Callable[[], float
         def loss_fn():
             return model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss
     else:
-        from stepwise.models import param_groups
-        from stepwise.models.criterion import build_criterion
+        from stepwise.models import Detector, param_groups
 
         optimizer = torch.optim.AdamW(param_groups(model, cfg["stage"]))
-        criterion = build_criterion(OmegaConf.create(cfg["loss"]), model.class_embed[-1],
-                                    num_layers=cfg["model"]["dec_layers"], two_stage=cfg["model"]["two_stage"])
+        criterion = Detector.of(model, OmegaConf.create(cfg["loss"])).criterion  # the final decoder layer's head
         backend = "reference" if impl == "ours-reference" else "compiled"  # ours-lowp: compiled too
 
         def loss_fn():
