@@ -80,6 +80,27 @@ STUDY_BUSY_HINT = ("a study runs there already: wait for it or stop it (one comm
                    "jobs=N), or write elsewhere with name=<dir>")
 
 
+def check_jobs(jobs: int, state: Any, training: bool) -> list[str]:
+    """The GPUs the jobs get (none without CUDA); exit 2 for ``jobs=N`` under several processes or with fewer
+    GPUs than jobs; a warning for more jobs than usable CPUs (when it trains)."""
+    import torch
+
+    if jobs > 1 and state.num_processes > 1:
+        state.print(f"stepwise: study: jobs={jobs} runs each run in a process of its own; under accelerate launch "
+                    f"with {state.num_processes} processes every run already uses them all: drop jobs= or launch "
+                    "with python -m stepwise.study")
+        raise SystemExit(2)
+    devices = visible_gpus() if torch.cuda.is_available() else []
+    if jobs > 1 and devices and jobs > len(devices):
+        print(f"stepwise: study: jobs={jobs} but {len(devices)} GPU(s) visible: one GPU per job", file=sys.stderr)
+        raise SystemExit(2)
+    cpus = available_cpus()
+    if jobs > cpus and training:
+        print(f"stepwise: study: warning: jobs={jobs} but {cpus} CPU(s) usable here: each job gets 1 thread and "
+              f"they take turns on the cores, each run slower than with jobs={cpus}", file=sys.stderr, flush=True)
+    return devices
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Run (or plan, or report) a study; returns the report summary on rank 0 (None for a dry run)."""
     import torch
@@ -100,19 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         print(f"stepwise: study: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     state = PartialState(cpu=not torch.cuda.is_available())
-    if jobs > 1 and state.num_processes > 1:
-        state.print(f"stepwise: study: jobs={jobs} runs each run in a process of its own; under accelerate launch "
-                    f"with {state.num_processes} processes every run already uses them all: drop jobs= or launch "
-                    "with python -m stepwise.study")
-        raise SystemExit(2)
-    devices = visible_gpus() if torch.cuda.is_available() else []
-    if jobs > 1 and devices and jobs > len(devices):
-        print(f"stepwise: study: jobs={jobs} but {len(devices)} GPU(s) visible: one GPU per job", file=sys.stderr)
-        raise SystemExit(2)
-    cpus = available_cpus()
-    if jobs > cpus and not dry_run and not report_only:
-        print(f"stepwise: study: warning: jobs={jobs} but {cpus} CPU(s) usable here: each job gets 1 thread and "
-              f"they take turns on the cores, each run slower than with jobs={cpus}", file=sys.stderr, flush=True)
+    devices = check_jobs(jobs, state, not dry_run and not report_only)
     out_dir = Path(plan[0].dir).parents[1]
     try:
         if not dry_run:  # one study process per study directory; its runs are locked by whoever runs them

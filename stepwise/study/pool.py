@@ -132,6 +132,24 @@ def ensure_plan_data(plan: Sequence[VariantRun]) -> None:
         ensure_builtin_data(data)
 
 
+def reap(running: dict[int, Job], finished: set[Path], failed: dict[Path, str], state: Any) -> None:
+    """Take the jobs that have ended out of ``running``: finished (exit 0 and outputs there) or failed (with
+    its log's last line)."""
+    for slot, job in list(running.items()):
+        code = job.process.poll()
+        if code is None:
+            continue
+        del running[slot]
+        minutes = (time.perf_counter() - job.start) / 60
+        if code == 0 and step_done(job.run.config):
+            finished.add(job.run.dir)
+            state.print(f"stepwise: study: [{slot}] {job.run.key} (seed {job.run.seed}) done in {minutes:.1f} min")
+        else:
+            failed[job.run.dir] = f"exit status {code}: {_last_line(job.log)} (log: {job.log})"
+            state.print(f"stepwise: study: [{slot}] {job.run.key} (seed {job.run.seed}) FAILED after "
+                        f"{minutes:.1f} min: {failed[job.run.dir]}")
+
+
 def run_plan_jobs(plan: Sequence[VariantRun], state: Any, jobs: int, threads: int, devices: Sequence[str] = (),
                   launch: Any = launch_job, poll_s: float = 1.0) -> dict[Path, str]:
     """:func:`run_plan` with up to ``jobs`` runs at once, each in its own process (one process only).
@@ -181,20 +199,7 @@ def run_plan_jobs(plan: Sequence[VariantRun], state: Any, jobs: int, threads: in
                 if not running:
                     break
                 time.sleep(poll_s)
-                for slot, job in list(running.items()):
-                    code = job.process.poll()
-                    if code is None:
-                        continue
-                    del running[slot]
-                    minutes = (time.perf_counter() - job.start) / 60
-                    if code == 0 and step_done(job.run.config):
-                        finished.add(job.run.dir)
-                        state.print(f"stepwise: study: [{slot}] {job.run.key} (seed {job.run.seed}) done in "
-                                    f"{minutes:.1f} min")
-                    else:
-                        failed[job.run.dir] = f"exit status {code}: {_last_line(job.log)} (log: {job.log})"
-                        state.print(f"stepwise: study: [{slot}] {job.run.key} (seed {job.run.seed}) FAILED after "
-                                    f"{minutes:.1f} min: {failed[job.run.dir]}")
+                reap(running, finished, failed, state)
         finally:
             stop_jobs(running)
     for vr in pending:

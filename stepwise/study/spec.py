@@ -79,6 +79,33 @@ def _steps(value: Any, where: str) -> tuple[str, ...]:
     return steps
 
 
+def _resolve(path: Path, entries: dict, default_steps: tuple[str, ...], name: str, chain: tuple[str, ...] = ()
+             ) -> Variant:
+    """Variant ``name`` of the study file ``path`` (``entries``: its ``variants`` mapping), ``from`` resolved."""
+    where = f"{path}: variants.{name}"
+    if name in chain:
+        raise ConfigError(f"{where}: 'from' forms a cycle {' -> '.join((*chain, name))}")
+    if name not in entries:
+        raise ConfigError(f"{path}: variants.{chain[-1]}: 'from: {name}' names no variant")
+    entry = entries[name] or {}
+    if not isinstance(entry, dict) or set(entry) - set(VARIANT_KEYS):
+        raise ConfigError(f"{where}: expected a mapping with keys {list(VARIANT_KEYS)}, got {entry!r}")
+    if name == "shared" or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"{where}: variant names are letters, digits, '_' and '-' (and not 'shared')")
+    parent = _resolve(path, entries, default_steps, entry["from"], (*chain, name)) if entry.get("from") else None
+    steps = _steps(entry["steps"], f"{where}.steps") if "steps" in entry else \
+        (parent.steps if parent else default_steps)
+    overrides = (parent.overrides if parent else ()) + _strings(entry.get("overrides"), f"{where}.overrides")
+    own = entry.get("step_overrides") or {}
+    if not isinstance(own, dict) or set(own) - set(registry.stage_names()):
+        raise ConfigError(f"{where}.step_overrides: expected a mapping from steps "
+                          f"{list(registry.stage_names())} to override lists, got {own!r}")
+    per_step = dict(parent.step_overrides) if parent else {}
+    for step, values in own.items():
+        per_step[step] = per_step.get(step, ()) + _strings(values, f"{where}.step_overrides.{step}")
+    return Variant(name, steps, overrides, str(entry.get("description", "")), per_step)
+
+
 def load_study(spec: str) -> Study:
     """Parse and check a study file (``spec``: a name under ``configs/study/`` or a path).
 
@@ -100,31 +127,7 @@ def load_study(spec: str) -> Study:
         raise ConfigError(f"study file {path}: 'variants' must map variant names to their settings")
     default_steps = _steps(raw.get("steps", list(registry.PIPELINE)), f"{path}: steps")
 
-    def resolve(name: str, chain: tuple[str, ...] = ()) -> Variant:
-        where = f"{path}: variants.{name}"
-        if name in chain:
-            raise ConfigError(f"{where}: 'from' forms a cycle {' -> '.join((*chain, name))}")
-        if name not in entries:
-            raise ConfigError(f"{path}: variants.{chain[-1]}: 'from: {name}' names no variant")
-        entry = entries[name] or {}
-        if not isinstance(entry, dict) or set(entry) - set(VARIANT_KEYS):
-            raise ConfigError(f"{where}: expected a mapping with keys {list(VARIANT_KEYS)}, got {entry!r}")
-        if name == "shared" or not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"{where}: variant names are letters, digits, '_' and '-' (and not 'shared')")
-        parent = resolve(entry["from"], (*chain, name)) if entry.get("from") else None
-        steps = _steps(entry["steps"], f"{where}.steps") if "steps" in entry else \
-            (parent.steps if parent else default_steps)
-        overrides = (parent.overrides if parent else ()) + _strings(entry.get("overrides"), f"{where}.overrides")
-        own = entry.get("step_overrides") or {}
-        if not isinstance(own, dict) or set(own) - set(registry.stage_names()):
-            raise ConfigError(f"{where}.step_overrides: expected a mapping from steps "
-                              f"{list(registry.stage_names())} to override lists, got {own!r}")
-        per_step = dict(parent.step_overrides) if parent else {}
-        for step, values in own.items():
-            per_step[step] = per_step.get(step, ()) + _strings(values, f"{where}.step_overrides.{step}")
-        return Variant(name, steps, overrides, str(entry.get("description", "")), per_step)
-
-    variants = {name: resolve(str(name)) for name in entries}
+    variants = {name: _resolve(path, entries, default_steps, str(name)) for name in entries}
     plot = _strings(raw.get("plot"), f"{path}: plot") or tuple(list(variants)[:4])
     missing = [v for v in plot if v not in variants]
     if missing:
