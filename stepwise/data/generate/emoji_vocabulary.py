@@ -49,6 +49,10 @@ class EmojiPreset:
     max_family_size: int  # larger families keep a random subset of their members
     max_cover: float = 0.4  # an object covers at most this share of the box of any object drawn before it
     max_truncation: float = 0.35  # at most this share of an object's box lies outside the image
+    # The balanced control: the vocabulary, r / c / f bins and val split of preset ``vocabulary`` (APr / APf
+    # then compare the same classes), every class given ``balanced_images`` training images.
+    vocabulary: str | None = None
+    balanced_images: int | None = None
 
 
 EMOJI_PRESETS: dict[str, EmojiPreset] = {
@@ -70,6 +74,14 @@ EMOJI_PRESETS: dict[str, EmojiPreset] = {
         name="study", num_classes=160, max_images=220, classes_per_image=(4, 8), distractors=(1, 3),
         image_size=(72, 96), object_size=(10, 40), val_fraction=0.1, val_min_images=15,
         neg_per_image=(3, 8), not_exhaustive_fraction=0.03, max_family_size=10,
+    ),
+    # The balanced control of `study` (docs/emoji_lvis.md): its 160 classes, bins and val split, every class
+    # in 70 training images (the study set's mean: a common class's count, and about as many images).
+    "study_balanced": EmojiPreset(
+        name="study_balanced", num_classes=160, max_images=220, classes_per_image=(4, 8), distractors=(1, 3),
+        image_size=(72, 96), object_size=(10, 40), val_fraction=0.1, val_min_images=15,
+        neg_per_image=(3, 8), not_exhaustive_fraction=0.03, max_family_size=10,
+        vocabulary="study", balanced_images=70,
     ),
     # LVIS size for GPUs: 1,203 classes (337 r / 461 c / 405 f), ~23,000 train images of 128-192 px.
     "lvis": EmojiPreset(
