@@ -125,7 +125,7 @@ def stop_jobs(jobs: Mapping[int, Job], grace_s: float = 60.0, settle_s: float = 
 
 def ensure_plan_data(plan: Sequence[VariantRun]) -> None:
     """Render every built-in data set the plan reads, once, before jobs start (two jobs must not both render it)."""
-    from stepwise.stages.common import ensure_builtin_data
+    from stepwise.stages.parts.data import ensure_builtin_data
 
     for data in {json.dumps(OmegaConf.to_container(run.config.data), sort_keys=True): run.config.data
                  for run in distinct_runs(plan)}.values():
