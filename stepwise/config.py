@@ -4,26 +4,28 @@
 ``DictConfig``. An override naming a key that no config defines raises :class:`ConfigError` naming that
 key (Hydra's ``+key=value`` form, which would add keys silently, is refused for the same reason).
 
-:func:`validate_config` checks the type and range of the values a training stage reads (``stage.epochs``
-an integer >= 1, ``stage.lr`` a number > 0, ``data.batch_size`` >= 1, ...) and :func:`check_run_dir`
-refuses to start a stage over an earlier run's checkpoints unless ``resume=true`` or ``overwrite=true``;
-the entry point runs both before it creates any directory.
+The composed config is checked once, there, against the schema (:mod:`stepwise.config_schema`: the type
+and range of every value a stage reads, ``stage.epochs`` an integer >= 1, ``stage.lr`` a number > 0,
+``data.batch_size`` >= 1, ...; :func:`validate_config`). :func:`check_run_dir` refuses to start a stage over
+an earlier run's checkpoints unless ``resume=true`` or ``overwrite=true``; the entry point runs it before
+it creates any directory.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from stepwise import config_schema
+from stepwise.config_schema import ConfigError
 from stepwise.utils import run_lock
 from stepwise.utils.io import atomic_write_text
 
@@ -41,15 +43,13 @@ def _synthetic_val_ann(root: str, negatives: Any) -> str:
 OmegaConf.register_new_resolver("synthetic_val_ann", _synthetic_val_ann, replace=True)
 
 
-class ConfigError(ValueError):
-    """A configuration problem the user must fix (unknown key, bad value, missing file)."""
-
-
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose ``configs/<config_name>.yaml`` with command-line style ``key=value`` overrides.
+    """Compose ``configs/<config_name>.yaml`` with command-line style ``key=value`` overrides and check it
+    against the schema once (:func:`validate_config`).
 
     Raises:
-        ConfigError: an override names an unknown key or group option, or uses ``+``/``++``.
+        ConfigError: an override names an unknown key or group option, or uses ``+``/``++``; a value breaks
+            its key's rule (type, range, choices; named in the message).
     """
     overrides = list(overrides)
     for item in overrides:
@@ -67,6 +67,8 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> D
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err, overrides)) from err
     OmegaConf.set_struct(cfg, True)
+    if "stage" in cfg:
+        validate_config(cfg)
     return cfg
 
 
@@ -86,13 +88,12 @@ def _explain(err: Exception, overrides: Sequence[str]) -> str:
 
 def cli_config(argv: Sequence[str] | None = None, config_name: str = "config",
                validate: bool = False) -> DictConfig:
-    """Compose the config from ``sys.argv``-style arguments (and with ``validate``, :func:`validate_config`
-    and :func:`check_run_dir`); print the error and exit with code 2 on a bad key or value."""
+    """Compose the config from ``sys.argv``-style arguments (checked by :func:`load_config`; with
+    ``validate`` also :func:`check_run_dir`); print the error and exit with code 2 on a bad key or value."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = load_config(argv, config_name=config_name)
         if validate:
-            validate_config(cfg)
             check_run_dir(cfg)
         return cfg
     except ConfigError as err:
@@ -104,100 +105,13 @@ def cli_config(argv: Sequence[str] | None = None, config_name: str = "config",
 
 
 # ----------------------------------------------------------------------------------------- value checks
-def _integer(minimum: int | None = None, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
-    def ok(v: Any) -> bool:
-        if v is None:
-            return optional
-        return isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum)
-    text = "an integer" + (f" >= {minimum}" if minimum is not None else "")
-    return ok, text + (" or null" if optional else "")
-
-
-def _number(minimum: float = 0.0, strict: bool = True, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
-    def ok(v: Any) -> bool:
-        if v is None:
-            return optional
-        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                and (v > minimum if strict else v >= minimum))
-    text = f"a number {'>' if strict else '>='} {minimum:g}"
-    return ok, text + (" or null" if optional else "")
-
-
-def _boolean() -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: isinstance(v, bool)), "true or false"
-
-
-def _int_list() -> tuple[Callable[[Any], bool], str]:
-    def ok(v: Any) -> bool:
-        return v is None or (isinstance(v, (list, tuple)) and all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
-    return ok, "a list of integers >= 0"
-
-
-def _negatives() -> tuple[Callable[[Any], bool], str]:
-    def ok(v: Any) -> bool:
-        if v in ("preset", "lvis"):
-            return True
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
-    return ok, "preset, lvis or a share in [0, 1]"
-
-
-def _choice(*options: str | None) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in options), "one of " + ", ".join("null" if o is None else o for o in options)
-
-
-TRAINING_STAGE_CHECKS = {
-    "epochs": _integer(1), "lr": _number(0), "lr_backbone": _number(0, strict=False),
-    "lr_linear_proj_mult": _number(0, strict=False), "weight_decay": _number(0, strict=False),
-    "lr_drop": _int_list(), "lr_gamma": _number(0), "clip_max_norm": _number(0, strict=False),
-    "grad_accum": _integer(1), "mixed_precision": _choice("no", "bf16", "fp16"),
-    "eval_every_epochs": _integer(0), "checkpoint_every_steps": _integer(0), "keep_last": _integer(0),
-    "log_every": _integer(0), "max_steps": _integer(1, optional=True),
-    "eval_batch_size": _integer(1, optional=True), "max_eval_images": _integer(1, optional=True),
-}
-DATA_CHECKS = {
-    "batch_size": _integer(1), "num_workers": _integer(0), "rfs_threshold": _number(0, optional=True),
-    "rfs_epoch": _choice("dataset", "repeated"),
-    "preflight": _boolean(), "preflight_decode_max": _integer(0), "allow_outside_root": _boolean(),
-    "negatives": _negatives(),
-}
-ROOT_CHECKS = {"seed": _integer(0), "resume": _boolean(), "overwrite": _boolean()}
-STEPWISE_CHECKS = {"min_images": _integer(1), "score_threshold": _number(0, strict=False),
-                   "score": _choice("class", "max")}
-RFS_CHECKS = {"mode": _choice("stepwise", "generic", None), "rounding": _choice("ceil", "stochastic"),
-              "threshold": _number(0), "epoch": _choice("replay_set", "repeated")}
-DISTILL_CHECKS = {"cls_layers": _choice("all", "last"), "fm_normalize": _choice("level_image", "pooled"),
-                  "lambda_fm": _number(0, strict=False), "lambda_cls": _number(0, strict=False),
-                  "temperature": _number(0)}
-
-
 def validate_config(cfg: DictConfig) -> None:
-    """Check the type and range of every value a stage reads; ConfigError naming the first bad key.
-
-    Training stages' nodes are ``stage`` (or ``stage.<step>`` for each training step of ``stage=all``).
-    Values that are still missing (``???``) are left to the code that needs them.
+    """Check the type and range of every value a stage reads against the schema
+    (:func:`stepwise.config_schema.validate`); ConfigError naming the first bad key. :func:`load_config` runs
+    it on every composed config; training stages' nodes are ``stage`` (or ``stage.<step>`` for each training
+    step of ``stage=all``). Values that are still missing (``???``) are left to the code that needs them.
     """
-    nodes: list[tuple[str, Any, dict]] = [("", cfg, ROOT_CHECKS), ("data.", cfg.data, DATA_CHECKS),
-                                          ("stepwise.", cfg.stepwise, STEPWISE_CHECKS),
-                                          ("stepwise.rfs.", cfg.stepwise.rfs, RFS_CHECKS),
-                                          ("distill.", cfg.distill, DISTILL_CHECKS)]
-    if cfg.stage.get("name") == "all":
-        nodes += [(f"stage.{step}.", cfg.stage[step], TRAINING_STAGE_CHECKS) for step in cfg.stage.get("steps", [])
-                  if step in cfg.stage and "epochs" in cfg.stage[step]]
-    elif "epochs" in cfg.stage:
-        nodes.append(("stage.", cfg.stage, TRAINING_STAGE_CHECKS))
-    for prefix, node, checks in nodes:
-        for key, (ok, expected) in checks.items():
-            if key not in node or OmegaConf.is_missing(node, key):
-                continue
-            try:
-                value = node[key]
-                if isinstance(value, (DictConfig, ListConfig)):
-                    value = OmegaConf.to_container(value, resolve=True)
-            except OmegaConfBaseException as err:
-                raise ConfigError(f"config key {prefix}{key}: {str(err).splitlines()[0]}") from err
-            if not ok(value):
-                raise ConfigError(f"config key {prefix}{key} must be {expected}, got {value!r}")
+    config_schema.validate(cfg)
 
 
 def run_dir_artifacts(run_dir: str | os.PathLike) -> list[Path]:

@@ -92,12 +92,43 @@ def test_recipe_sets_the_papers_lvis_run_and_command_line_still_wins():
     ("stepwise.rfs.epoch=all", r"stepwise.rfs.epoch must be one of replay_set, repeated"),
     ("stepwise.score=mean", r"stepwise.score must be one of class, max"),
     ("distill.cls_layers=first", r"distill.cls_layers must be one of all, last"),
+    ("stage=finetune stage.rfs=sqrt", r"stage.rfs must be one of stepwise, generic, null, got 'sqrt'"),
+    ("stage=all stage.distill.rfs=sqrt", r"stage.distill.rfs must be one of stepwise, generic, null"),
+    ("stage=finetune stage.replay_set=d_other", r"stage.replay_set='d_other': no rules stepwise.rfs.d_other"),
+    ("stage=all stage.finetune.replay_set=mode", r"stage.finetune.replay_set='mode': no rules stepwise.rfs.mode"),
+    ("stage=select stage.max_images=0", r"stage.max_images must be an integer >= 1 or null, got 0"),
 ])
 def test_bad_values_are_errors_that_name_the_key(override, named):
+    """Checked once, when the config is composed (stepwise.config_schema), with the key in the message."""
+    with pytest.raises(ConfigError, match=named):
+        load_config(override.split())
+
+
+def test_validate_config_is_the_same_check_on_a_changed_config():
     from stepwise.config import validate_config
 
-    with pytest.raises(ConfigError, match=named):
-        validate_config(load_config([override]))
+    cfg = load_config(["stage=all"])
+    validate_config(cfg)
+    cfg.stage.distill.lr = -1
+    with pytest.raises(ConfigError, match=r"config key stage.distill.lr must be a number > 0, got -1"):
+        validate_config(cfg)
+
+
+def test_replay_set_rule_applies_only_to_stepwise_sampling():
+    load_config(["stage=finetune", "stage.rfs=generic", "stage.replay_set=d_other"])  # no rules read
+
+
+def test_training_settings_share_the_schema_rules():
+    """TrainSettings (the engine's typed stage settings) checks its fields by the schema load_config uses."""
+    from stepwise.config_schema import TrainingStage, rules
+    from stepwise.engine import TrainSettings
+
+    shared = {f for f in TrainSettings.__dataclass_fields__} & set(rules(TrainingStage))
+    assert {"epochs", "lr", "mixed_precision", "max_steps", "keep_last"} <= shared
+    for name in shared:
+        bad = "abc" if name != "lr_drop" else ["a"]
+        with pytest.raises(ConfigError, match=f"config key stage.{name} must be {rules(TrainingStage)[name].expected}"):
+            TrainSettings(**{name: bad}).validate()
 
 
 def test_stage_all_checks_each_training_step():

@@ -292,7 +292,7 @@ def test_settings_from_config_and_validation():
     assert settings.lr_drop == (3, 5) and settings.mixed_precision == "bf16" and settings.resume
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainSettings(mixed_precision="fp8").validate()
-    with pytest.raises(ValueError, match=r"stage.epochs must be an integer, got 'abc'"):
+    with pytest.raises(ValueError, match=r"stage.epochs must be an integer >= 1, got 'abc'"):
         TrainSettings(epochs="abc").validate()
     with pytest.raises(ValueError, match=r"stage.lr must be a number > 0, got -1"):
         TrainSettings(lr=-1).validate()

@@ -3,7 +3,6 @@ the default forward and the weighted loss total, and the errors that stop a run.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -12,6 +11,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
+
+from stepwise.config_schema import TrainingStage, check
 
 ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
 PredictFn = Callable[[nn.Module, Any], list[dict[str, Any]]]
@@ -61,24 +62,10 @@ class TrainSettings:
         return settings
 
     def validate(self) -> None:
-        """Raise ValueError naming the bad option."""
-        for name in ("epochs", "grad_accum", "eval_every_epochs", "checkpoint_every_steps", "keep_last", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"stage.{name} must be an integer, got {value!r}")
-        for name in ("lr", "weight_decay", "lr_gamma", "clip_max_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0 or (name in ("lr", "lr_gamma") and value == 0):
-                raise ValueError(f"stage.{name} must be a number {'> 0' if name in ('lr', 'lr_gamma') else '>= 0'}, "
-                                 f"got {value!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"stage.mixed_precision must be no, bf16 or fp16, not {self.mixed_precision!r}")
-        for name in ("epochs", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"stage.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"stage.max_steps must be null or >= 1, got {self.max_steps}")
+        """Raise ValueError (:class:`~stepwise.config_schema.ConfigError`) naming the bad option: the training
+        stage schema's rules (:class:`stepwise.config_schema.TrainingStage`, the ones ``load_config`` checks)
+        applied to these fields, for settings that did not come through ``load_config``."""
+        check("stage.", {f.name: getattr(self, f.name) for f in fields(self)}, TrainingStage)
 
 
 def make_accelerator(settings: TrainSettings, run_dir: str | Path) -> Accelerator:

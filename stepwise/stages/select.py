@@ -153,8 +153,6 @@ def build_replay_sets(cfg: Any, scores_path: Path, run_dir: Path) -> dict[str, A
     index = AnnotationIndex.read(cfg.data.train_ann, "training annotation file")
     categories = CategoryMap.from_index(index)
     table = ScoreTable.read_jsonl(scores_path)
-    if stage.score not in ("class", "max"):
-        raise ValueError(f"stepwise.score: unknown {stage.score!r}; choose class or max")
     if stage.score == "max":  # the public code's score: the matched prediction's top class probability
         if table.max_score is None:
             raise ValueError(f"{scores_path} has no max_score column (written by an older stepwise): delete it "

@@ -21,16 +21,10 @@ from stepwise.stages.parts.model import build_model
 from stepwise.stages.parts.trainer import StageParts
 from stepwise.utils.io import atomic_write_json
 
-RFS_MODES = ("stepwise", "generic", None)
-
-
 def full_categories(cfg: Any) -> Any:
     """The category map of the full training file ``data.train_ann``: a replay set holds a subset of the
     annotations, but class frequencies, counts (grouped heads, RFS bins, AP1..AP4) describe the data set."""
     return CategoryMap.from_index(AnnotationIndex.read(cfg.data.train_ann, "training annotation file"))
-
-
-EPOCHS = ("replay_set", "repeated")
 
 
 def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any
@@ -42,17 +36,13 @@ def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any
     file's image counts ``categories.image_counts``), "generic" (detectron2's rule with
     ``stepwise.rfs.threshold`` for every class) or None (all factors 1); rounding ``stepwise.rfs.rounding``.
     ``stepwise.rfs.epoch``: "replay_set" (as many samples per epoch as the set has images, drawn from the
-    shuffled repeated list: the public samplers' epoch) or "repeated" (the whole repeated list).
+    shuffled repeated list: the public samplers' epoch) or "repeated" (the whole repeated list). The values
+    were checked when the config was composed (:mod:`stepwise.config_schema`: ``ReplayStage``, ``StepwiseRfs``
+    and the ``replay_set`` rule).
     """
     mode, rfs = cfg.stage.rfs, cfg.stepwise.rfs
-    if mode not in RFS_MODES:
-        raise ValueError(f"stage.rfs: unknown mode {mode!r}; choose stepwise, generic or null")
-    if rfs.epoch not in EPOCHS:
-        raise ValueError(f"stepwise.rfs.epoch: unknown {rfs.epoch!r}; choose one of {EPOCHS}")
     if mode == "stepwise":
         replay_set = str(cfg.stage.replay_set)
-        if replay_set not in rfs:
-            raise ValueError(f"stage.replay_set={replay_set!r}: no rules stepwise.rfs.{replay_set}")
         rules = GroupRule.parse(rfs[replay_set], where=f"stepwise.rfs.{replay_set}")
         names = group_names(rules)
     else:  # generic: one rule over every class; uniform: no rule at all
