@@ -114,6 +114,30 @@ def validate_config(cfg: DictConfig) -> None:
     config_schema.validate(cfg)
 
 
+# ------------------------------------------------------------------------------ where a stage starts from
+ROOT_SOURCES = ("init_from", "checkpoint")  # root keys that win over the stage node's key of the same name
+
+
+def starting_point(cfg: DictConfig, key: str) -> str | None:
+    """Where a stage starts, the one rule (select's ``checkpoint`` to score with, the training stages'
+    ``init_from`` weights): the root ``key`` when set (``init_from=`` / ``checkpoint=`` on the command line
+    win), else the stage node's ``stage.<key>`` (finetune/distill/select default to the earlier step's run
+    directory), else None. In ``stage=all`` the root keys belong to the first step only
+    (:func:`step_sources`)."""
+    return cfg.get(key) or cfg.stage.get(key) or None
+
+
+def step_sources(cfg: DictConfig, step: str) -> None:
+    """``stage=all``'s step ``step``: a step that reads earlier steps' run directories (its registry ``inputs``:
+    select, finetune, distill) starts from them, so the root :data:`ROOT_SOURCES` are cleared for it; a step
+    without inputs (pretrain) keeps them. ``cfg`` is the step's config (struct mode off)."""
+    from stepwise.stages.registry import STAGES
+
+    if step in STAGES and STAGES[step].inputs:
+        for key in ROOT_SOURCES:
+            cfg[key] = None
+
+
 def run_dir_artifacts(run_dir: str | os.PathLike) -> list[Path]:
     """The checkpoints an earlier run left in ``run_dir`` (``checkpoints/step_*.pt``, ``checkpoint_final.pt``)."""
     run_dir = Path(run_dir)

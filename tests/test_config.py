@@ -211,3 +211,22 @@ def test_study_proxy_scales_rfs_so_a_class_gets_its_lvis_repeat_factor():
     for n in (3, 30, 100):
         assert factor(n, train_images, cfg.stepwise.rfs.threshold) == pytest.approx(factor(n, 100_170, 0.001), rel=0.02)
     assert load_config(["recipe=study_proxy", "data=lvis_v1", "data.root=/x"]).data.name == "lvis_v1"
+
+
+def test_root_init_from_and_checkpoint_win_and_stage_all_keeps_them_for_pretrain_only(tmp_path):
+    """One rule (stepwise.config.starting_point) for finetune, distill, select and each step of stage=all."""
+    from stepwise.config import starting_point
+    from stepwise.stages.all import step_config
+
+    root = f"output_root={tmp_path}"
+    assert starting_point(load_config([root, "stage=finetune", "init_from=/w.pt"]), "init_from") == "/w.pt"
+    assert starting_point(load_config([root, "stage=distill"]), "init_from") == f"{tmp_path}/default/finetune"
+    assert starting_point(load_config([root, "stage=select", "checkpoint=/c.pt"]), "checkpoint") == "/c.pt"
+    assert starting_point(load_config([root]), "init_from") is None
+    cfg = load_config([root, "stage=all", "init_from=/w.pt", "checkpoint=/c.pt"])
+    assert starting_point(step_config(cfg, "pretrain"), "init_from") == "/w.pt"
+    for step in ("select", "finetune", "distill"):
+        sub = step_config(cfg, step)
+        assert sub.init_from is None and sub.checkpoint is None
+    assert starting_point(step_config(cfg, "select"), "checkpoint") == f"{tmp_path}/default/pretrain"
+    assert starting_point(step_config(cfg, "finetune"), "init_from") == f"{tmp_path}/default/pretrain"

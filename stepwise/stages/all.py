@@ -9,7 +9,8 @@ Each step gets the current config with ``stage`` set to its own node ``stage.<st
 steps ``checkpoint_final.pt`` and ``eval/metrics.json``; select: both replay sets); a training step that was
 interrupted resumes from its last checkpoint (one without a step checkpoint to resume from starts again:
 ``overwrite`` is set for it). Root ``init_from``/``checkpoint`` apply to pretrain only: the later steps read
-the earlier steps' directories.
+the earlier steps' directories (:func:`stepwise.config.step_sources`, the rule of
+:func:`stepwise.config.starting_point`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stepwise.analysis.steps import plot_ap_by_frequency, read_per_class, step_table
 from stepwise.checkpoint import find_latest
-from stepwise.config import ConfigError
+from stepwise.config import ConfigError, step_sources
 from stepwise.stages import run_stage, stage_spec
 from stepwise.utils.io import atomic_write_json, atomic_write_text
 
@@ -43,9 +44,7 @@ def step_config(cfg: DictConfig, step: str) -> DictConfig:
     sub = cfg.copy()
     with open_dict(sub):
         sub.stage = cfg.stage[step]
-        if step != "pretrain":
-            sub.init_from = None
-            sub.checkpoint = None
+        step_sources(sub, step)  # root init_from/checkpoint: the first step's only
     set_resume(sub, bool(cfg.overwrite))  # an interrupted step continues
     OmegaConf.set_struct(sub, True)
     return sub

@@ -33,6 +33,7 @@ import torch
 from accelerate import Accelerator
 from torchvision.ops import box_convert, box_iou
 
+from stepwise.config import starting_point
 from stepwise.data.annotation_index import AnnotationIndex
 from stepwise.data.categories import CategoryMap
 from stepwise.data.loaders import build_dataset, build_eval_loader
@@ -49,8 +50,9 @@ OUTPUTS = ("d_head.json", "d_tail.json")  # the step is done when both replay se
 
 
 def selection_source(cfg: Any) -> str:
-    """The checkpoint to score with: root ``checkpoint=`` when given, else ``stage.checkpoint``."""
-    source = cfg.checkpoint or cfg.stage.checkpoint
+    """The checkpoint to score with: root ``checkpoint=`` when given, else ``stage.checkpoint``
+    (:func:`stepwise.config.starting_point`)."""
+    source = starting_point(cfg, "checkpoint")
     if not source:
         raise ValueError("stage=select needs a pretrained model: set checkpoint=<file or run dir>")
     return str(source)

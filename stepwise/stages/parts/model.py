@@ -9,14 +9,16 @@ from typing import Any
 from accelerate import Accelerator
 
 from stepwise.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
+from stepwise.config import starting_point
 from stepwise.models import Detector, build_detector, freeze_batch_norm, trainable_only
 
 
 def build_model(cfg: Any, categories: Any, accelerator: Accelerator, init_from: str | None = None,
                 reinit: Sequence[str] = ()) -> Detector:
     """The detector (``Detector``: network, criterion, post-processing) with ``init_from`` weights (default
-    ``cfg.init_from``; report printed) and only the ``stage.trainable`` parameter prefixes trainable. The
-    criterion averages ``num_boxes`` over processes by Accelerate.
+    the stage's starting point, root ``init_from`` else ``stage.init_from``:
+    :func:`stepwise.config.starting_point`; report printed) and only the ``stage.trainable`` parameter
+    prefixes trainable. The criterion averages ``num_boxes`` over processes by Accelerate.
 
     ``reinit``: parameter-name prefixes *not* loaded (they keep their fresh initialisation, e.g. a class
     head re-trained from scratch); tensors whose shape differs from the checkpoint's are skipped anyway.
@@ -29,7 +31,7 @@ def build_model(cfg: Any, categories: Any, accelerator: Accelerator, init_from: 
     prefixes = cfg.stage.trainable
     if prefixes and not any(p.rstrip(".") == "backbone" or p.startswith("backbone.") for p in prefixes):
         freeze_batch_norm(model.backbone)
-    source = init_from if init_from is not None else cfg.init_from
+    source = init_from if init_from is not None else starting_point(cfg, "init_from")
     if source:
         load_initial_weights(model, source, reinit, accelerator)
     if prefixes:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from stepwise.config import starting_point
 from stepwise.data.annotation_index import AnnotationIndex
 from stepwise.data.categories import CategoryMap
 from stepwise.data.samplers import (GroupRule, dataset_classes, group_names, image_repeat_factors,
@@ -64,7 +65,7 @@ def replay_repeat_factors(cfg: Any, train_ds: Any, categories: Any
 def build_replay_stage(cfg: Any) -> StageParts:
     """Everything a replay stage trains with: data of ``stage.train_ann`` with the full training file's
     category map, the sampler's factors (written to ``<run_dir>/repeat_factors.json``), and the model from
-    ``stage.init_from`` (root ``init_from`` wins) with ``stage.reinit`` prefixes left fresh."""
+    ``stage.init_from`` (root ``init_from`` wins: :func:`stepwise.config.starting_point`) with ``stage.reinit`` prefixes left fresh."""
     settings = TrainSettings.from_config(cfg)
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(settings, run_dir)
@@ -81,7 +82,7 @@ def build_replay_stage(cfg: Any) -> StageParts:
                       f"{report['repeated_length']:.0f}; samples per epoch by group, uniform -> RFS: {shares}")
     train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, repeat_factors=factors,
                                                     epoch_length=epoch_length)
-    init_from = cfg.init_from or cfg.stage.init_from
-    model = build_model(cfg, categories, accelerator, init_from=str(init_from),
-                               reinit=list(cfg.stage.reinit or ()))
+    if starting_point(cfg, "init_from") is None:
+        raise ValueError(f"stage={cfg.stage.name} needs weights to start from: set stage.init_from (or init_from=)")
+    model = build_model(cfg, categories, accelerator, reinit=list(cfg.stage.reinit or ()))
     return StageParts(cfg, settings, accelerator, categories, model, train_loader, val_loader)
