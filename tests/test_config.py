@@ -230,3 +230,14 @@ def test_root_init_from_and_checkpoint_win_and_stage_all_keeps_them_for_pretrain
         assert sub.init_from is None and sub.checkpoint is None
     assert starting_point(step_config(cfg, "select"), "checkpoint") == f"{tmp_path}/default/pretrain"
     assert starting_point(step_config(cfg, "finetune"), "init_from") == f"{tmp_path}/default/pretrain"
+
+
+@pytest.mark.parametrize("head", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "head").glob("*.yaml")))
+def test_every_head_composes_the_one_metric_learning_block(head):
+    """head.metric_learning comes from configs/head/metric_learning/default.yaml (a defaults entry), not a copy."""
+    configs = Path(__file__).resolve().parents[1] / "configs" / "head"
+    block = OmegaConf.load(configs / "metric_learning" / "default.yaml")
+    assert "metric_learning" not in OmegaConf.load(configs / f"{head}.yaml")
+    cfg = load_config([f"head={head}"])
+    assert cfg.head.metric_learning == block and list(cfg.head)[-1] == "metric_learning"
+    assert load_config([f"head={head}", "head.metric_learning.knn_k=7"]).head.metric_learning.knn_k == 7
