@@ -124,7 +124,7 @@ def starting_point(cfg: DictConfig, key: str) -> str | None:
     win), else the stage node's ``stage.<key>`` (finetune/distill/select default to the earlier step's run
     directory), else None. In ``stage=all`` the root keys belong to the first step only
     (:func:`step_sources`)."""
-    return cfg.get(key) or cfg.stage.get(key) or None
+    return getattr(cfg, key, None) or getattr(cfg.stage, key, None) or None  # any object with attributes
 
 
 def step_sources(cfg: DictConfig, step: str) -> None:

@@ -244,6 +244,8 @@ def validate(cfg: DictConfig) -> None:
 
 def cross_checks(cfg: DictConfig) -> None:
     """The rules that join two nodes (see the module docstring)."""
+    if cfg.stage.get("name") != "all" and stage_schema(cfg.stage) is ReplayStage:
+        check_replay_sampling(cfg)
     for prefix, node in stage_nodes(cfg):
         if stage_schema(node) is not ReplayStage or OmegaConf.is_missing(node, "rfs") or node.rfs != "stepwise":
             continue
@@ -252,3 +254,22 @@ def cross_checks(cfg: DictConfig) -> None:
         if replay_set in rules(StepwiseRfs) or not isinstance(rules_of, ListConfig):
             raise ConfigError(f"config key {prefix}replay_set={replay_set!r}: no rules stepwise.rfs.{replay_set} "
                               f"(stage.rfs=stepwise samples by the rule list it names: d_head or d_tail)")
+
+
+# What a replay stage would otherwise ignore: data.rfs_* -> (its default, the key the replay stage reads instead).
+PRETRAIN_SAMPLING = {"rfs_threshold": (None, "stage.rfs=generic with stepwise.rfs.threshold"),
+                     "rfs_epoch": ("dataset", "stepwise.rfs.epoch")}
+
+
+def check_replay_sampling(cfg: DictConfig) -> None:
+    """A replay stage run alone (``stage=finetune``/``distill``) samples its replay set by ``stage.rfs`` and
+    ``stepwise.rfs``, never by ``data.rfs_*`` (pre-training's sampling of ``data.train_ann``): one of them set
+    away from its default would be ignored, so it is an error naming the key. In ``stage=all`` (and a study)
+    the ``data`` block is shared by the steps: there ``data.rfs_*`` is pretrain's and is accepted."""
+    for name, (default, instead) in PRETRAIN_SAMPLING.items():
+        if name in cfg.data and not OmegaConf.is_missing(cfg.data, name) and cfg.data[name] != default:
+            raise ConfigError(
+                f"config key data.{name}={cfg.data[name]!r}: stage={cfg.stage.name} samples its replay set by "
+                f"stage.rfs and stepwise.rfs, not by data.rfs_* (pre-training's sampling of data.train_ann); leave "
+                f"data.{name}={'null' if default is None else default} and use {instead} "
+                f"(docs/interfaces.md, \"Sampling (RFS)\")")

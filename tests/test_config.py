@@ -241,3 +241,18 @@ def test_every_head_composes_the_one_metric_learning_block(head):
     cfg = load_config([f"head={head}"])
     assert cfg.head.metric_learning == block and list(cfg.head)[-1] == "metric_learning"
     assert load_config([f"head={head}", "head.metric_learning.knn_k=7"]).head.metric_learning.knn_k == 7
+
+
+@pytest.mark.parametrize("stage", ["finetune", "distill"])
+@pytest.mark.parametrize("override, named", [
+    ("data.rfs_threshold=0.001", r"config key data.rfs_threshold=0.001: stage=\w+ samples its replay set by stage.rfs"),
+    ("data.rfs_epoch=repeated", r"config key data.rfs_epoch='repeated': .* use stepwise.rfs.epoch"),
+])
+def test_replay_stage_alone_refuses_pretrainings_sampling_keys(stage, override, named):
+    """Before: data.rfs_* was silently ignored by stage=finetune/distill (they sample by stage.rfs)."""
+    with pytest.raises(ConfigError, match=named):
+        load_config([f"stage={stage}", override])
+    load_config([f"stage={stage}", "stage.rfs=generic", "stepwise.rfs.threshold=0.01"])  # the replay stage's keys
+    load_config(["stage=pretrain", override])  # pre-training reads them
+    cfg = load_config(["stage=all", override])  # shared by the steps: pretrain's
+    assert cfg.stage[stage].rfs == "stepwise"
