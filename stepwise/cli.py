@@ -1,4 +1,5 @@
-"""What every ``key=value`` entry point shares: the usage error (exit code 2) and argument parsing.
+"""What every ``key=value`` entry point shares: the usage error (exit code 2), argument parsing and
+:func:`main`, the ``-h`` / error / exit-code frame around an entry point's work.
 
 Entry points whose arguments are all config overrides (``stepwise.run``, ``stepwise.select_exemplars``) go
 through :func:`stepwise.config.cli_config` instead; both refuse Hydra's ``+key=value`` (it would add a key
@@ -8,7 +9,12 @@ silently).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+import sys
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Errors = tuple[type[BaseException], ...]
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -72,3 +78,33 @@ def parse_number(key: str, text: str) -> float:
 def wants_help(argv: Sequence[str]) -> bool:
     """True for ``-h`` / ``--help`` as the first argument."""
     return bool(argv) and argv[0] in ("-h", "--help")
+
+
+def main(argv: Sequence[str] | None, usage: str, run: Callable[[list[str]], T],
+         finish: Callable[[T], int] | None = None, *, help: str | None = None, usage_errors: Errors = (),
+         refused: Errors = (), failures: Errors = ()) -> int:
+    """The frame of an entry point; returns its exit code.
+
+    ``argv`` (default ``sys.argv[1:]``) starting with ``-h``/``--help`` prints ``help`` (default ``usage``)
+    and returns 0. Otherwise ``run(argv)``: a UsageError (or one of ``usage_errors``) prints
+    ``error: ...`` and the usage to stderr and returns 2; one of ``refused`` prints ``error: ...`` and
+    returns 2; an OSError or ValueError (or one of ``failures``) prints ``error: ...`` and returns 1. Without
+    an error the result is ``finish(run's result)`` (outside the error handling), or run's own result as
+    the exit code when there is no ``finish``.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if wants_help(args):
+        print(usage if help is None else help)
+        return 0
+    try:
+        result: Any = run(args)
+    except (UsageError, *usage_errors) as err:
+        print(f"error: {err}\n{usage}", file=sys.stderr)
+        return 2
+    except refused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, *failures) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return result if finish is None else finish(result)

@@ -33,7 +33,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stepwise.cli import UsageError, parse_args, parse_bool, parse_int, wants_help
+from stepwise import cli
+from stepwise.cli import UsageError, parse_args, parse_bool, parse_int
 from stepwise.evaluation import evaluate_lvis
 from stepwise.utils import run_lock
 from stepwise.utils.io import atomic_write_json, atomic_write_text
@@ -286,24 +287,15 @@ def select_mode(args: dict[str, str]) -> Mode:
     return mode
 
 
+def _run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    return select_mode(args).run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if wants_help(argv):
-        print(_usage())
-        return 0
-    try:
-        args = parse_args(argv)
-        return select_mode(args).run(args)
-    except UsageError as err:
-        print(f"error: {err}\n{_usage()}", file=sys.stderr)
-        return 2
-    except run_lock.DirectoryBusy as err:  # another evaluation writes into the same out=
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    try:  # DirectoryBusy: another evaluation writes into the same out=
+        return cli.main(argv, _usage(), _run, refused=(run_lock.DirectoryBusy,))
     finally:
         run_lock.release_all()
 

@@ -25,7 +25,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from stepwise.analysis.draw import class_color, display_scale, draw_boxes, enlarge
-from stepwise.cli import UsageError, parse_args, parse_int, parse_number, wants_help
+from stepwise import cli
+from stepwise.cli import UsageError, parse_args, parse_int, parse_number
 from stepwise.config import ConfigError
 from stepwise.data.annotation_index import AnnotationIndex
 from stepwise.data.lvis_dataset import image_path
@@ -212,33 +213,24 @@ def visualize(checkpoint: str | Path, images: str | Path | Sequence[Path], out: 
     return VisualizeResult(written, failed)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if wants_help(argv):
-        print(USAGE)
-        return 0
+def _run(argv: list[str]) -> VisualizeResult:
+    given = parse_args(argv)
+    missing = [k for k in ("checkpoint", "images") if k not in given]
+    if missing:
+        raise UsageError(f"missing key(s): {', '.join(missing)}")
+    args = {**{k: v for k, v in OPTIONS.items() if v is not None}, **given}
+    overrides = [f"{k}={v}" for k, v in given.items() if k not in OPTIONS]
+    score_threshold = parse_number("score_threshold", args["score_threshold"])
+    max_dets, min_side = parse_int("max_dets", args["max_dets"], minimum=1), parse_int("min_side", args["min_side"])
+    device = None if args["device"] == "auto" else args["device"]
     try:
-        given = parse_args(argv)
-        missing = [k for k in ("checkpoint", "images") if k not in given]
-        if missing:
-            raise UsageError(f"missing key(s): {', '.join(missing)}")
-        args = {**{k: v for k, v in OPTIONS.items() if v is not None}, **given}
-        overrides = [f"{k}={v}" for k, v in given.items() if k not in OPTIONS]
-        score_threshold = parse_number("score_threshold", args["score_threshold"])
-        max_dets, min_side = parse_int("max_dets", args["max_dets"], minimum=1), parse_int("min_side", args["min_side"])
-        device = None if args["device"] == "auto" else args["device"]
-        result = visualize(args["checkpoint"], args["images"], args.get("out"), score_threshold, max_dets,
-                           args.get("gt"), min_side, overrides, device)
-    except UsageError as err:
-        print(f"error: {err}\n{USAGE}", file=sys.stderr)
-        return 2
-    except ConfigError as err:
-        print(f"error: {err} (keys of this command: {', '.join(OPTIONS)})", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as err:  # CheckpointError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return visualize(args["checkpoint"], args["images"], args.get("out"), score_threshold, max_dets,
+                         args.get("gt"), min_side, overrides, device)
+    except ConfigError as err:  # exit code 2, naming this command's own keys
+        raise ConfigError(f"{err} (keys of this command: {', '.join(OPTIONS)})") from err
+
+
+def _finish(result: VisualizeResult) -> int:
     for path in result.written:
         print(f"wrote {path}")
     if result.failed:
@@ -246,6 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               + "; ".join(str(p) for p, _ in result.failed), file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    return cli.main(argv, USAGE, _run, _finish, refused=(ConfigError,))  # CheckpointError is a ValueError
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 
 from stepwise import cli
 from stepwise.analysis.errors import _image_rows, box_iou_xywh
-from stepwise.cli import UsageError, wants_help
+from stepwise.cli import UsageError
 from stepwise.utils.io import atomic_write_json
 
 USAGE = ("usage: python -m stepwise.analysis.confusion gt=VAL.json predictions=P.json classes=CLASSES.tsv "
@@ -137,31 +137,29 @@ def parse_args(argv: Sequence[str]) -> dict:
     return {**args, "bins": bins, "iou": iou, "pairs": int(cli.parse_number("pairs", args.get("pairs", "15")))}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if wants_help(argv):
-        print(USAGE)
-        return 0
-    try:
-        a = parse_args(argv)
-        from stepwise.evaluation.inputs import load_gt, load_predictions
+def _run(argv: list[str]) -> tuple[dict, dict]:
+    """The arguments and the confusion result (``main``'s work before any output)."""
+    a = parse_args(argv)
+    from stepwise.evaluation.inputs import load_gt, load_predictions
 
-        gt, _, _ = load_gt(a["gt"])
-        family = read_families(a["classes"], [c["name"] for c in gt["categories"]])
-        dets = load_predictions(a["predictions"], gt, gt_source=a["gt"]).detections
-        result = confusion(gt, dets, family, a["bins"], a["iou"])
-    except UsageError as err:
-        print(f"error: {err}\n{USAGE}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    gt, _, _ = load_gt(a["gt"])
+    family = read_families(a["classes"], [c["name"] for c in gt["categories"]])
+    dets = load_predictions(a["predictions"], gt, gt_source=a["gt"]).detections
+    return a, confusion(gt, dets, family, a["bins"], a["iou"])
+
+
+def _finish(done: tuple[dict, dict]) -> int:
+    a, result = done
     print(format_report(result, a["pairs"]))
     if a.get("out"):
         atomic_write_json(a["out"], {"gt": a["gt"], "predictions": a["predictions"], **result})
         print(f"wrote {a['out']}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stepwise.analysis.confusion`` on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    return cli.main(argv, USAGE, _run, _finish)
 
 
 if __name__ == "__main__":

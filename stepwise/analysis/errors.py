@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stepwise import cli
-from stepwise.cli import UsageError, wants_help
+from stepwise.cli import UsageError
 from stepwise.utils.io import atomic_write_json
 
 USAGE = ("usage: python -m stepwise.analysis.errors gt=VAL.json predictions=A.json [predictions=B.json ...] "
@@ -179,32 +179,30 @@ def parse_args(argv: Sequence[str]) -> dict:
             "edges": edges, "iou": iou, "top": top, "out": args.get("out")}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if wants_help(argv):
-        print(USAGE)
-        return 0
-    try:
-        a = parse_args(argv)
-        from stepwise.evaluation.inputs import load_gt, load_predictions
+def _run(argv: list[str]) -> tuple[dict, list]:
+    """The arguments and one error count per predictions file (``main``'s work before any output)."""
+    a = parse_args(argv)
+    from stepwise.evaluation.inputs import load_gt, load_predictions
 
-        gt, _, _ = load_gt(a["gt"])
-        groups = class_groups(gt, a["train_gt"], a["edges"])
-        results = [count_errors(gt, load_predictions(p, gt, gt_source=a["gt"]).detections, groups, label,
-                                a["iou"], a["top"]) for p, label in zip(a["predictions"], a["labels"])]
-    except UsageError as err:
-        print(f"error: {err}\n{USAGE}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    gt, _, _ = load_gt(a["gt"])
+    groups = class_groups(gt, a["train_gt"], a["edges"])
+    return a, [count_errors(gt, load_predictions(p, gt, gt_source=a["gt"]).detections, groups, label,
+                            a["iou"], a["top"]) for p, label in zip(a["predictions"], a["labels"])]
+
+
+def _finish(done: tuple[dict, list]) -> int:
+    a, results = done
     print(format_table(results))
     if a["out"]:
         atomic_write_json(a["out"], {"gt": a["gt"], "iou": a["iou"], "top": a["top"], "edges": a["edges"],
                                      "results": [{**asdict(r), "fractions": r.fractions()} for r in results]})
         print(f"wrote {a['out']}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stepwise.analysis.errors`` on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    return cli.main(argv, USAGE, _run, _finish)
 
 
 if __name__ == "__main__":

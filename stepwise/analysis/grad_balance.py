@@ -40,7 +40,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from stepwise.cli import UsageError, parse_args, parse_bool, parse_int, wants_help
+from stepwise import cli
+from stepwise.cli import UsageError, parse_args, parse_bool, parse_int
 from stepwise.utils.io import atomic_write_json
 
 USAGE = ("usage: python -m stepwise.analysis.grad_balance [checkpoint=RUN_OR_FILE] [batches=4] [out=FILE.json] "
@@ -271,24 +272,15 @@ def parse(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     return options, overrides
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    from stepwise.checkpoint import CheckpointError
-    from stepwise.config import ConfigError
+def _run(argv: list[str]) -> tuple[dict, list[str], dict]:
+    """The options, the overrides and the measurement (``main``'s work before any output)."""
+    options, overrides = parse(argv)
+    result, _ = run(options["checkpoint"], overrides, options["batches"], options["device"])
+    return options, overrides, result
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if wants_help(argv):
-        print(__doc__)
-        return 0
-    try:
-        options, overrides = parse(argv)
-        result, _ = run(options["checkpoint"], overrides, options["batches"], options["device"])
-    except (UsageError, ConfigError) as err:
-        print(f"error: {err}\n{USAGE}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def _finish(done: tuple[dict, list[str], dict]) -> int:
+    options, overrides, result = done
     label = options["checkpoint"] or "initialisation"
     print(f"trunk gradient per loss term: {label}, head={result['head']['name']}"
           f"{' (' + ' '.join(overrides) + ')' if overrides else ''}")
@@ -297,6 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_json(Path(options["out"]), _json_safe(result), indent=1)
         print(f"wrote {options['out']}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stepwise.analysis.grad_balance`` on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    from stepwise.checkpoint import CheckpointError
+    from stepwise.config import ConfigError
+
+    return cli.main(argv, USAGE, _run, _finish, help=__doc__, usage_errors=(ConfigError,),
+                    failures=(CheckpointError,))
 
 
 if __name__ == "__main__":

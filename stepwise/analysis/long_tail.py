@@ -28,7 +28,7 @@ from pathlib import Path
 
 from stepwise import cli
 from stepwise.analysis.steps import plot_ap_by_frequency, read_per_class
-from stepwise.cli import UsageError, wants_help
+from stepwise.cli import UsageError
 from stepwise.utils.io import atomic_write_json
 
 USAGE = ("usage: python -m stepwise.analysis.long_tail run=RUN_DIR [run=...] [control=RUN_DIR ...] [epoch=N] "
@@ -127,32 +127,25 @@ def _mean_per_class(tables: list[list[dict]]) -> list[dict]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if wants_help(argv):
-        print(USAGE)
-        return 0
-    try:
-        args = cli.parse_args(argv, repeatable=("run", "control"))
-        if unknown := sorted(set(args) - {"run", "control", "epoch", "out"}):
-            raise UsageError(f"unknown key(s) {unknown}; known: run, control, epoch, out")
-        if not args.get("run"):
-            raise UsageError("need at least one run=")
-        epoch = cli.parse_int("epoch", args["epoch"], minimum=1) if "epoch" in args else None
-        runs = [read_run(r, epoch) for r in args["run"]]
-        control = [read_run(r, epoch) for r in args.get("control", [])]
-        print(format_report(runs, control))
-        if "out" in args:
-            write_outputs(Path(args["out"]), runs, control)
-            print(f"wrote {Path(args['out']) / 'long_tail.json'} and ap_by_class.png")
-    except UsageError as err:
-        print(f"error: {err}\n{USAGE}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def _run(argv: list[str]) -> int:
+    args = cli.parse_args(argv, repeatable=("run", "control"))
+    if unknown := sorted(set(args) - {"run", "control", "epoch", "out"}):
+        raise UsageError(f"unknown key(s) {unknown}; known: run, control, epoch, out")
+    if not args.get("run"):
+        raise UsageError("need at least one run=")
+    epoch = cli.parse_int("epoch", args["epoch"], minimum=1) if "epoch" in args else None
+    runs = [read_run(r, epoch) for r in args["run"]]
+    control = [read_run(r, epoch) for r in args.get("control", [])]
+    print(format_report(runs, control))
+    if "out" in args:
+        write_outputs(Path(args["out"]), runs, control)
+        print(f"wrote {Path(args['out']) / 'long_tail.json'} and ap_by_class.png")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stepwise.analysis.long_tail`` on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    return cli.main(argv, USAGE, _run, failures=(KeyError,))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from stepwise import cli
-from stepwise.cli import UsageError, wants_help
+from stepwise.cli import UsageError
 from stepwise.heads.inference import class_weight_norms
 from stepwise.trained import load_trained_model
 from stepwise.utils.io import atomic_path, atomic_write_text
@@ -119,21 +119,14 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], str]:
     return checkpoints, labels, out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if wants_help(argv):
-        print(USAGE)
-        return 0
-    try:
-        checkpoints, labels, out = parse_args(argv)
-        curves = [checkpoint_norms(c, labels[i] if labels else None) for i, c in enumerate(checkpoints)]
-    except UsageError as err:
-        print(f"error: {err}\n{USAGE}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, NotImplementedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def _run(argv: list[str]) -> tuple[list, str]:
+    """The weight-norm curves and ``out`` (``main``'s work before any output)."""
+    checkpoints, labels, out = parse_args(argv)
+    return [checkpoint_norms(c, labels[i] if labels else None) for i, c in enumerate(checkpoints)], out
+
+
+def _finish(done: tuple[list, str]) -> int:
+    curves, out = done
     seen: dict[str, int] = {}
     for curve in curves:  # two runs of one head and stage: tell them apart by file
         seen[curve.label] = seen.get(curve.label, 0) + 1
@@ -148,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{np.median(norms):.4g} max {norms.max():.4g}")
     print(f"wrote {png} and {table}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stepwise.analysis.weight_norms`` on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    return cli.main(argv, USAGE, _run, _finish, failures=(NotImplementedError,))
 
 
 if __name__ == "__main__":
