@@ -47,9 +47,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stepwise.data.generate.common import (
-    check_output_free,
     count_classes,
-    default_workers,
     ensure_generated,
     lvis_annotation,
     lvis_category,
@@ -58,7 +56,7 @@ from stepwise.data.generate.common import (
     make_split_folders,
     read_meta_file,
     render_batches,
-    write_atomically,
+    write_plan,
 )
 from stepwise.data.generate.emoji_artwork import (
     ARTWORK_PACKAGE,
@@ -224,10 +222,8 @@ def generate(out_dir: str | os.PathLike, preset: str | EmojiPreset = "study", se
     :func:`stepwise.data.synthetic.generate` does (same interrupt handling). ``workers`` processes render
     (default: up to 8 CPUs); the bytes do not depend on it. Returns ``out_dir``.
     """
-    out = check_output_free(out_dir, "emoji data output")
-    plan = plan_dataset(preset, seed)
-    summary = write_atomically(out, lambda tmp: _write_dataset(tmp, plan, default_workers() if workers is None
-                                                               else workers, verbose))
+    out, _, summary = write_plan(out_dir, "emoji data output", lambda: plan_dataset(preset, seed), _write_dataset,
+                                 workers, verbose)
     if verbose:
         print(f"wrote {out}\n{format_summary(summary)}", flush=True)
     return out

@@ -43,8 +43,6 @@ from pathlib import Path
 
 from stepwise.data.generate.common import (
     SPLIT_FOLDERS,
-    check_output_free,
-    default_workers,
     ensure_generated,
     frequency_of,
     lvis_annotation,
@@ -54,7 +52,7 @@ from stepwise.data.generate.common import (
     read_meta_file,
     remove_stale_temporaries,
     render_batches,
-    write_atomically,
+    write_plan,
 )
 from stepwise.data.generate.shapes_plan import design_classes, plan_dataset, plan_instance_counts
 from stepwise.data.generate.shapes_presets import (
@@ -148,10 +146,8 @@ def generate(out_dir: str | os.PathLike, preset: str | Preset = "small", seed: i
     (Linux) and the next call removes the dead process's temporary directory. ``workers`` processes
     render images (default: up to 8 CPUs); the bytes do not depend on it. Returns ``out_dir``.
     """
-    out = check_output_free(out_dir, "synthetic data output")
-    plan = plan_dataset(preset, seed)
-    write_atomically(out, lambda tmp: _write_dataset(tmp, plan, default_workers() if workers is None else workers,
-                                                     verbose))
+    out, plan, _ = write_plan(out_dir, "synthetic data output", lambda: plan_dataset(preset, seed), _write_dataset,
+                              workers, verbose)
     if verbose:
         print(f"wrote {out}\n{format_summary(plan.summary())}", flush=True)
     return out

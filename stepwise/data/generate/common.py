@@ -11,7 +11,9 @@
 * :func:`lvis_image`, :func:`lvis_annotation`, :func:`lvis_category`, :func:`lvis_document`: the LVIS v1
   records both generators write (same keys in the same order);
 * :func:`frequency_of` (LVIS's r/c/f from training image counts) and :func:`leave_one_unannotated` (the
-  ``not_exhaustive_category_ids`` images).
+  ``not_exhaustive_category_ids`` images);
+* :func:`preset_named` (a preset by name), :class:`PlannedImage` (what every planned image has) and
+  :func:`write_plan` (plan, then render into a fresh output directory).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import signal
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
@@ -41,6 +44,7 @@ RARE_MAX_IMAGES = 10
 COMMON_MAX_IMAGES = 100
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 
 def frequency_of(image_count: int) -> str:
@@ -55,6 +59,32 @@ def frequency_of(image_count: int) -> str:
 def image_path(split: str, image_id: int) -> str:
     """An image's path under ``images/`` (the last two parts of its ``coco_url``)."""
     return f"{SPLIT_FOLDERS[split]}/{image_id:012d}.png"
+
+
+def preset_named(preset: Any, presets: dict[str, P], kind: type, what: str) -> P:
+    """``preset`` itself when it is a ``kind``, else the preset of that name; a ValueError naming ``what`` and
+    listing the known names otherwise."""
+    if isinstance(preset, kind):
+        return preset
+    if preset not in presets:
+        raise ValueError(f"unknown {what} preset {preset!r}; known: {', '.join(presets)}")
+    return presets[preset]
+
+
+@dataclass
+class PlannedImage:
+    """What every generator's planned image has (the fields :func:`lvis_image` reads besides the federated
+    lists, which each subclass declares after its own fields)."""
+
+    id: int
+    split: str
+    width: int
+    height: int
+
+    @property
+    def relative_path(self) -> str:
+        """Path under ``images/``, i.e. the last two parts of ``coco_url``."""
+        return image_path(self.split, self.id)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,6 +221,18 @@ def check_output_free(out_dir: str | os.PathLike, what: str) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{what} {out} already exists and is not empty")
     return out
+
+
+def write_plan(out_dir: str | os.PathLike, what: str, plan_dataset: Callable[[], P],
+               write: Callable[[Path, P, int, bool], T], workers: int | None, verbose: bool) -> tuple[Path, P, T]:
+    """A generator's ``generate``: check that ``out_dir`` is free (:func:`check_output_free`), plan, then
+    ``write(tmp, plan, workers, verbose)`` atomically (:func:`write_atomically`; ``workers`` None: the
+    :func:`default_workers`). Returns (``out_dir`` as a Path, the plan, what ``write`` returned)."""
+    out = check_output_free(out_dir, what)
+    plan = plan_dataset()
+    written = write_atomically(out, lambda tmp: write(tmp, plan, default_workers() if workers is None else workers,
+                                                      verbose))
+    return out, plan, written
 
 
 def write_atomically(out: Path, write: Callable[[Path], T]) -> T:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stepwise.data.generate.common import image_path, leave_one_unannotated
+from stepwise.data.generate.common import PlannedImage, leave_one_unannotated
 from stepwise.data.generate.emoji_artwork import Artwork, get_artwork
 from stepwise.data.generate.emoji_vocabulary import (
     EmojiClass,
@@ -38,19 +38,13 @@ class Instance:
 
 
 @dataclass
-class ImagePlan:
-    id: int
-    split: str
-    width: int
-    height: int
+class ImagePlan(PlannedImage):
+    """One image: (id, split, width, height,) its background, instances in drawing order, federated lists."""
+
     background: int  # seed of the background
     instances: list[Instance]
     neg_category_ids: list[int] = field(default_factory=list)
     not_exhaustive_category_ids: list[int] = field(default_factory=list)
-
-    @property
-    def relative_path(self) -> str:
-        return image_path(self.split, self.id)
 
 
 def _approx_box(inst: Instance) -> tuple[float, float, float, float]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from stepwise.data.generate.common import preset_named
 from stepwise.data.generate.emoji_artwork import SKIN_TONES, Artwork, Emoji
 
 # LVIS v1: 337 rare, 461 common, 405 frequent of 1,203 classes.
@@ -94,11 +95,7 @@ EMOJI_PRESETS: dict[str, EmojiPreset] = {
 
 def get_preset(preset: str | EmojiPreset) -> EmojiPreset:
     """Look a preset up by name (the error lists the known ones) or pass an :class:`EmojiPreset` through."""
-    if isinstance(preset, EmojiPreset):
-        return preset
-    if preset not in EMOJI_PRESETS:
-        raise ValueError(f"unknown emoji preset {preset!r}; known: {', '.join(EMOJI_PRESETS)}")
-    return EMOJI_PRESETS[preset]
+    return preset_named(preset, EMOJI_PRESETS, EmojiPreset, "emoji")
 
 
 def bin_sizes(num_classes: int) -> dict[str, int]:

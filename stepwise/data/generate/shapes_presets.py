@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from stepwise.data.generate.common import image_path, count_classes, lvis_category
+from stepwise.data.generate.common import PlannedImage, count_classes, lvis_category, preset_named
 from stepwise.utils.bins import instance_bin_index
 
 # LVIS's density of verified-absent classes: an image's neg_category_ids hold this share of the classes it
@@ -134,21 +134,12 @@ class ObjectPlan:
 
 
 @dataclass
-class ImagePlan:
-    """One image: size, objects in drawing order, and its federated category lists."""
+class ImagePlan(PlannedImage):
+    """One image: (id, split, width, height,) objects in drawing order, and its federated category lists."""
 
-    id: int
-    split: str
-    width: int
-    height: int
     objects: list[ObjectPlan]
     neg_category_ids: list[int] = field(default_factory=list)
     not_exhaustive_category_ids: list[int] = field(default_factory=list)
-
-    @property
-    def relative_path(self) -> str:
-        """Path under ``images/``, i.e. the last two parts of ``coco_url``."""
-        return image_path(self.split, self.id)
 
 
 @dataclass
@@ -210,11 +201,7 @@ def instance_bin(instance_count: int) -> int:
 
 def get_preset(preset: str | Preset) -> Preset:
     """Look a preset up by name (error lists the known ones) or pass a :class:`Preset` through."""
-    if isinstance(preset, Preset):
-        return preset
-    if preset not in PRESETS:
-        raise ValueError(f"unknown synthetic preset {preset!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[preset]
+    return preset_named(preset, PRESETS, Preset, "synthetic")
 
 
 def negatives_share(negatives: str | float) -> float | None:
