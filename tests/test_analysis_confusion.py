@@ -43,7 +43,7 @@ def test_each_kind_of_winner_is_counted():
                   ])                                        # image 5: missed
     result = C.confusion(_gt(), dets, FAMILY, bins="r")
     assert result["totals"]["r"] == {"boxes": 5, "own": 1, "lookalike_f": 1, "lookalike_c": 1, "lookalike_r": 0,
-                                     "other_family": 1, "missed": 1}
+                                     "other_f": 1, "other_c": 0, "other_r": 0, "missed": 1}
     rows = {r["name"]: r for r in result["classes"]}
     assert rows["puffin"]["boxes"] == 5 and rows["kiwi"]["boxes"] == 0  # a rare class without val boxes: a row of 0
     pairs = {(p["gt"], p["winner"]): p for p in result["pairs"]}

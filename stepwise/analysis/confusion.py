@@ -11,7 +11,7 @@ wins the box:
 * ``own``: the box's class;
 * ``lookalike_f`` / ``lookalike_c`` / ``lookalike_r``: another class of the same look-alike family, by that
   class's frequency bin (a rare ``puffin`` lost to a frequent ``bird`` is ``lookalike_f``);
-* ``other_family``: a class of another family;
+* ``other_f`` / ``other_c`` / ``other_r``: a class of another family, by its frequency bin;
 * ``missed``: no detection overlaps the box.
 
 ``classes`` is a tab-separated class table with a header naming at least the columns ``name`` and
@@ -33,11 +33,12 @@ import numpy as np
 from stepwise import cli
 from stepwise.analysis.errors import _image_rows, box_iou_xywh
 from stepwise.cli import UsageError
+from stepwise.evaluation.inputs import load_gt, load_predictions
 from stepwise.utils.io import atomic_write_json
 
 USAGE = ("usage: python -m stepwise.analysis.confusion gt=VAL.json predictions=P.json classes=CLASSES.tsv "
          "[bins=r] [iou=0.5] [pairs=15] [out=confusion.json]")
-KINDS = ("own", "lookalike_f", "lookalike_c", "lookalike_r", "other_family", "missed")
+KINDS = ("own", "lookalike_f", "lookalike_c", "lookalike_r", "other_f", "other_c", "other_r", "missed")
 
 
 def read_families(path: str | Path, names: Sequence[str]) -> dict[str, str]:
@@ -89,7 +90,7 @@ def confusion(gt: dict, dets, family: dict[str, str], bins: str = "r", iou: floa
         elif family[cats[winner]["name"]] == family[cats[cid]["name"]]:
             kind = f"lookalike_{cats[winner]['frequency']}"
         else:
-            kind = "other_family"
+            kind = f"other_{cats[winner]['frequency']}"
         per_class[cid][kind] += 1
         if kind != "own" and winner:
             pairs[(cid, winner)] += 1
@@ -105,14 +106,14 @@ def confusion(gt: dict, dets, family: dict[str, str], bins: str = "r", iou: floa
 
 def format_report(result: dict, pairs: int = 15) -> str:
     """Totals per bin (% of boxes), the class rows and the ``pairs`` most frequent (class -> winner) pairs."""
-    head = f"{'':<28}{'boxes':>7}" + "".join(f"{k:>14}" for k in KINDS)
+    head = f"{'':<28}{'boxes':>7}" + "".join(f"{k:>13}" for k in KINDS)
     lines = ["box won by (% of the GT boxes)", head]
     for b, t in result["totals"].items():
         n = max(t["boxes"], 1)
-        lines.append(f"{'all ' + b:<28}{t['boxes']:>7}" + "".join(f"{100 * t[k] / n:>14.1f}" for k in KINDS))
-    lines += ["", "per class (boxes)", f"{'':<28}{'train':>7}" + "".join(f"{k:>14}" for k in KINDS)]
+        lines.append(f"{'all ' + b:<28}{t['boxes']:>7}" + "".join(f"{100 * t[k] / n:>13.1f}" for k in KINDS))
+    lines += ["", "per class (boxes)", f"{'':<28}{'train':>7}" + "".join(f"{k:>13}" for k in KINDS)]
     for r in sorted(result["classes"], key=lambda r: (r["frequency"], r["name"])):
-        lines.append(f"{r['name'][:27]:<28}{r['train_images'] or 0:>7}" + "".join(f"{r[k]:>14}" for k in KINDS))
+        lines.append(f"{r['name'][:27]:<28}{r['train_images'] or 0:>7}" + "".join(f"{r[k]:>13}" for k in KINDS))
     lines += ["", f"most frequent confusions (top {pairs})"]
     lines += [f"  {p['gt']} -> {p['winner']} ({p['winner_frequency']}, "
               f"{'same family' if p['same_family'] else 'other family'}): {p['boxes']}"
@@ -140,8 +141,6 @@ def parse_args(argv: Sequence[str]) -> dict:
 def _run(argv: list[str]) -> tuple[dict, dict]:
     """The arguments and the confusion result (``main``'s work before any output)."""
     a = parse_args(argv)
-    from stepwise.evaluation.inputs import load_gt, load_predictions
-
     gt, _, _ = load_gt(a["gt"])
     family = read_families(a["classes"], [c["name"] for c in gt["categories"]])
     dets = load_predictions(a["predictions"], gt, gt_source=a["gt"]).detections
