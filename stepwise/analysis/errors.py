@@ -35,6 +35,7 @@ import numpy as np
 
 from stepwise import cli
 from stepwise.cli import UsageError
+from stepwise.evaluation.inputs import load_gt, load_predictions, training_instance_counts
 from stepwise.utils.io import atomic_write_json
 
 USAGE = ("usage: python -m stepwise.analysis.errors gt=VAL.json predictions=A.json [predictions=B.json ...] "
@@ -139,8 +140,7 @@ def _top_detections(out: dict[str, int], ious: np.ndarray, same: np.ndarray, d_c
 
 def class_groups(gt: dict, train_gt: str | None, edges: Sequence[float]) -> dict[int, int]:
     """Category id -> BAGS group (0 = rarest) by training instance count."""
-    from stepwise.evaluation.inputs import training_instance_counts
-    from stepwise.heads.grouping import groups_from_edges
+    from stepwise.heads.grouping import groups_from_edges  # here: stepwise.heads imports torch
 
     counts, _ = training_instance_counts(gt, train_gt)
     ids = sorted(counts)
@@ -182,8 +182,6 @@ def parse_args(argv: Sequence[str]) -> dict:
 def _run(argv: list[str]) -> tuple[dict, list]:
     """The arguments and one error count per predictions file (``main``'s work before any output)."""
     a = parse_args(argv)
-    from stepwise.evaluation.inputs import load_gt, load_predictions
-
     gt, _, _ = load_gt(a["gt"])
     groups = class_groups(gt, a["train_gt"], a["edges"])
     return a, [count_errors(gt, load_predictions(p, gt, gt_source=a["gt"]).detections, groups, label,

@@ -41,7 +41,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from stepwise import cli
+from stepwise.checkpoint import CheckpointError
 from stepwise.cli import UsageError, parse_args, parse_bool, parse_int
+from stepwise.config import ConfigError, load_config
+from stepwise.data.loaders import build_dataset, build_train_loader
+from stepwise.models import Detector, build_detector
+from stepwise.stages.parts.data import ensure_builtin_data
+from stepwise.trained import load_trained_model
 from stepwise.utils.io import atomic_write_json
 
 USAGE = ("usage: python -m stepwise.analysis.grad_balance [checkpoint=RUN_OR_FILE] [batches=4] [out=FILE.json] "
@@ -191,8 +197,6 @@ def table(result: dict[str, Any], per_layer: bool = False) -> str:
 # --------------------------------------------------------------------------------------------- CLI
 def ensure_data(cfg: DictConfig) -> None:
     """Generate the built-in data of ``cfg`` on first use (other data sets must exist)."""
-    from stepwise.stages.parts.data import ensure_builtin_data
-
     ensure_builtin_data(cfg.data)
 
 
@@ -210,9 +214,6 @@ def _json_safe(obj: Any) -> Any:
 def build_from_config(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """(detector at initialisation with its criterion, training dataset, category map) of a composed config
     (synthetic data is generated on first use)."""
-    from stepwise.data.loaders import build_dataset
-    from stepwise.models import build_detector
-
     ensure_data(cfg)
     train = build_dataset(cfg.data, "train")
     torch.manual_seed(int(cfg.seed))
@@ -224,20 +225,13 @@ def run(checkpoint: str | None, overrides: Sequence[str], batches: int = 4,
         device: str = "cpu") -> tuple[dict[str, Any], DictConfig]:
     """Probe a checkpoint (with ``overrides`` on its saved config) or, without one, the config's fresh model.
     Returns (result, the config used)."""
-    from stepwise.data.loaders import build_dataset, build_train_loader
-    from stepwise.models import Detector
-
     if checkpoint:
-        from stepwise.trained import load_trained_model
-
         trained = load_trained_model(checkpoint, overrides, device="cpu")
         cfg, categories = trained.config, trained.categories
         detector = Detector.of(trained.model, cfg.loss)  # the checkpoint's network with its criterion
         ensure_data(cfg)
         train = build_dataset(cfg.data, "train", categories=categories)
     else:
-        from stepwise.config import load_config
-
         cfg = load_config(list(overrides))
         detector, train, categories = build_from_config(cfg)
     model, criterion, _ = detector
@@ -293,9 +287,6 @@ def _finish(done: tuple[dict, list[str], dict]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stepwise.analysis.grad_balance`` on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    from stepwise.checkpoint import CheckpointError
-    from stepwise.config import ConfigError
-
     return cli.main(argv, USAGE, _run, _finish, help=__doc__, usage_errors=(ConfigError,),
                     failures=(CheckpointError,))
 

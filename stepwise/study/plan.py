@@ -12,6 +12,7 @@ from typing import Callable, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from stepwise import config as config_module
+from stepwise.checkpoint import list_checkpoints
 from stepwise.config import ConfigError, load_config
 from stepwise.stages import registry
 from stepwise.stages.all import step_config, step_done
@@ -35,8 +36,6 @@ class StepRun:
     def status(self) -> str:
         """``done``, ``in use by PID n on host h`` (another process owns the run directory), ``resumes at step
         N`` / ``scores.jsonl exists`` (interrupted) or ``to do``."""
-        from stepwise.checkpoint import list_checkpoints
-
         if step_done(self.config):
             return "done"
         owner = run_lock.owner(self.dir)

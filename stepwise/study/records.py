@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional, Union
 
 import msgspec
 
+from stepwise.analysis.steps import read_per_class
 from stepwise.stages import registry
 from stepwise.utils import cpu_threads
 from stepwise.utils.io import atomic_write_json
@@ -232,8 +233,6 @@ def record_result(vr: VariantRun) -> dict[str, Any]:
     """Write ``<variant dir>/result.json`` from the variant's finished run directories and return it: the
     final step's ``eval/metrics.json`` and per-class rows, and per step its identity, wall time, optimizer
     steps and evaluation curve."""
-    from stepwise.analysis.steps import read_per_class
-
     final = vr.runs[vr.variant.final_step]
     table = final.dir / "eval" / "per_class.csv"
     record = {

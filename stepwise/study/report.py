@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from stepwise.analysis.steps import COLUMNS
 from stepwise.stages import registry
 from stepwise.study.plan import VariantRun, distinct_runs
 from stepwise.study.records import RESULT_NAME, WALL_TIME_NAME, eval_curve, variant_result, wall_seconds
 from stepwise.study.spec import Study
+from stepwise.study.tables import average_per_class, plot_curves, plot_study, study_markdown, summarize
 from stepwise.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -19,8 +21,6 @@ def collect(plan: Sequence[VariantRun], failed: Mapping[Path, str] | None = None
     """(results for :func:`stepwise.study.tables.summarize`, per-class tables per variant, pending rows,
     ``{"<seed>/<run key>": {"seconds", "curve"}}`` of every run a record or run directory tells of;
     ``failed``: errors of runs that failed in this invocation, named in the pending rows)."""
-    from stepwise.analysis.steps import COLUMNS
-
     results: dict[str, Any] = {}
     per_class: dict[str, list[list[dict]]] = {}
     pending = []
@@ -67,8 +67,6 @@ def pretrain_curves(plan: Sequence[VariantRun], recorded: Mapping[str, Mapping[s
 def write_report(study: Study, plan: Sequence[VariantRun], out_dir: Path, command: str = "",
                  failed: Mapping[Path, str] | None = None) -> dict[str, Any]:
     """``study.md``, ``study.json`` and ``study.png`` in ``out_dir`` over the finished rows; returns the summary."""
-    from stepwise.study.tables import average_per_class, plot_curves, plot_study, study_markdown, summarize
-
     results, tables, pending, recorded = collect(plan, failed)
     summary = summarize(results)
     curves = pretrain_curves(plan, recorded)

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from stepwise.analysis.draw import class_color, draw_boxes, enlarge
 from stepwise.data.generate.emoji_artwork import Artwork, get_artwork
 from stepwise.data.generate.emoji_plan import ImagePlan, Instance
 from stepwise.data.generate.emoji_vocabulary import EmojiPreset
-from stepwise.utils.io import read_json
+from stepwise.utils.io import atomic_path, read_json
 
 VISIBLE_ALPHA = 0.25  # a pixel belongs to the topmost object drawn there with at least this opacity
 
@@ -115,8 +116,6 @@ def draw_samples(root: str | os.PathLike, out: str | os.PathLike, split: str = "
                  columns: int = 4, scale: int = 4) -> Path:
     """A PNG grid of ``count`` images of ``split`` with their ground-truth boxes and class names (frequency in
     brackets), each enlarged ``scale`` times; returns ``out``."""
-    from stepwise.analysis.draw import class_color, draw_boxes, enlarge
-
     root = Path(root)
     data = read_json(root / "annotations" / f"{split}.json", f"emoji {split} annotations")
     cats = {c["id"]: c for c in data["categories"]}
@@ -141,8 +140,6 @@ def draw_samples(root: str | os.PathLike, out: str | os.PathLike, split: str = "
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)
-    from stepwise.utils.io import atomic_path
-
     with atomic_path(out, "sample figure") as tmp:
         Path(tmp).write_bytes(buf.getvalue())
     return out
