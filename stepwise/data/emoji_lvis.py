@@ -39,6 +39,7 @@ pyproject.toml and recorded in ``emoji_lvis.json``).
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -208,7 +209,7 @@ def _write_dataset(root: Path, plan: EmojiPlan, workers: int, verbose: bool) -> 
     summary = summary_of(plan, train, val)
     meta = {"format_version": FORMAT_VERSION, "generator": "emoji", "preset": plan.preset.name, "seed": plan.seed,
             "versions": plan.versions,
-            "preset_params": {k: v for k, v in asdict(plan.preset).items() if v is not None},  # unset: left out
+            "preset_params": preset_params(plan.preset),
             "summary": summary}
     atomic_write_json(root / META_FILE, meta, indent=1)
     return summary
@@ -234,6 +235,12 @@ def read_meta(root: str | os.PathLike) -> dict | None:
     return read_meta_file(root, META_FILE, "emoji data description")
 
 
+def preset_params(p: EmojiPreset) -> dict:
+    """The preset's fields as written to ``emoji_lvis.json``; options left at None are left out (so presets
+    that do not use them keep the bytes of renders made before the options existed)."""
+    return {k: v for k, v in asdict(p).items() if v is not None}
+
+
 def ensure_emoji(root: str | os.PathLike, preset: str | EmojiPreset = "study", seed: int = 0,
                  workers: int | None = None, verbose: bool = True) -> Path:
     """Return ``root`` holding the (preset, seed) emoji data set, generating it on first use.
@@ -250,6 +257,10 @@ def ensure_emoji(root: str | os.PathLike, preset: str | EmojiPreset = "study", s
             raise FileExistsError(f"{root} holds data generator={meta.get('generator')} preset={meta.get('preset')} "
                                   f"seed={meta.get('seed')}, not emoji preset={p.name} seed={seed}; use another "
                                   "root or delete it")
+        if meta.get("preset_params") != json.loads(json.dumps(preset_params(p))):
+            raise FileExistsError(f"{root} holds emoji preset={p.name} seed={seed} rendered with other preset "
+                                  f"parameters (an earlier stepwise: the preset was recalibrated); delete it to "
+                                  "render it again")
         return root
 
     return ensure_generated(root, read_meta, check, lambda: generate(root, p, seed, workers=workers, verbose=verbose))

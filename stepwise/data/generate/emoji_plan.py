@@ -12,6 +12,7 @@ import numpy as np
 from stepwise.data.generate.common import PlannedImage, leave_one_unannotated
 from stepwise.data.generate.emoji_artwork import Artwork, get_artwork
 from stepwise.data.generate.emoji_vocabulary import (
+    DEFAULT_EXTRA_INSTANCES,
     EmojiClass,
     EmojiPreset,
     build_vocabulary,
@@ -177,10 +178,12 @@ def _deal(rng: np.random.Generator, images_per_class: dict[int, int], p: EmojiPr
     return images
 
 
-def _instances_of(rng: np.random.Generator, tier: str) -> int:
-    """Instances of a present class in one image: 1, sometimes 2-3 (more often for frequent classes)."""
-    extra = {"f": 0.3, "c": 0.15, "r": 0.1}[tier]
-    return 1 + int(rng.random() < extra) * int(rng.integers(1, 3))
+def _instances_of(rng: np.random.Generator, tier: str, p: EmojiPreset, split: str) -> int:
+    """Instances of a present class in one image: 1, sometimes more (``EmojiPreset.extra_instances``). A balanced
+    control's training images give every class the common bin's rule; its val split is the long-tailed one's."""
+    rules = dict(zip("fcr", p.extra_instances or DEFAULT_EXTRA_INSTANCES))
+    chance, most = rules["c" if p.balanced_images and split == "train" else tier]
+    return 1 + int(rng.random() < chance) * int(rng.integers(1, max(most, 1) + 1))
 
 
 def plan_split(rng: np.random.Generator, split: str, images_per_class: dict[int, int],
@@ -192,7 +195,7 @@ def plan_split(rng: np.random.Generator, split: str, images_per_class: dict[int,
     all_ids = np.asarray(sorted(classes))
     plans = []
     for k, cats in enumerate(_deal(rng, images_per_class, p)):
-        pairs = [(cid, _instances_of(rng, classes[cid].planned_frequency)) for cid in sorted(cats)]
+        pairs = [(cid, _instances_of(rng, classes[cid].planned_frequency, p, split)) for cid in sorted(cats)]
         img = _plan_image(rng, first_id + k, split, pairs, classes, pool, p)
         present = set(cats)
         n_neg = int(rng.integers(p.neg_per_image[0], p.neg_per_image[1] + 1))

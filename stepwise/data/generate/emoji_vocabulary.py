@@ -20,6 +20,8 @@ LVIS_V1_BINS = {"r": 337, "c": 461, "f": 405}
 # Training images per class (f: 102 to preset.max_images). Common and frequent start one image above LVIS's
 # thresholds, so a class whose only instance in an image ends up hidden still stays in its bin.
 IMAGE_RANGES = {"r": (1, 10), "c": (12, 100)}
+# Extra instances of a present class in one image, per bin f, c, r: (probability, at most this many more).
+DEFAULT_EXTRA_INSTANCES = ((0.3, 2), (0.15, 2), (0.1, 2))
 # Words that name the same thing inside one subgroup (car / taxi / police car are one family).
 WORD_ALIASES = {"AUTOMOBILE": "CAR", "TAXI": "CAR", "CARS": "CAR"}
 MIN_INK = 0.2  # classes need filled artwork: thin line art all but vanishes at 12 px (it can be a distractor)
@@ -31,9 +33,12 @@ FLAG_COLOURS = {"red": (210, 40, 40), "white": (245, 245, 245), "blue": (40, 70,
 class EmojiPreset:
     """Size and difficulty of an emoji data set.
 
-    Training images per class: log-uniform in (1, 10) for rare, (11, 100) for common and
-    (101, ``max_images``) for frequent classes. Val images per class: max(``val_min_images``,
-    round(``val_fraction`` x train images)). Objects: long side log-uniform in ``object_size``.
+    Training images per class: log-uniform in ``rare_images`` (default (1, 10)) for rare, (11, 100) for common
+    and (101, ``max_images``) for frequent classes. Val images per class: max(``val_min_images``,
+    round(``val_fraction`` x train images)). Objects: long side log-uniform in ``object_size``. Instances of a
+    class in one image: 1, plus 1 to ``m`` more with probability ``q``, ``(q, m)`` of its bin in
+    ``extra_instances`` (f, c, r; default ``DEFAULT_EXTRA_INSTANCES``). Options left at None keep the defaults
+    (and stay out of the written ``emoji_lvis.json``, so earlier renders keep their bytes).
     """
 
     name: str
@@ -52,8 +57,11 @@ class EmojiPreset:
     max_truncation: float = 0.35  # at most this share of an object's box lies outside the image
     # The balanced control: the vocabulary, r / c / f bins and val split of preset ``vocabulary`` (APr / APf
     # then compare the same classes), every class given ``balanced_images`` training images.
+    # (Balanced: every class takes the common bin's instance rule.)
     vocabulary: str | None = None
     balanced_images: int | None = None
+    rare_images: tuple[int, int] | None = None  # rare classes' training images (None: LVIS's (1, 10))
+    extra_instances: tuple[tuple[float, int], ...] | None = None  # (q, m) of f, c, r (None: the default)
 
 
 EMOJI_PRESETS: dict[str, EmojiPreset] = {
@@ -70,11 +78,15 @@ EMOJI_PRESETS: dict[str, EmojiPreset] = {
         neg_per_image=(3, 8), not_exhaustive_fraction=0.03, max_family_size=8,
     ),
     # The study size for 2-core CPUs: 160 classes (45 r / 61 c / 54 f), ~1,900 train images of 72-96 px as
-    # the `study` preset of the shape data, with more objects per image.
+    # the `study` preset of the shape data, with more objects per image. Calibrated (docs/emoji_lvis.md): with
+    # LVIS's 1-10 images per rare class and the default instance rule a converged baseline had APr / APf =
+    # 0.51 (LVIS v1: 0.36), so rare classes take 1-5 images and frequent ones LVIS-like crowds (half of their
+    # images hold 2-5 instances), rare ones a single instance.
     "study": EmojiPreset(
         name="study", num_classes=160, max_images=220, classes_per_image=(4, 8), distractors=(1, 3),
         image_size=(72, 96), object_size=(10, 40), val_fraction=0.1, val_min_images=15,
         neg_per_image=(3, 8), not_exhaustive_fraction=0.03, max_family_size=10,
+        rare_images=(1, 5), extra_instances=((0.5, 4), (0.2, 2), (0.0, 0)),
     ),
     # The balanced control of `study` (docs/emoji_lvis.md): its 160 classes, bins and val split, every class
     # in 70 training images (the study set's mean: a common class's count, and about as many images).
@@ -82,7 +94,7 @@ EMOJI_PRESETS: dict[str, EmojiPreset] = {
         name="study_balanced", num_classes=160, max_images=220, classes_per_image=(4, 8), distractors=(1, 3),
         image_size=(72, 96), object_size=(10, 40), val_fraction=0.1, val_min_images=15,
         neg_per_image=(3, 8), not_exhaustive_fraction=0.03, max_family_size=10,
-        vocabulary="study", balanced_images=70,
+        vocabulary="study", balanced_images=70, extra_instances=((0.5, 4), (0.2, 2), (0.0, 0)),
     ),
     # LVIS size for GPUs: 1,203 classes (337 r / 461 c / 405 f), ~23,000 train images of 128-192 px.
     "lvis": EmojiPreset(
@@ -242,7 +254,7 @@ def build_vocabulary(artwork: Artwork, preset: str | EmojiPreset, rng: np.random
     chosen.sort(key=lambda fm: -len(fm[1]))  # stable: equal sizes keep the random order
     slots = [(pos, fi) for pos in range(max(len(m) for _, m in chosen)) for fi, (_, m) in enumerate(chosen)
              if pos < len(m)]
-    ranges = {**IMAGE_RANGES, "f": (102, p.max_images)}
+    ranges = {**IMAGE_RANGES, "r": p.rare_images or IMAGE_RANGES["r"], "f": (102, p.max_images)}
     classes = []
     for (pos, fi), tier in zip(slots, tiers):
         fam, members = chosen[fi]
