@@ -228,3 +228,37 @@ def test_balanced_control_keeps_vocabulary_bins_and_val(tiny_data, tmp_path):
     val_plan = [(i.width, i.height, len(i.instances)) for i in emo.plan_dataset(control, 0).splits["val"]]
     assert val_plan == [(i.width, i.height, len(i.instances)) for i in emo.plan_dataset("tiny", 0).splits["val"]]
     assert emo.get_preset("study_balanced").vocabulary == "study"
+
+
+def test_rare_images_and_extra_instances_options():
+    """``rare_images`` bounds the rare classes' planned images; ``extra_instances`` (q, m) per bin f, c, r: a bin
+    with q = 0 has one instance per image, one with m = 4 up to 5."""
+    from dataclasses import replace
+
+    preset = replace(emo.get_preset("tiny"), name="tiny_skewed", rare_images=(1, 3),
+                     extra_instances=((0.9, 4), (0.0, 0), (0.0, 0)))
+    plan = emo.plan_dataset(preset, seed=0)
+    rare = [c for c in plan.classes if c.planned_frequency == "r"]
+    assert rare and all(1 <= c.planned_images <= 3 for c in rare)
+    tier = {c.category_id: c.planned_frequency for c in plan.classes}
+    per_image = defaultdict(Counter)
+    for img in plan.splits["train"]:
+        for inst in img.instances:
+            if inst.category_id:
+                per_image[tier[inst.category_id]][(img.id, inst.category_id)] += 1
+    assert max(per_image["r"].values()) == 1 and max(per_image["c"].values()) == 1
+    assert max(per_image["f"].values()) > 2 and max(per_image["f"].values()) <= 5
+
+
+def test_a_render_with_other_preset_parameters_is_refused(tiny, tmp_path):
+    """A cached directory rendered with other parameters of the same preset (a recalibration) is not reused."""
+    import shutil
+
+    root = tmp_path / "cached"
+    shutil.copytree(tiny, root)
+    meta = json.loads((root / emo.META_FILE).read_text())
+    meta["preset_params"]["max_images"] += 1
+    (root / emo.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(FileExistsError, match="other preset parameters"):
+        emo.ensure_emoji(root, "tiny", seed=0)
+    assert emo.ensure_emoji(tiny, "tiny", seed=0) == tiny
