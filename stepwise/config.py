@@ -152,7 +152,7 @@ def check_run_dir(cfg: DictConfig) -> None:
     ``overwrite`` is set (``stage=all`` decides per step, see :mod:`stepwise.stages.all`);
     :class:`~stepwise.utils.run_lock.DirectoryBusy` first when another process owns the directory."""
     run_lock.check_free(cfg.run_dir)
-    if cfg.stage.get("name") == "all" or cfg.get("resume") or cfg.get("overwrite"):
+    if cfg.stage.name == "all" or cfg.resume or cfg.overwrite:
         return
     found = run_dir_artifacts(cfg.run_dir)
     if found:
@@ -213,8 +213,8 @@ def prepare_run_dir(cfg: DictConfig, is_main_process: bool = True) -> Path:
     run_lock.hold_on_rank0(run_dir, is_main_process)
     check_run_dir(cfg)
     if is_main_process:
-        if cfg.get("overwrite") and not cfg.get("resume") and cfg.stage.get("name") != "all":
-            for path in clear_run_dir(run_dir, _declared_clears(cfg.stage.get("name"))):
+        if cfg.overwrite and not cfg.resume and cfg.stage.name != "all":
+            for path in clear_run_dir(run_dir, _declared_clears(cfg.stage.name)):
                 print(f"stepwise: overwrite=true: deleted {path}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
