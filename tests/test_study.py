@@ -766,3 +766,31 @@ def test_committed_records_keep_their_identities(tmp_path):
                 assert record["runs"] == keys[row], path
             checked += 1
     assert checked >= 51 + 30
+
+
+def test_pool_on_the_command_line_replaces_the_files(tmp_path, capsys, monkeypatch):
+    """``pool=<study>`` (e.g. study=heads on another data set's study=stepwise runs) acts as the file's ``pool:``:
+    the runs live in that study's shared directory."""
+    import stepwise.study.command as command
+
+    planned = []
+
+    def build_plan(study, *args, **kwargs):
+        planned.append(command.build_plan.__wrapped__(study, *args, **kwargs))
+        return planned[-1]
+
+    build_plan.__wrapped__ = command.build_plan
+    monkeypatch.setattr(command, "build_plan", build_plan)
+    write_tiny_study(tmp_path / "tiny.yaml")
+    args = [f"study={tmp_path / 'tiny.yaml'}", "seeds=1", f"output_root={tmp_path / 'runs'}",
+            f"data.root={tmp_path / 'data'}", "dry_run=true", "name=other"]
+    assert command.main([*args, "pool=tiny"]) is None
+    shared = tmp_path / "runs" / "tiny" / "seed0" / "shared"
+    assert planned and all(run.dir.parent == shared for vr in planned[0] for run in vr.runs.values())
+    assert command.main(args) is None  # without pool=: its own directory
+    assert all(run.dir.parent == tmp_path / "runs" / "other" / "seed0" / "shared"
+               for vr in planned[1] for run in vr.runs.values())
+    with pytest.raises(SystemExit) as exit_info:
+        command.main([*args, "pool=../elsewhere"])
+    assert exit_info.value.code == 2
+    assert "pool= must be the name of a study directory" in capsys.readouterr().err

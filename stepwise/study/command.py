@@ -1,11 +1,12 @@
-"""``python -m stepwise.study study=<name|file.yaml> [seeds=N|[a,b]] [variants=a,b] [name=dir] [report=true]
-[dry_run=true] [jobs=N] [key=value ...]``: arguments (:mod:`stepwise.cli`), then plan, run (this process or
+"""``python -m stepwise.study study=<name|file.yaml> [seeds=N|[a,b]] [variants=a,b] [name=dir] [pool=dir]
+[report=true] [dry_run=true] [jobs=N] [key=value ...]``: arguments (:mod:`stepwise.cli`), then plan, run (this process or
 the pool), report. Exit 2 on a bad argument, study file, record or busy study directory; 1 when a run failed."""
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,10 +18,10 @@ from stepwise.study.plan import build_plan, plan_text
 from stepwise.study.pool import run_plan_jobs
 from stepwise.study.records import RecordError
 from stepwise.study.report import write_report
-from stepwise.study.spec import load_study
+from stepwise.study.spec import check_pool, load_study
 from stepwise.utils import cpu_threads, run_lock
 
-OPTIONS = ("study", "seeds", "variants", "name", "report", "dry_run", "jobs")
+OPTIONS = ("study", "seeds", "variants", "name", "pool", "report", "dry_run", "jobs")
 RESERVED = ("seed", "exp", "stage", "run_dir", "resume", "overwrite")  # set by the study for each run
 
 
@@ -110,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     try:
         options, overrides = parse_args(argv)
         study = load_study(options["study"])
+        if "pool" in options:  # the study directory whose runs this one shares (the file's `pool:`)
+            study = replace(study, pool=check_pool(options["pool"], "pool="))
         seeds = parse_seeds(str(options.get("seeds", study.seeds)))
         chosen = [v for v in options.get("variants", "").strip("[]").split(",") if v.strip()]
         plan = build_plan(study, seeds, overrides, options.get("name"),

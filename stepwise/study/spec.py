@@ -106,6 +106,13 @@ def _resolve(path: Path, entries: dict, default_steps: tuple[str, ...], name: st
     return Variant(name, steps, overrides, str(entry.get("description", "")), per_step)
 
 
+def check_pool(pool: object, where: str) -> str:
+    """``pool`` (a study file's or the command's): the name of a study directory under ``output_root``."""
+    if not isinstance(pool, str) or not pool or "/" in pool or pool.startswith("."):
+        raise ConfigError(f"{where} must be the name of a study directory under output_root, got {pool!r}")
+    return pool
+
+
 def load_study(spec: str) -> Study:
     """Parse and check a study file (``spec``: a name under ``configs/study/`` or a path).
 
@@ -139,8 +146,8 @@ def load_study(spec: str) -> Study:
     if [v for v in compare if v not in variants]:
         raise ConfigError(f"{path}: compare names unknown variants {[v for v in compare if v not in variants]}")
     pool = raw.get("pool")
-    if pool is not None and (not isinstance(pool, str) or not pool or "/" in pool or pool.startswith(".")):
-        raise ConfigError(f"{path}: pool must be the name of a study directory under output_root, got {pool!r}")
+    if pool is not None:
+        check_pool(pool, f"{path}: pool")
     return Study(path.stem, path, str(raw.get("description", "")).strip(), seeds,
                  _strings(raw.get("base"), f"{path}: base"), variants, plot, pool, compare)
 
