@@ -5,13 +5,16 @@ settings) applies the same rules (:func:`check`) to values that did not come thr
 checkpoint's saved config, tests).
 
 Which node gets which schema: the root (:class:`Root`), ``data`` (:class:`Data`), ``stepwise``
-(:class:`Stepwise`), ``stepwise.rfs`` (:class:`StepwiseRfs`), ``distill`` (:class:`Distill`) and the stage
+(:class:`Stepwise`), its quotas ``stepwise.d_head`` / ``stepwise.d_tail`` (:class:`Quota`), ``stepwise.rfs``
+(:class:`StepwiseRfs`), ``distill`` (:class:`Distill`) and the stage
 node (``stage``, or ``stage.<step>`` for each step of ``stage=all`` in ``stage.steps``; :func:`stage_schema`):
 a node with ``replay_set`` is a replay stage (:class:`ReplayStage`: finetune, distill), one with ``epochs``
 a training stage (:class:`TrainingStage`), ``select``'s is :class:`SelectStage`. Values still missing
 (``???``) are left to the code that needs them. Then the rules that join two nodes (:func:`cross_checks`):
 a replay stage's ``replay_set`` names rules in ``stepwise.rfs``; a replay stage run alone refuses
 ``data.rfs_*`` (it samples its replay set by ``stage.rfs``; docs/interfaces.md, "Sampling (RFS)").
+The stages' typed views of these nodes (:mod:`stepwise.stage_settings`, like
+:class:`stepwise.engine.TrainSettings`) apply the same rules, through :func:`check` and :func:`replay_rules`.
 
 The checks are strict, without conversion: Hydra's structured-config merge would turn an override
 ``stage.clip_max_norm=0`` into ``0.0`` (changing the resolved config, the saved ``config.yaml`` and the
@@ -121,6 +124,15 @@ class Stepwise:
     min_images: int = key(integer(1))
     score_threshold: float = key(number(0, strict=False))
     score: str = key(choice("class", "max"))
+    keep_others_as_ignore: bool = key(boolean())
+
+
+@dataclass
+class Quota:
+    """``stepwise.d_head`` / ``stepwise.d_tail``: instances per head / tail class in the replay set (null: all)."""
+
+    head: int | None = key(integer(0, optional=True))
+    tail: int | None = key(integer(0, optional=True))
 
 
 @dataclass
@@ -138,6 +150,9 @@ class StepwiseRfs:
 class Distill:
     """``distill``: stage=distill's terms and weights."""
 
+    feature: bool = key(boolean())
+    cls: bool = key(boolean())
+    shared_queries: bool = key(boolean())
     cls_layers: str = key(choice("all", "last"))
     fm_normalize: str = key(choice("level_image", "pooled"))
     lambda_fm: float = key(number(0, strict=False))
@@ -184,8 +199,8 @@ class SelectStage:
     max_images: int | None = key(integer(1, optional=True))
 
 
-ROOT_NODES = (("", Root), ("data.", Data), ("stepwise.", Stepwise), ("stepwise.rfs.", StepwiseRfs),
-              ("distill.", Distill))
+ROOT_NODES = (("", Root), ("data.", Data), ("stepwise.", Stepwise), ("stepwise.d_head.", Quota),
+              ("stepwise.d_tail.", Quota), ("stepwise.rfs.", StepwiseRfs), ("distill.", Distill))
 
 
 def rules(schema: type) -> dict[str, Rule]:
@@ -249,11 +264,17 @@ def cross_checks(cfg: DictConfig) -> None:
     for prefix, node in stage_nodes(cfg):
         if stage_schema(node) is not ReplayStage or OmegaConf.is_missing(node, "rfs") or node.rfs != "stepwise":
             continue
-        replay_set = node.replay_set
-        rules_of = cfg.stepwise.rfs.get(replay_set) if isinstance(replay_set, str) else None
-        if replay_set in rules(StepwiseRfs) or not isinstance(rules_of, ListConfig):
-            raise ConfigError(f"config key {prefix}replay_set={replay_set!r}: no rules stepwise.rfs.{replay_set} "
-                              f"(stage.rfs=stepwise samples by the rule list it names: d_head or d_tail)")
+        replay_rules(prefix, node.replay_set, cfg.stepwise.rfs)
+
+
+def replay_rules(prefix: str, replay_set: Any, rfs: Any) -> Any:
+    """The rule list ``stepwise.rfs.<replay_set>`` of a replay stage with ``rfs=stepwise`` (``rfs``: the
+    ``stepwise.rfs`` node); ConfigError naming ``<prefix>replay_set`` when there is none."""
+    rules_of = rfs.get(replay_set) if isinstance(replay_set, str) else None
+    if replay_set in rules(StepwiseRfs) or not isinstance(rules_of, (ListConfig, list)):
+        raise ConfigError(f"config key {prefix}replay_set={replay_set!r}: no rules stepwise.rfs.{replay_set} "
+                          f"(stage.rfs=stepwise samples by the rule list it names: d_head or d_tail)")
+    return rules_of
 
 
 # What a replay stage would otherwise ignore: data.rfs_* -> (its default, the key the replay stage reads instead).

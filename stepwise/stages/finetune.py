@@ -8,7 +8,8 @@ see :mod:`stepwise.data.samplers`); the factors used are written to ``<run_dir>/
 With ``stage.train_ann='${data.train_ann}' stage.trainable=[class_embed] stage.reinit=[class_embed]`` the
 same stage is the decoupled classifier re-training of the BAGS paper (any ``head=``).
 
-The body, shared with ``stage=distill``, is :func:`stepwise.stages.parts.replay.build_replay_stage`.
+The body, shared with ``stage=distill``, is :func:`stepwise.stages.parts.replay.build_replay_stage`; it reads
+the stage as :class:`stepwise.stage_settings.ReplaySettings`.
 """
 
 from __future__ import annotations

@@ -33,29 +33,20 @@ import torch
 from accelerate import Accelerator
 from torchvision.ops import box_convert, box_iou
 
-from stepwise.config import starting_point
 from stepwise.data.annotation_index import AnnotationIndex
 from stepwise.data.categories import CategoryMap
 from stepwise.data.loaders import build_dataset, build_eval_loader
-from stepwise.data.smooth_tail import Quotas, ScoreTable, head_classes, select_replay_sets, write_replay_set_file
+from stepwise.data.smooth_tail import ScoreTable, head_classes, select_replay_sets, write_replay_set_file
 from stepwise.engine import shard_predictions
 from stepwise.models import Detector
 from stepwise.models.matcher import build_matcher
+from stepwise.stage_settings import DivisionSettings, SelectSettings
 from stepwise.stages.parts.data import ensure_data
 from stepwise.trained import load_trained_model
 from stepwise.utils.io import atomic_path, atomic_write_json
 
 SCORES_NAME = "scores.jsonl"
 OUTPUTS = ("d_head.json", "d_tail.json")  # the step is done when both replay sets exist
-
-
-def selection_source(cfg: Any) -> str:
-    """The checkpoint to score with: root ``checkpoint=`` when given, else ``stage.checkpoint``
-    (:func:`stepwise.config.starting_point`)."""
-    source = starting_point(cfg, "checkpoint")
-    if not source:
-        raise ValueError("stage=select needs a pretrained model: set checkpoint=<file or run dir>")
-    return str(source)
 
 
 @torch.no_grad()
@@ -104,12 +95,15 @@ def limit_heap_fragmentation() -> None:
 
 
 def score_dataset(cfg: Any, accelerator: Accelerator, out_path: Path) -> int:
-    """Write ``scores.jsonl`` for the training set of ``cfg.data`` (first ``stage.max_images`` images when
-    set; ``stage.batch_size`` a batch); returns the number of images scored."""
+    """Write ``scores.jsonl`` for the training set of ``cfg.data`` with the model, batch size and image limit
+    of the stage's :class:`~stepwise.stage_settings.SelectSettings` (root ``checkpoint=`` else
+    ``stage.checkpoint``; ``stage.batch_size`` a batch; first ``stage.max_images`` images when set); returns
+    the number of images scored."""
+    settings = SelectSettings.from_config(cfg)
     limit_heap_fragmentation()
-    trained = load_trained_model(selection_source(cfg), device=accelerator.device)
+    trained = load_trained_model(settings.source(), device=accelerator.device)
     dataset = build_dataset(cfg.data, "train", train_transforms=False, categories=trained.categories)
-    loader = build_eval_loader(dataset, cfg.data, cfg.stage.batch_size, cfg.stage.max_images)
+    loader = build_eval_loader(dataset, cfg.data, settings.batch_size, settings.max_images)
     matcher = build_matcher(cfg.loss)
     part = out_path.with_name(f"scores.part{accelerator.process_index}.jsonl")
     accelerator.print(f"stepwise: scoring {len(loader.dataset)} training images with {trained.path}")
@@ -150,33 +144,32 @@ def merge_parts(parts: list[Path], out_path: Path) -> None:
 
 
 def build_replay_sets(cfg: Any, scores_path: Path, run_dir: Path) -> dict[str, Any]:
-    """Select D_head / D_tail from ``scores.jsonl`` and write them with ``summary.json``; returns the summary."""
-    stage = cfg.stepwise
+    """Select D_head / D_tail from ``scores.jsonl`` by the root ``stepwise:`` block
+    (:class:`~stepwise.stage_settings.DivisionSettings`) and write them with ``summary.json``; returns the
+    summary."""
+    division = DivisionSettings.from_config(cfg)
     index = AnnotationIndex.read(cfg.data.train_ann, "training annotation file")
     categories = CategoryMap.from_index(index)
     table = ScoreTable.read_jsonl(scores_path)
-    if stage.score == "max":  # the public code's score: the matched prediction's top class probability
+    if division.score == "max":  # the public code's score: the matched prediction's top class probability
         if table.max_score is None:
             raise ValueError(f"{scores_path} has no max_score column (written by an older stepwise): delete it "
                              f"to re-score, or use stepwise.score=class")
         table.score = table.max_score
-    quotas = Quotas(head_in_head=stage.d_head.head, tail_in_head=stage.d_head.tail,
-                    head_in_tail=stage.d_tail.head, tail_in_tail=stage.d_tail.tail)
-    min_images = int(stage.min_images)
-    sets = select_replay_sets(table, categories.image_counts, min_images, quotas, float(stage.score_threshold))
+    quotas, min_images, threshold = division.quotas, division.min_images, division.score_threshold
+    sets = select_replay_sets(table, categories.image_counts, min_images, quotas, threshold)
     is_head = head_classes(categories.image_counts, min_images)
     summary: dict[str, Any] = {"scored_instances": len(table), "min_images": min_images,
                                "head_classes": int(is_head.sum()), "tail_classes": int((~is_head).sum()),
-                               "quotas": quotas.__dict__, "score_threshold": float(stage.score_threshold),
-                               "score": str(stage.score),
-                               "keep_others_as_ignore": bool(stage.keep_others_as_ignore),
+                               "quotas": quotas.__dict__, "score_threshold": threshold, "score": division.score,
+                               "keep_others_as_ignore": division.keep_others_as_ignore,
                                "mean_score": float(table.score.mean()) if len(table) else None,
-                               "fraction_above_threshold": float((table.score > stage.score_threshold).mean())
+                               "fraction_above_threshold": float((table.score > threshold).mean())
                                if len(table) else None}
     by_id = np.argsort(table.ann_id, kind="stable")
     for name, ann_ids in sets.items():
         counts = write_replay_set_file(cfg.data.train_ann, index, ann_ids, run_dir / f"{name}.json",
-                                       bool(stage.keep_others_as_ignore))
+                                       division.keep_others_as_ignore)
         labels = table.label[by_id[np.searchsorted(table.ann_id[by_id], ann_ids)]]  # ann_ids come from the table
         per_class = np.bincount(labels, minlength=len(categories))
         summary[name] = {**counts, "head_instances": int(per_class[is_head].sum()),
