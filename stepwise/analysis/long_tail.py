@@ -87,17 +87,17 @@ def criteria(runs: list[dict], control: list[dict]) -> list[tuple[str, bool | No
 
 def format_report(runs: list[dict], control: list[dict]) -> str:
     """One row per run, mean +- sd rows per group, then the criteria."""
-    lines = [f"{'':<44}" + "".join(f"{k:>8}" for k in KEYS) + f"{'APr/APf':>9}{'AP(+2)':>8}"]
+    lines = [f"{'':<44}" + "".join(f"{k:>12}" for k in KEYS) + f"{'APr/APf':>13}{'AP(+2)':>8}"]
     for group, rows in (("long-tailed", runs), ("control", control)):
         for r in rows:
             plus2 = f"{r['AP_plus2']:>8.1f}" if r["AP_plus2"] is not None else f"{'-':>8}"
-            lines.append(f"{r['eval'][-44:]:<44}" + "".join(f"{r[k]:>8.1f}" for k in KEYS)
-                         + f"{r['r_over_f']:>9.2f}" + plus2)
+            lines.append(f"{r['eval'][-44:]:<44}" + "".join(f"{r[k]:>12.1f}" for k in KEYS)
+                         + f"{r['r_over_f']:>13.2f}" + plus2)
         if rows:
             stats = [mean_sd([r[k] for r in rows]) for k in (*KEYS, "r_over_f")]
             lines.append(f"{group + f' mean +- sd ({len(rows)})':<44}"
-                         + "".join(f"{m:>5.1f}+-{s:<4.1f}"[:8].rjust(8) for m, s in stats[:-1])
-                         + f"{stats[-1][0]:>6.2f}+-{stats[-1][1]:.2f}")
+                         + "".join(f"{f'{m:.1f} +- {s:.1f}':>12}" for m, s in stats[:-1])
+                         + f"{f'{stats[-1][0]:.2f} +- {stats[-1][1]:.2f}':>13}")
     lines.append("")
     for name, ok, figure in criteria(runs, control):
         lines.append(f"{'PASS' if ok else 'FAIL' if ok is False else 'n/a '}  {name:<28} {figure}")
