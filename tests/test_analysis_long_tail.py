@@ -44,3 +44,14 @@ def test_cli_writes_the_plot_and_names_a_missing_evaluation(tmp_path, capsys):
     assert L.main([f"run={run}", "epoch=5"]) == 1
     assert "epoch_005" in capsys.readouterr().err
     assert L.main(["epoch=5"]) == 2
+
+
+def test_plus2_runs_give_the_convergence_check(tmp_path, capsys):
+    """``plus2=``: a run trained two more epochs (study=stepwise's baseline_plus2) gives each run's AP(+2)."""
+    runs = [_run(tmp_path, f"s{k}", {14: (0.30, 0.10, 0.40)}) for k in range(2)]
+    more = [_run(tmp_path, f"p{k}", {2: (0.303 + k / 100, 0.10, 0.40)}) for k in range(2)]
+    assert L.main([f"run={runs[0]}", f"run={runs[1]}", f"plus2={more[0]}", f"plus2={more[1]}"]) == 0
+    assert "FAIL  2 more epochs move AP < 1    +0.30, +1.30" in capsys.readouterr().out
+    assert L.main([f"run={runs[0]}", f"plus2={more[0]}"]) == 0
+    assert "PASS  2 more epochs move AP < 1    +0.30" in capsys.readouterr().out
+    assert L.main([f"run={runs[0]}", f"plus2={more[0]}", f"plus2={more[1]}"]) == 2

@@ -1,11 +1,14 @@
 """Entry point: does a data set show LVIS's long-tail problem? Check trained baselines against the criteria.
 
-    python -m stepwise.analysis.long_tail run=RUN_DIR [run=...] [control=RUN_DIR ...] [epoch=N] [out=DIR]
+    python -m stepwise.analysis.long_tail run=RUN_DIR [run=...] [plus2=RUN_DIR ...] [control=RUN_DIR ...]
+        [epoch=N] [out=DIR]
 
 ``run=``: training runs (``runs/<exp>/pretrain``) of the long-tailed data, one per seed; ``control=``: the
 same training on a balanced version of the same vocabulary (every class with a common class's images,
 classes keeping their r / c / f bin). Each run is read at the evaluation after ``epoch`` (default: its
-last), and at ``epoch + 2`` when it was evaluated there (the convergence check). Printed: AP, APr, APc, APf,
+last), and at ``epoch + 2`` when it was evaluated there (the convergence check); or ``plus2=``, one per
+``run=`` in the same order, names a run that trained it two more epochs (study=stepwise's
+``baseline_plus2``), whose last evaluation is then its ``AP(+2)``. Printed: AP, APr, APc, APf,
 APr / APf per run and as mean +- sd, then the criteria, each PASS or FAIL:
 
 * APr / APf <= 0.5 (LVIS v1's Deformable DETR baseline: 0.36; v0.5: 0.49), mean over the runs;
@@ -31,8 +34,8 @@ from stepwise.analysis.steps import plot_ap_by_frequency, read_per_class
 from stepwise.cli import UsageError
 from stepwise.utils.io import atomic_write_json
 
-USAGE = ("usage: python -m stepwise.analysis.long_tail run=RUN_DIR [run=...] [control=RUN_DIR ...] [epoch=N] "
-         "[out=DIR]")
+USAGE = ("usage: python -m stepwise.analysis.long_tail run=RUN_DIR [run=...] [plus2=RUN_DIR ...] "
+         "[control=RUN_DIR ...] [epoch=N] [out=DIR]")
 KEYS = ("AP", "APr", "APc", "APf")
 
 
@@ -128,13 +131,17 @@ def _mean_per_class(tables: list[list[dict]]) -> list[dict]:
 
 
 def _run(argv: list[str]) -> int:
-    args = cli.parse_args(argv, repeatable=("run", "control"))
-    if unknown := sorted(set(args) - {"run", "control", "epoch", "out"}):
-        raise UsageError(f"unknown key(s) {unknown}; known: run, control, epoch, out")
+    args = cli.parse_args(argv, repeatable=("run", "plus2", "control"))
+    if unknown := sorted(set(args) - {"run", "plus2", "control", "epoch", "out"}):
+        raise UsageError(f"unknown key(s) {unknown}; known: run, plus2, control, epoch, out")
     if not args.get("run"):
         raise UsageError("need at least one run=")
+    if args.get("plus2") and len(args["plus2"]) != len(args["run"]):
+        raise UsageError(f"{len(args['plus2'])} plus2= for {len(args['run'])} run=: one per run, in order")
     epoch = cli.parse_int("epoch", args["epoch"], minimum=1) if "epoch" in args else None
     runs = [read_run(r, epoch) for r in args["run"]]
+    for run, later in zip(runs, args.get("plus2", [])):
+        run["AP_plus2"] = read_run(later, None)["AP"]
     control = [read_run(r, epoch) for r in args.get("control", [])]
     print(format_report(runs, control))
     if "out" in args:
