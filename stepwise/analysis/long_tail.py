@@ -37,6 +37,7 @@ from stepwise.utils.io import atomic_write_json
 USAGE = ("usage: python -m stepwise.analysis.long_tail run=RUN_DIR [run=...] [plus2=RUN_DIR ...] "
          "[control=RUN_DIR ...] [epoch=N] [out=DIR]")
 KEYS = ("AP", "APr", "APc", "APf")
+BINS = ("AP1", "AP2", "AP3", "AP4")  # AP over classes with < 10, 10-100, 100-1000, >= 1000 training instances
 
 
 def eval_dir(run: Path, epoch: int | None) -> Path:
@@ -61,6 +62,7 @@ def read_run(run: str | Path, epoch: int | None) -> dict:
     where = eval_dir(run, epoch)
     metrics = json.loads((where / "metrics.json").read_text())
     out = {"run": str(run), "eval": str(where), **{k: 100 * metrics[k] for k in KEYS}}
+    out.update({k: 100 * metrics[k] for k in BINS if metrics.get(k) is not None})  # training-instance bins
     out["r_over_f"] = metrics["APr"] / metrics["APf"] if metrics["APf"] else float("nan")
     later = run / "eval" / f"epoch_{epoch + 2:03d}" / "metrics.json" if epoch is not None else None
     out["AP_plus2"] = 100 * json.loads(later.read_text())["AP"] if later and later.is_file() else None
@@ -114,7 +116,8 @@ def write_outputs(out: Path, runs: list[dict], control: list[dict]) -> None:
     for label, group in groups.items():
         if not group:
             continue
-        rows[label] = {k: statistics.fmean(r[k] for r in group) / 100 for k in ("APr", "APc", "APf")}
+        rows[label] = {k: statistics.fmean(r[k] for r in group) / 100 for k in ("APr", "APc", "APf", *BINS)
+                       if all(k in r for r in group)}
         per_class[label] = _mean_per_class([read_per_class(Path(r["eval"]) / "per_class.csv") for r in group])
     plot_ap_by_frequency(rows, per_class, out / "ap_by_class.png")
     atomic_write_json(out / "long_tail.json", {"runs": runs, "control": control,
