@@ -177,3 +177,16 @@ def test_rng_state_round_trip_and_preserved_rng():
         torch.rand(10), np.random.rand(3), random.random()
     assert torch.equal(torch.get_rng_state(), before["torch"])
     assert np.array_equal(np.random.get_state()[1], before["numpy"]["keys"].numpy().astype(np.uint32))
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path):
+    """Files written atomically get the umask's mode, as ``open(path, "w")`` would, not mkstemp's 0600."""
+    import os
+    import stat
+
+    from stepwise.utils.io import atomic_write_json
+
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    atomic_write_json(tmp_path / "atomic.json", {})
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.json").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)

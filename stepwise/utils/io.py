@@ -62,6 +62,16 @@ def check_free_space(path: str | os.PathLike, needed: int, what: str = "file") -
                                        f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free there)", path)
 
 
+def _file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file under this process's umask (mkstemp's is 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
@@ -76,6 +86,7 @@ def atomic_path(path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, FILE_MODE)  # readable as a plainly written file would be, not 0600
         yield tmp
         os.replace(tmp, path)
     except OSError as err:
