@@ -185,18 +185,24 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     study = load_study("stepwise")
     plan = build_plan(study, range(2), [f"output_root={tmp_path}"])
     rows = {(vr.variant.name, vr.seed): vr for vr in plan}
-    assert len(rows) == 2 * len(study.variants) == 34
+    assert len(rows) == 2 * len(study.variants) == 38
     for seed in (0, 1):
         runs = [r for r in distinct_runs(plan) if r.seed == seed]
         count = {step: sum(r.step == step for r in runs) for step in ("pretrain", "select", "finetune", "distill")}
-        # uniform + RFS pretrain; selections for M = 30, 10, 100; finetunes: baseline_plus2, continue,
-        # continue_rfs, crt, the step-wise one (shared by ft and the distill ablations), w/o RFS, M = 10, M = 100;
-        # distills: kt, stepwise, 3 Table-4 rows, w/o RFS, M = 10, M = 100, lambda_cls x100 with and without SOQ
-        assert count == {"pretrain": 2, "select": 3, "finetune": 8, "distill": 10}
+        # uniform + RFS pretrain; selections for M = 30, 10, 100 and after the RFS pretrain; finetunes:
+        # baseline_plus2, continue, continue_rfs, crt, crt_long, the step-wise one (shared by ft and the distill
+        # ablations), w/o RFS, M = 10, M = 100, after the RFS pretrain; distills: kt, stepwise, 3 Table-4 rows,
+        # w/o RFS, M = 10, M = 100, lambda_cls x100 with and without SOQ, after the RFS pretrain
+        assert count == {"pretrain": 2, "select": 4, "finetune": 10, "distill": 11}
         assert all(r.dir.parent == tmp_path / "stepwise" / f"seed{seed}" / "shared" for r in runs)
         row = {v: rows[(v, seed)].runs for v in study.variants}
         assert row["baseline"]["pretrain"] is row["stepwise"]["pretrain"] is row["crt"]["pretrain"]
         assert row["baseline_rfs"]["pretrain"] is not row["baseline"]["pretrain"]
+        assert row["stepwise_rfs"]["pretrain"] is row["baseline_rfs"]["pretrain"]
+        assert row["stepwise_rfs"]["select"] is not row["stepwise"]["select"]
+        long, first = row["crt_long"]["finetune"].config.stage, row["baseline"]["pretrain"].config.stage
+        assert (long.epochs, list(long.lr_drop), long.lr) == (first.epochs, list(first.lr_drop), first.lr)
+        assert list(long.trainable) == ["class_embed"] and long.rfs == "generic"
         assert row["ft"]["finetune"] is row["stepwise"]["finetune"] is row["stepwise_no_fm"]["finetune"]
         assert row["stepwise_no_rfs"]["finetune"] is not row["stepwise"]["finetune"]
         assert row["stepwise_m10"]["select"] is not row["stepwise"]["select"]
