@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from stepwise import cli
-from stepwise.analysis.errors import _image_rows, box_iou_xywh
+from stepwise.analysis.errors import image_rows, box_iou_xywh
 from stepwise.cli import UsageError
 from stepwise.evaluation.inputs import load_gt, load_predictions
 from stepwise.utils.io import atomic_write_json
@@ -66,8 +66,8 @@ def box_winners(gt: dict, dets, cat_ids: set[int], iou: float) -> list[tuple[int
     det_img = dets.image_id[det_order]
     out = []
     for image_id in np.unique(ann_img).tolist():
-        g = [anns[i] for i in order[_image_rows(ann_img, image_id)]]
-        d = det_order[_image_rows(det_img, image_id)]
+        g = [anns[i] for i in order[image_rows(ann_img, image_id)]]
+        d = det_order[image_rows(det_img, image_id)]
         boxes = np.array([a["bbox"] for a in g], dtype=np.float64).reshape(-1, 4)
         ious = box_iou_xywh(dets.bbox[d], boxes) if len(d) else np.zeros((0, len(g)))
         for j, a in enumerate(g):

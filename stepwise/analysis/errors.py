@@ -90,10 +90,10 @@ def count_errors(gt: dict, dets, group_of: dict[int, int], label: str, iou: floa
     det_order = np.lexsort((np.arange(len(dets)), -dets.score, dets.image_id))  # by image, score desc
     ann_img, det_img = ann_img[ann_order], dets.image_id[det_order]  # both sorted by image: one slice per image
     for img in gt["images"]:
-        g = ann_order[_image_rows(ann_img, img["id"])]
+        g = ann_order[image_rows(ann_img, img["id"])]
         g_cat, g_box = ann_cat[g], ann_box[g]
         counts.num_gt += len(g)
-        d = det_order[_image_rows(det_img, img["id"])]
+        d = det_order[image_rows(det_img, img["id"])]
         d = d[np.isin(dets.category_id[d], np.concatenate([g_cat, np.asarray(img["neg_category_ids"], np.int64)]))]
         if len(d) == 0:
             continue
@@ -115,7 +115,7 @@ def count_errors(gt: dict, dets, group_of: dict[int, int], label: str, iou: floa
     return counts
 
 
-def _image_rows(sorted_ids: np.ndarray, image_id: int) -> slice:
+def image_rows(sorted_ids: np.ndarray, image_id: int) -> slice:
     """The slice of ``sorted_ids`` (ascending) equal to ``image_id``."""
     return slice(*np.searchsorted(sorted_ids, [image_id, image_id + 1]))
 
