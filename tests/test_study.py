@@ -758,8 +758,11 @@ def test_committed_records_keep_their_identities(tmp_path):
                "bacl_decoupled_all_negatives"}
     pinned = {"bags_decoupled": "bags_decoupled_dup_others", "bacl_decoupled": "bacl_plain_decoupled"}
     checked = 0
-    for name in ("stepwise", "heads"):
-        plan = build_plan(load_study(name), [0, 1, 2], [f"output_root={tmp_path}"])
+    # (records directory, study, command-line overrides): the shape proxy's and the emoji benchmark's studies
+    studies = [("stepwise", "stepwise", []), ("heads", "heads", []),
+               ("stepwise_emoji", "stepwise", ["recipe=emoji_study"]), ("heads_emoji", "heads", ["recipe=emoji_study"])]
+    for name, study, overrides in studies:
+        plan = build_plan(load_study(study), [0, 1, 2], [f"output_root={tmp_path}", *overrides])
         keys = {(vr.seed, vr.variant.name): {step: run.key for step, run in vr.runs.items()} for vr in plan}
         for path in sorted((records / name).glob("seed*/*/result.json")):
             record = json.loads(path.read_text())
@@ -771,7 +774,7 @@ def test_committed_records_keep_their_identities(tmp_path):
             else:
                 assert record["runs"] == keys[row], path
             checked += 1
-    assert checked >= 51 + 30
+    assert checked >= 51 + 30 + 17 * 3 + 7 * 3  # shape proxy; emoji study=stepwise, study=heads
 
 
 def test_pool_on_the_command_line_replaces_the_files(tmp_path, capsys, monkeypatch):
