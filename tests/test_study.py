@@ -248,9 +248,11 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     assert all_negatives is not runs["bacl_decoupled"]["finetune"]
     assert all_negatives.config.head.weight_threshold == 0.0
     # the head options at convergence: BAGS's duplicate rules, BACL as the recorded rows trained it
-    assert runs["bags_decoupled"]["finetune"].config.head.duplicates == "gt_class"
+    assert runs["bags_decoupled"]["finetune"].config.head.duplicates == "others"
+    assert runs["hybrid_bags_decoupled"]["finetune"].config.head.duplicates == "others"
+    assert runs["bags_decoupled_dup_gt_class"]["finetune"].config.head.duplicates == "gt_class"
+    assert runs["hybrid_bags_decoupled_dup_gt_class"]["finetune"].config.head.duplicates == "gt_class"
     assert runs["bags_decoupled_dup_exclude"]["finetune"].config.head.duplicates == "exclude"
-    assert runs["bags_decoupled_dup_others"]["finetune"].config.head.duplicates == "others"
     plain = runs["bacl_plain_decoupled"]["finetune"].config.head
     assert (plain.name, plain.bg_gamma, plain.fg_gamma, plain.eps) == ("bacl", 0.0, 0.0, 1e-6)
     assert runs["bacl_decoupled"]["finetune"].config.head.fg_gamma == 2.0
@@ -748,15 +750,15 @@ def test_committed_records_keep_their_identities(tmp_path):
     """Every record committed under docs/figures/study/records is still the run the study plans: options added
     since (study.ADDED_OPTIONS) stay out of the identity at their old behaviour. Rows whose head now defaults to
     another behaviour plan new runs; their recorded configs are planned by the rows that pin the old one
-    (bags_decoupled_dup_others: head.duplicates=others; bacl_plain_decoupled: head=bacl_plain)."""
+    (bacl_plain_decoupled: head=bacl_plain). BAGS's duplicate rule went gt_class -> others, the earlier rule
+    again: the shape proxy's BAGS records are the default rows' runs, and the emoji benchmark's gt_class
+    records are the `*_dup_gt_class` rows'."""
     from stepwise.study import build_plan, load_study
 
     records = Path(__file__).resolve().parents[1] / "docs" / "figures" / "study" / "records"
-    # rows whose head options changed defaults (BAGS's duplicates, BACL's loss form and public-code settings)
-    changed = {"bags", "hybrid_bags", "bacl", "bags_stepwise", "hybrid_bags_stepwise", "bacl_stepwise",
-               "bags_decoupled", "hybrid_bags_decoupled", "bacl_decoupled", "bags_decoupled_fg_first",
-               "bacl_decoupled_all_negatives"}
-    pinned = {"bags_decoupled": "bags_decoupled_dup_others", "bacl_decoupled": "bacl_plain_decoupled"}
+    # rows whose head options changed defaults (BACL's loss form and public-code settings)
+    changed = {"bacl", "bacl_stepwise", "bacl_decoupled", "bacl_decoupled_all_negatives"}
+    pinned = {"bacl_decoupled": "bacl_plain_decoupled"}
     checked = 0
     # (records directory, study, command-line overrides): the shape proxy's and the emoji benchmark's studies
     studies = [("stepwise", "stepwise", []), ("heads", "heads", []),

@@ -19,14 +19,15 @@ One linear layer has K = C + N + 2 outputs, laid out as
   detector's 25 %-foreground RoI batches do). A group with no positive gives no loss. Each active group's
   softmax cross-entropy is averaged over its own samples; ``loss_ce`` = G0 loss + the sum over active groups.
 * Duplicates (``duplicates``, decoder layers): an unmatched query whose box has IoU >= ``duplicate_iou``
-  with a GT box (its best) is a duplicate of that object. In the paper such a RoI is a positive of the GT's
-  class; set prediction trains it as no-object. ``gt_class`` (default, the paper's rule inside the groups):
-  it is a positive of its GT's class in the GT's group (and a foreign object, like a matched query, for
-  the other groups), while G0 keeps it no-object, so p_fg x p_j still suppresses the duplicate;
-  ``exclude``: it is left out of the GT's group (neither positive nor "others") and stays an "others"
-  candidate elsewhere; ``others``: an unmatched query like any other (stepwise's earlier rule). The
-  criterion supplies each query's best GT and IoU (``needs_query_overlaps``); encoder proposals keep the
-  ``others`` rule (class-agnostic, every label 0).
+  with a GT box (its best) is a duplicate of that object. Set prediction trains it as no-object, so
+  ``others`` (default) treats it as the paper treats a background proposal: an "others" candidate like
+  any unmatched query. ``gt_class`` (the rule for a two-stage RoI, which NMS later de-duplicates): a
+  positive of its GT's class in the GT's group (and a foreign object, like a matched query, for the
+  other groups), G0 keeping it no-object; ``exclude``: left out of the GT's group (neither positive nor
+  "others"), an "others" candidate elsewhere. At convergence ``others`` scores best: with no NMS,
+  ``gt_class`` teaches the groups to score duplicates high (docs/faithfulness.md). The criterion
+  supplies each query's best GT and IoU (``needs_query_overlaps``) for the other two; encoder proposals
+  keep the ``others`` rule (class-agnostic, every label 0).
 * Two-stage encoder proposals (``layer="enc"``, every label 0): the same rule, so G0 learns
   foreground/no-object and class 0's group learns class 0 vs "others"; the encoder ranks its proposals by
   ``logits[..., 0]``, which is G0's foreground log-odds (see ``forward``).
@@ -116,7 +117,7 @@ class GroupSoftmaxHead(ClassifierHead):
         class_weight: (C,) loss weight of each class as a positive in its group (default all 1).
         focal_gamma: > 0 turns each group's cross-entropy into softmax focal loss (1 - p_t)^gamma CE.
         duplicates: what an unmatched query on an object (IoU >= ``duplicate_iou`` with a GT box) is inside
-            the groups: ``gt_class`` | ``exclude`` | ``others`` (see the module docstring).
+            the groups: ``others`` | ``gt_class`` | ``exclude`` (see the module docstring).
     """
 
     supports_ignore = True  # honours targets[b]["ignore_queries"]: such queries get no loss at all
@@ -125,7 +126,7 @@ class GroupSoftmaxHead(ClassifierHead):
                  beta: float = 8.0, others: str = "uniform", g0_loss: str = "focal", g0_alpha: float = 0.25, g0_gamma: float = 2.0,
                  eos_coef: float = 0.1, prior_prob: float = 0.01,
                  class_weight: torch.Tensor | Sequence[float] | None = None, focal_gamma: float = 0.0,
-                 duplicates: str = "gt_class", duplicate_iou: float = 0.5):
+                 duplicates: str = "others", duplicate_iou: float = 0.5):
         super().__init__()
         class_group = torch.as_tensor(class_group, dtype=torch.long)
         num_groups = int(class_group.max()) + 1 if num_groups is None else int(num_groups)
