@@ -213,6 +213,22 @@ def test_study_proxy_scales_rfs_so_a_class_gets_its_lvis_repeat_factor():
     assert load_config(["recipe=study_proxy", "data=lvis_v1", "data.root=/x"]).data.name == "lvis_v1"
 
 
+@pytest.mark.parametrize("recipe, preset", [("emoji_study", "study"), ("emoji_demo", "demo")])
+def test_emoji_recipes_scale_every_rfs_threshold_to_their_training_images(recipe, preset):
+    """recipe=emoji_study / emoji_demo: the emoji preset, and every RFS threshold x 100,170 / its training images
+    (LVIS v1's repeat factor for a class in the same number of images)."""
+    from stepwise.data.generate.emoji_plan import plan_dataset
+
+    cfg = load_config([f"recipe={recipe}", "stage=all"])
+    assert (cfg.data.name, cfg.data.preset, cfg.data.rfs_threshold) == ("emoji_lvis", preset, None)
+    lvis = load_config(["stage=all"]).stepwise.rfs
+    scale = 100_170 / len(plan_dataset(preset, 0).splits["train"])
+    assert cfg.stepwise.rfs.threshold / lvis.threshold == pytest.approx(scale, rel=0.01)
+    for ours, theirs in ((cfg.stepwise.rfs.d_head, lvis.d_head), (cfg.stepwise.rfs.d_tail, lvis.d_tail)):
+        assert [(r.max_images, r.power) for r in ours] == [(q.max_images, q.power) for q in theirs]
+        assert [r.threshold / q.threshold for r, q in zip(ours, theirs)] == pytest.approx([scale] * len(theirs), rel=0.01)
+
+
 def test_root_init_from_and_checkpoint_win_and_stage_all_keeps_them_for_pretrain_only(tmp_path):
     """One rule (stepwise.config.starting_point) for finetune, distill, select and each step of stage=all."""
     from stepwise.config import starting_point
