@@ -229,7 +229,7 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     # pool: stepwise: the heads study's runs live in the stepwise study's shared dir, its links in its own
     assert all(r.dir.parent == tmp_path / "stepwise" / "seed0" / "shared" for v in runs.values() for r in v.values())
     assert heads[0].dir == tmp_path / "heads" / "seed0" / "sigmoid_decoupled"  # the headline rows first
-    assert len({r["pretrain"].dir for r in runs.values()}) == 4
+    assert len({r["pretrain"].dir for r in runs.values()}) == 6  # 4 heads + 2 box-balanced end-to-end rows
     for head in ("sigmoid", "bags", "hybrid_bags", "bacl"):
         assert runs[head]["pretrain"] is runs[f"{head}_stepwise"]["pretrain"]
         assert runs[f"{head}_stepwise"]["distill"].config.head.name == head
@@ -257,6 +257,11 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     assert (plain.name, plain.bg_gamma, plain.fg_gamma, plain.eps) == ("bacl", 0.0, 0.0, 1e-6)
     assert runs["bacl_decoupled"]["finetune"].config.head.fg_gamma == 2.0
     assert all(runs[v]["pretrain"] is runs["sigmoid"]["pretrain"] for v in runs if "_decoupled" in v)
+    # end to end with the classification weight lowered: the only change from the head's own pretrain
+    for head, ce in (("bags", 0.67), ("bacl", 0.33)):
+        balanced, own = runs[f"{head}_box_balanced"]["pretrain"].config, runs[head]["pretrain"].config
+        assert (balanced.head.name, balanced.loss.ce, own.loss.ce) == (head, ce, 2.0)
+        assert balanced.loss.bbox == own.loss.bbox and balanced.stage.epochs == own.stage.epochs
 
 
 def test_an_option_added_at_its_old_behaviour_keeps_the_run_identity(tmp_path):
