@@ -229,7 +229,7 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     # pool: stepwise: the heads study's runs live in the stepwise study's shared dir, its links in its own
     assert all(r.dir.parent == tmp_path / "stepwise" / "seed0" / "shared" for v in runs.values() for r in v.values())
     assert heads[0].dir == tmp_path / "heads" / "seed0" / "sigmoid_decoupled"  # the headline rows first
-    assert len({r["pretrain"].dir for r in runs.values()}) == 6  # 4 heads + 2 box-balanced end-to-end rows
+    assert len({r["pretrain"].dir for r in runs.values()}) == 7  # 4 heads + 3 lower-loss.ce end-to-end rows
     for head in ("sigmoid", "bags", "hybrid_bags", "bacl"):
         assert runs[head]["pretrain"] is runs[f"{head}_stepwise"]["pretrain"]
         assert runs[f"{head}_stepwise"]["distill"].config.head.name == head
@@ -258,8 +258,9 @@ def test_builtin_studies_plan_the_shared_prefix(tmp_path):
     assert runs["bacl_decoupled"]["finetune"].config.head.fg_gamma == 2.0
     assert all(runs[v]["pretrain"] is runs["sigmoid"]["pretrain"] for v in runs if "_decoupled" in v)
     # end to end with the classification weight lowered: the only change from the head's own pretrain
-    for head, ce in (("bags", 0.67), ("bacl", 0.33)):
-        balanced, own = runs[f"{head}_box_balanced"]["pretrain"].config, runs[head]["pretrain"].config
+    for row, head, ce in (("bags_box_balanced", "bags", 0.67), ("bacl_box_balanced", "bacl", 0.33),
+                          ("sigmoid_low_ce", "sigmoid", 0.33)):
+        balanced, own = runs[row]["pretrain"].config, runs[head]["pretrain"].config
         assert (balanced.head.name, balanced.loss.ce, own.loss.ce) == (head, ce, 2.0)
         assert balanced.loss.bbox == own.loss.bbox and balanced.stage.epochs == own.stage.epochs
 
